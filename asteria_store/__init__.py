@@ -1,0 +1,52 @@
+"""asteria-store: a persistent, disk-backed vector store with a learned routing index.
+
+    import asteria_store
+    store = asteria_store.create("mystore", dim=384)
+    store.ingest("db.npy")
+    ids, scores = store.query(vec, k=10)
+    ids, scores = store.search(queries, k=10)
+"""
+
+from .config import FORMAT_VERSION, StoreConfig
+from .errors import (
+    AsteriaError,
+    CorruptStoreError,
+    DimensionMismatchError,
+    DuplicateIdError,
+    IdNotFoundError,
+    InvalidArgumentError,
+    InvalidInputError,
+    ReadOnlyError,
+    StoreClosedError,
+    StoreExistsError,
+    StoreLockedError,
+    StoreNotFoundError,
+    UnsupportedFormatError,
+)
+from .store import DeleteResult, IngestResult, Store, VerifyReport, create, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AsteriaError",
+    "CorruptStoreError",
+    "DeleteResult",
+    "DimensionMismatchError",
+    "DuplicateIdError",
+    "IdNotFoundError",
+    "IngestResult",
+    "InvalidArgumentError",
+    "InvalidInputError",
+    "ReadOnlyError",
+    "Store",
+    "StoreClosedError",
+    "StoreConfig",
+    "StoreExistsError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "UnsupportedFormatError",
+    "VerifyReport",
+    "create",
+    "open",
+]

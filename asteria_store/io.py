@@ -1,0 +1,145 @@
+"""Reading vectors and ids from arrays and ``.npy`` files, validated at the boundary.
+
+A :class:`VectorSource` wraps an in-memory array or a ``.npy`` file opened with
+``np.load(mmap_mode="r")``. Ingest reads it block by block and gathers rows in bucket order;
+after each block the file's pages are dropped from this process (``madvise(DONTNEED)``),
+so the resident memory of an ingest stays bounded whatever the file size. The OS page
+cache still keeps the file warm for the second pass.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .errors import DimensionMismatchError, InvalidInputError
+
+ArrayLike = Union[np.ndarray, "os.PathLike[str]", str]
+
+
+def _load_npy(path: str | os.PathLike[str], what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.exists():
+        raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: no such file.")
+    if p.is_dir():
+        raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: it is a directory.")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except PermissionError:
+        raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: permission denied.") from None
+    except (ValueError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInputError(
+            f"Cannot read {what} file {str(p)!r}: not a valid .npy file ({reason})."
+        ) from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise InvalidInputError(
+            f"Cannot read {what} file {str(p)!r}: expected a .npy array, got an .npz archive."
+        )
+    return arr
+
+
+def _check_numeric(arr: np.ndarray, what: str) -> None:
+    kind = arr.dtype.kind
+    if kind not in "fiu":
+        raise InvalidInputError(
+            f"Expected {what} with a real numeric dtype (float or int), got dtype {arr.dtype}."
+        )
+
+
+class VectorSource:
+    """An ``(n, d)`` block of vectors to ingest or query, from an array or a ``.npy`` path.
+
+    Validation of shape and dtype happens here, on construction; non-finite values are
+    caught block by block by :meth:`blocks` (the whole input is never loaded at once).
+    """
+
+    def __init__(self, data: ArrayLike, *, dim: int | None = None, what: str = "vectors"):
+        self.what = what
+        self.path: str | None = None
+        if isinstance(data, (str, os.PathLike)):
+            self.path = os.fspath(data)
+            arr = _load_npy(data, what)
+        else:
+            try:
+                arr = np.asarray(data)
+            except (ValueError, TypeError) as exc:
+                raise InvalidInputError(f"Cannot use {what} as an array: {exc}") from None
+        _check_numeric(arr, what)
+        if arr.ndim != 2:
+            raise InvalidInputError(
+                f"Expected {what} as a 2-D array of shape (n, d), got {arr.ndim}-D shape "
+                f"{tuple(arr.shape)}. For one vector, pass vec[None, :]."
+            )
+        if arr.shape[0] == 0:
+            raise InvalidInputError(f"Expected at least one row of {what}, got an empty array.")
+        if dim is not None and arr.shape[1] != dim:
+            raise DimensionMismatchError(
+                f"Expected {what} of dimension {dim}, got {arr.shape[1]}. "
+                f"Was the store created with --dim {arr.shape[1]}?"
+            )
+        self.array = arr
+
+    @property
+    def n(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    def _as_float32(self, block: np.ndarray, start: int) -> np.ndarray:
+        out = np.asarray(block, dtype=np.float32)
+        if not np.isfinite(out).all():
+            bad = start + int(np.argwhere(~np.isfinite(out))[0][0])
+            raise InvalidInputError(
+                f"Expected finite {self.what}, got NaN or inf (first in row {bad}). "
+                "Clean or drop those rows and retry."
+            )
+        return out
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start_row, float32 block)`` in file order; raises on NaN/inf."""
+        for start in range(0, self.n, block_rows):
+            block = self._as_float32(self.array[start : start + block_rows], start)
+            yield start, block
+            self.release()
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Gather ``rows`` (ascending) as float32; values were validated by :meth:`blocks`."""
+        out = np.asarray(self.array[rows], dtype=np.float32)
+        self.release()
+        return out
+
+    def release(self) -> None:
+        """Drop the mapped file's pages from this process's resident set (no-op for arrays)."""
+        mm = getattr(self.array, "_mmap", None)
+        if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+def read_array(data: ArrayLike, what: str) -> np.ndarray:
+    """An array as given, or loaded from a ``.npy`` path with a clear error if unreadable."""
+    if isinstance(data, (str, os.PathLike)):
+        return _load_npy(data, what)
+    return np.asarray(data)
+
+
+def load_ids(data: ArrayLike, *, n: int) -> np.ndarray:
+    """Read external ids (1-D, non-negative integers, length ``n``) as uint64."""
+    arr = read_array(data, "ids")
+    if arr.dtype.kind not in "iu":
+        raise InvalidInputError(f"Expected integer ids, got dtype {arr.dtype}.")
+    if arr.ndim != 1:
+        raise InvalidInputError(f"Expected ids as a 1-D array, got shape {tuple(arr.shape)}.")
+    if arr.shape[0] != n:
+        raise InvalidInputError(f"Expected {n} ids (one per vector), got {arr.shape[0]}.")
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
+        raise InvalidInputError(f"Expected non-negative ids, got {int(arr.min())}.")
+    return arr.astype(np.uint64)

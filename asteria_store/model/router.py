@@ -1,0 +1,201 @@
+"""The routing interface: vectors -> bucket keys, and a query's probe sequence.
+
+Every router (the baseline sign hasher here, the learned ECVH model later) maps L2-normalised
+float32 vectors to integer bucket keys (< 2**63), and gives, for a query, the buckets to
+visit in order of increasing soft cost. Routers persist as a JSON description plus
+little-endian ``.npy`` arrays (never pickle) in the store's ``model/`` directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import CorruptStoreError, UnsupportedFormatError
+
+MODEL_FORMAT_VERSION = 1
+
+
+class Router(Protocol):
+    """What the store needs from a routing model."""
+
+    kind: str
+    bits: int
+
+    def keys(self, x: np.ndarray) -> np.ndarray:
+        """Bucket key (uint64) of each row of ``x`` (n, d), L2-normalised float32."""
+        ...
+
+    def margins(self, x: np.ndarray) -> np.ndarray:
+        """Signed margins (n, bits): bit i is ``margins[:, i] > 0``."""
+        ...
+
+    def config(self) -> dict: ...
+
+    def arrays(self) -> dict[str, np.ndarray]: ...
+
+
+def bits_to_keys(bits: np.ndarray) -> np.ndarray:
+    """Pack boolean bits (n, m), m <= 63, into uint64 keys; bit i has weight 2**i."""
+    weights = np.left_shift(np.uint64(1), np.arange(bits.shape[1], dtype=np.uint64))
+    return (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+
+
+def flip_sets(cost: np.ndarray) -> Iterator[tuple[float, tuple[int, ...]]]:
+    """All subsets of bit positions in increasing total cost (multi-probe LSH order).
+
+    ``cost[i] >= 0`` is what flipping bit i costs (its |margin|). Yields ``(total, subset)``
+    starting with the empty set. Lazy: the caller stops when its budget is spent, so a
+    probe budget P costs O(P log P) work whatever the number of bits.
+    """
+    order = np.argsort(cost, kind="stable")
+    c = cost[order]
+    m = len(c)
+    yield 0.0, ()
+    if m == 0:
+        return
+    heap: list[tuple[float, tuple[int, ...]]] = [(float(c[0]), (0,))]
+    while heap:
+        total, subset = heapq.heappop(heap)
+        yield total, tuple(int(order[j]) for j in subset)
+        last = subset[-1]
+        if last + 1 < m:
+            # shift: replace the last element by the next one
+            heapq.heappush(heap, (total - float(c[last]) + float(c[last + 1]), subset[:-1] + (last + 1,)))
+            # expand: add the next element
+            heapq.heappush(heap, (total + float(c[last + 1]), subset + (last + 1,)))
+
+
+class SignHasher:
+    """Baseline router: a seeded random orthogonal projection and sign bits (plain LSH).
+
+    Kept after the learned model lands as the ablation baseline. ``bits`` sets the number
+    of buckets (2**bits): more bits mean smaller buckets (fewer candidates per probe, lower
+    recall per probe); fewer bits mean the opposite.
+    """
+
+    kind = "sign"
+
+    def __init__(self, projection: np.ndarray, *, seed: int | None = None):
+        self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (bits, d)
+        self.bits = int(self.projection.shape[0])
+        self.dim = int(self.projection.shape[1])
+        self.seed = seed
+
+    @classmethod
+    def random(cls, dim: int, bits: int, *, seed: int = 0) -> SignHasher:
+        """The first ``bits`` rows of a Haar-random orthogonal matrix (QR of a Gaussian)."""
+        rng = np.random.default_rng(seed)
+        g = rng.standard_normal((dim, dim))
+        q, r = np.linalg.qr(g)
+        q = q * np.sign(np.diag(r))  # make the distribution Haar
+        rows = min(bits, dim)
+        proj = q[:rows]
+        if bits > dim:  # more bits than dimensions: extra random (non-orthogonal) directions
+            extra = rng.standard_normal((bits - dim, dim))
+            proj = np.vstack([proj, extra / np.linalg.norm(extra, axis=1, keepdims=True)])
+        return cls(proj, seed=seed)
+
+    def margins(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.projection.T
+
+    def keys(self, x: np.ndarray) -> np.ndarray:
+        return bits_to_keys(self.margins(x) > 0)
+
+    def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
+        """Bucket keys of one query in probe order: home bucket, then cheapest bit flips."""
+        home = int(bits_to_keys((margins > 0)[None, :])[0])
+        for _, subset in flip_sets(np.abs(margins)):
+            key = home
+            for i in subset:
+                key ^= 1 << i
+            yield key
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "bits": self.bits, "dim": self.dim, "seed": self.seed}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"projection": self.projection}
+
+    @classmethod
+    def from_saved(cls, config: dict, arrays: dict[str, np.ndarray]) -> SignHasher:
+        return cls(arrays["projection"], seed=config.get("seed"))
+
+
+ROUTERS = {SignHasher.kind: SignHasher}
+
+
+def bits_for_size(expected_size: int, *, bucket_rows: int = 256, max_bits: int = 24) -> int:
+    """Number of sign bits so that ``expected_size`` vectors fill buckets of ~bucket_rows."""
+    return int(np.clip(round(np.log2(max(expected_size, 1) / bucket_rows)), 1, max_bits))
+
+
+# --- persistence -----------------------------------------------------------------------
+
+
+def save_router(router: Router, directory: str | os.PathLike[str]) -> str:
+    """Write ``router`` to ``directory`` (created) and fsync it; returns its sha256 digest."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    desc = {"format_version": MODEL_FORMAT_VERSION, **router.config()}
+    files = {"router.json": json.dumps(desc, sort_keys=True).encode("utf-8")}
+    for name, arr in router.arrays().items():
+        arr = np.ascontiguousarray(arr)
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+        path = d / f"{name}.npy"
+        np.save(path, arr, allow_pickle=False)
+        files[f"{name}.npy"] = path.read_bytes()
+    (d / "router.json").write_bytes(files["router.json"])
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode())
+        digest.update(files[name])
+        with open(d / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def load_router(directory: str | os.PathLike[str], *, digest: str | None = None) -> Router:
+    """Load a router saved by :func:`save_router`, checking its digest when given."""
+    d = Path(directory)
+    try:
+        raw = (d / "router.json").read_bytes()
+        desc = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise CorruptStoreError(f"Cannot read the store's model in {str(d)!r}: {exc}") from None
+    if desc.get("format_version", 0) > MODEL_FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"The store's model has format version {desc['format_version']}, this asteria-store "
+            f"reads up to {MODEL_FORMAT_VERSION}. Upgrade asteria-store."
+        )
+    kind = desc.get("kind")
+    if kind not in ROUTERS:
+        raise UnsupportedFormatError(f"Unknown router kind {kind!r} in {str(d)!r}.")
+    files = {"router.json": raw}
+    arrays = {}
+    for path in sorted(d.glob("*.npy")):
+        files[path.name] = path.read_bytes()
+        arrays[path.stem] = np.load(path, allow_pickle=False)
+    if digest is not None:
+        h = hashlib.sha256()
+        for name in sorted(files):
+            h.update(name.encode())
+            h.update(files[name])
+        if h.hexdigest() != digest:
+            raise CorruptStoreError(
+                f"The store's model in {str(d)!r} does not match the catalog's digest; "
+                "it was modified or partially written."
+            )
+    return ROUTERS[kind].from_saved(desc, arrays)

@@ -1,0 +1,153 @@
+"""Query path: probe buckets in soft-cost order, score candidates exactly, keep the top k.
+
+The engine works on a :class:`View`: one consistent catalog snapshot (a generation) with
+its live segments, tombstones and bucket extents. Scores are exact inner products of the
+(normalised) query with the stored vectors, read from memory-mapped chunks.
+
+Budgets (per query):
+
+* ``probes``: buckets visited, home bucket first, then the next-cheapest bit flips. More
+  probes raise recall and latency and bytes read; ``"all"`` scans every live row and is
+  exactly brute force.
+* ``candidates``: stop probing once this many rows are gathered. Caps latency on skewed
+  buckets; ``None`` means no cap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import numpy as np
+
+from ..storage.segments import SegmentReader
+
+Probes = Union[int, Literal["all"]]
+
+#: Default probe budget: the home bucket and its cheapest Hamming neighbours.
+DEFAULT_PROBES = 32
+
+#: Queries scored together against one window of rows in exact (probes="all") mode.
+_QUERY_BLOCK = 256
+
+
+@dataclass
+class View:
+    """One consistent state of the store, as of catalog ``generation``."""
+
+    generation: int
+    count: int
+    segments: dict[int, SegmentReader]
+    deleted: dict[int, np.ndarray]
+    lookup_extents: Callable[[int], list[tuple[int, int, int]]]
+    _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+
+    def extents(self, bucket: int) -> list[tuple[int, int, int]]:
+        ext = self._extent_cache.get(bucket)
+        if ext is None:
+            ext = self._extent_cache[bucket] = self.lookup_extents(bucket)
+        return ext
+
+    def live_mask(self, seg: int, first: int, n: int) -> np.ndarray | None:
+        """Boolean mask of live rows in ``[first, first + n)`` of ``seg``; None if all live."""
+        dead = self.deleted.get(seg)
+        if dead is None or len(dead) == 0:
+            return None
+        lo, hi = np.searchsorted(dead, [first, first + n])
+        if lo == hi:
+            return None
+        mask = np.ones(n, dtype=bool)
+        mask[dead[lo:hi] - first] = False
+        return mask
+
+
+def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int):
+    """Merge candidate scores/ids (Q, m) into the running top-k (Q, k), best first."""
+    all_s = np.concatenate([best_s, s], axis=1)
+    all_i = np.concatenate([best_i, i], axis=1)
+    if all_s.shape[1] > k:
+        part = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+        all_s = np.take_along_axis(all_s, part, axis=1)
+        all_i = np.take_along_axis(all_i, part, axis=1)
+    order = np.argsort(-all_s, axis=1, kind="stable")
+    return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+
+
+def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+
+
+def search_exact(view: View, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force over every live row (probes="all"): the reference result."""
+    nq = len(queries)
+    best_s, best_i = _empty(nq, k)
+    for seg, reader in view.segments.items():
+        step = reader.chunk_rows
+        for start in range(0, reader.n, step):
+            stop = min(reader.n, start + step)
+            vecs = np.asarray(reader.vectors(start, stop), dtype=np.float32)
+            ids = reader.ids(start, stop).astype(np.int64)
+            mask = view.live_mask(seg, start, stop - start)
+            if mask is not None:
+                vecs, ids = vecs[mask], ids[mask]
+            if len(ids) == 0:
+                continue
+            for q0 in range(0, nq, _QUERY_BLOCK):
+                q = queries[q0 : q0 + _QUERY_BLOCK]
+                s = q @ vecs.T
+                tile_i = np.broadcast_to(ids, s.shape)
+                best_s[q0 : q0 + len(q)], best_i[q0 : q0 + len(q)] = _merge(
+                    best_s[q0 : q0 + len(q)], best_i[q0 : q0 + len(q)], s, tile_i, k
+                )
+    return best_i, best_s
+
+
+def probe_extents(view: View, probe_keys, probes: int, candidates: int | None) -> list[tuple[int, int, int]]:
+    """Extents of the first ``probes`` buckets of ``probe_keys`` (within the candidate cap)."""
+    out: list[tuple[int, int, int]] = []
+    total = 0
+    for visited, key in enumerate(probe_keys):
+        if visited >= probes or (candidates is not None and total >= candidates):
+            break
+        for ext in view.extents(key):
+            out.append(ext)
+            total += ext[2]
+    return out
+
+
+def score_extents(view: View, query: np.ndarray, extents: list[tuple[int, int, int]], k: int):
+    """Exact top-k of one query over the rows of ``extents`` (skipping deleted rows)."""
+    vec_parts, id_parts = [], []
+    for seg, first, n in extents:
+        reader = view.segments[seg]
+        vecs = reader.vectors(first, first + n)
+        ids = reader.ids(first, first + n)
+        mask = view.live_mask(seg, first, n)
+        if mask is not None:
+            vecs, ids = vecs[mask], ids[mask]
+        vec_parts.append(vecs)
+        id_parts.append(ids)
+    best_s, best_i = _empty(1, k)
+    if not vec_parts:
+        return best_i[0], best_s[0]
+    vecs = np.concatenate(vec_parts).astype(np.float32, copy=False)
+    ids = np.concatenate(id_parts).astype(np.int64)
+    if len(ids) == 0:
+        return best_i[0], best_s[0]
+    s = (vecs @ query)[None, :]
+    best_s, best_i = _merge(best_s, best_i, s, ids[None, :], k)
+    return best_i[0], best_s[0]
+
+
+def search_probed(view: View, router, queries: np.ndarray, k: int, probes: int,
+                  candidates: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate search: each query scans only its first ``probes`` buckets."""
+    nq = len(queries)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    margins = router.margins(queries)
+    for qi in range(nq):
+        extents = probe_extents(view, router.probe_keys(margins[qi]), probes, candidates)
+        out_i[qi], out_s[qi] = score_extents(view, queries[qi], extents, k)
+    return out_i, out_s

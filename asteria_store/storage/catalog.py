@@ -1,0 +1,273 @@
+"""The LMDB catalog: the single source of truth of a store.
+
+One LMDB environment (``catalog.lmdb/``) with five named databases. Byte layout, fixed:
+
+* ``meta``        ascii key -> JSON (UTF-8) value: ``format_version``, ``config``, ``router``
+                  ({"dir", "digest"}), ``next_id``, ``next_segment``, ``count`` (live vectors),
+                  ``generation`` (bumped by every commit; caches key on it).
+* ``buckets``     key = bucket key (u64, big-endian) + segment id (u32, big-endian);
+                  value = first_row (u64, little-endian) + n_rows (u64, little-endian).
+                  All extents of one bucket are adjacent, so a bucket is one range scan.
+* ``ids``         key = external id (u64, big-endian); value = segment (u32 LE) + row (u64 LE).
+* ``segments``    key = segment id (u32, big-endian); value = JSON {"rows", "created"}.
+* ``tombstones``  key = segment (u32 BE) + row (u64 BE); value = external id (u64 LE).
+
+Keys are big-endian so that LMDB's byte order is numeric order (range scans by bucket,
+ordered iteration by id); values are little-endian like every other on-disk number.
+
+LMDB allows one environment per path per process: :func:`open_env` caches and shares it.
+Writes go through :meth:`Catalog.write`, which grows the map when it is full and retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+import numpy as np
+
+T = TypeVar("T")
+
+DB_NAMES = ("meta", "buckets", "ids", "segments", "tombstones")
+INITIAL_MAP_SIZE = 64 * 1024 * 1024
+
+_ID_KEY = struct.Struct(">Q")
+_LOC_VALUE = struct.Struct("<IQ")
+_BUCKET_KEY = struct.Struct(">QI")
+_EXTENT_VALUE = struct.Struct("<QQ")
+_SEG_KEY = struct.Struct(">I")
+_TOMB_KEY = struct.Struct(">IQ")
+_U64_LE = struct.Struct("<Q")
+
+
+def pack_id(i: int) -> bytes:
+    return _ID_KEY.pack(i)
+
+
+def pack_ids(ids: np.ndarray) -> list[bytes]:
+    """Big-endian 8-byte keys for an array of ids (vectorised)."""
+    raw = np.ascontiguousarray(ids, dtype=">u8").tobytes()
+    return [raw[i : i + 8] for i in range(0, len(raw), 8)]
+
+
+def unpack_loc(value: bytes) -> tuple[int, int]:
+    return _LOC_VALUE.unpack(value)
+
+
+def pack_loc(segment: int, row: int) -> bytes:
+    return _LOC_VALUE.pack(segment, row)
+
+
+def segment_name(segment: int) -> str:
+    return f"seg-{segment:08d}"
+
+
+# --- environment cache ------------------------------------------------------------------
+
+_envs: dict[str, list[Any]] = {}
+_envs_lock = threading.Lock()
+
+
+def open_env(path: str | os.PathLike[str], *, create: bool = False) -> lmdb.Environment:
+    """The process-wide LMDB environment of ``path`` (opened once, reference counted)."""
+    key = os.path.realpath(path)
+    with _envs_lock:
+        entry = _envs.get(key)
+        if entry is None:
+            env = lmdb.open(
+                key,
+                map_size=INITIAL_MAP_SIZE,
+                max_dbs=len(DB_NAMES) + 2,
+                subdir=True,
+                create=create,
+                readahead=False,
+                max_readers=1024,
+            )
+            # Adopt the map size another process may have grown the file to.
+            env.set_mapsize(0)
+            entry = _envs[key] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_env(path: str | os.PathLike[str]) -> None:
+    key = os.path.realpath(path)
+    with _envs_lock:
+        entry = _envs.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _envs[key]
+
+
+class Catalog:
+    """Typed access to one store's LMDB environment."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False):
+        self.path = Path(path)
+        self.env = open_env(self.path, create=create)
+        self._closed = False
+        try:
+            self.dbs = {name: self.env.open_db(name.encode(), create=create) for name in DB_NAMES}
+        except lmdb.NotFoundError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            release_env(self.path)
+
+    # -- transactions --------------------------------------------------------------------
+
+    def _begin(self, *, write: bool) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(write=write)
+
+    def read(self) -> lmdb.Transaction:
+        """A read-only snapshot (use as a context manager; keep it short)."""
+        return self._begin(write=False)
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn(txn)`` in ONE write transaction, committed atomically.
+
+        If the map is full the transaction is aborted, the map doubled, and ``fn`` rerun, so
+        ``fn`` must only touch the transaction. Any exception aborts: nothing is written.
+        """
+        while True:
+            try:
+                with self._begin(write=True) as txn:
+                    result = fn(txn)
+                return result
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, txn: lmdb.Transaction, key: str, default: Any = None) -> Any:
+        raw = txn.get(key.encode(), db=self.dbs["meta"])
+        return default if raw is None else json.loads(raw.decode("utf-8"))
+
+    def put_meta(self, txn: lmdb.Transaction, key: str, value: Any) -> None:
+        txn.put(key.encode(), json.dumps(value, sort_keys=True).encode("utf-8"), db=self.dbs["meta"])
+
+    def all_meta(self, txn: lmdb.Transaction) -> dict[str, Any]:
+        with txn.cursor(db=self.dbs["meta"]) as cur:
+            return {k.decode(): json.loads(v.decode("utf-8")) for k, v in cur}
+
+    # -- segments ------------------------------------------------------------------------
+
+    def segments(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
+        with txn.cursor(db=self.dbs["segments"]) as cur:
+            return {_SEG_KEY.unpack(k)[0]: json.loads(v.decode("utf-8")) for k, v in cur}
+
+    def put_segment(self, txn: lmdb.Transaction, segment: int, record: dict[str, Any]) -> None:
+        txn.put(_SEG_KEY.pack(segment), json.dumps(record, sort_keys=True).encode(), db=self.dbs["segments"])
+
+    # -- buckets -------------------------------------------------------------------------
+
+    def put_extents(self, txn: lmdb.Transaction, segment: int, keys: np.ndarray,
+                    starts: np.ndarray, counts: np.ndarray) -> None:
+        items = [
+            (_BUCKET_KEY.pack(int(k), segment), _EXTENT_VALUE.pack(int(s), int(c)))
+            for k, s, c in zip(keys.tolist(), starts.tolist(), counts.tolist())
+        ]
+        with txn.cursor(db=self.dbs["buckets"]) as cur:
+            cur.putmulti(items)
+
+    def extents(self, txn: lmdb.Transaction, bucket: int) -> list[tuple[int, int, int]]:
+        """``[(segment, first_row, n_rows), ...]`` of one bucket."""
+        prefix = _ID_KEY.pack(bucket)
+        out = []
+        with txn.cursor(db=self.dbs["buckets"]) as cur:
+            if not cur.set_range(prefix):
+                return out
+            for k, v in cur:
+                if k[:8] != prefix:
+                    break
+                first, n = _EXTENT_VALUE.unpack(v)
+                out.append((_BUCKET_KEY.unpack(k)[1], first, n))
+        return out
+
+    def iter_extents(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int, int, int]]:
+        """Every ``(bucket, segment, first_row, n_rows)`` in bucket order."""
+        with txn.cursor(db=self.dbs["buckets"]) as cur:
+            for k, v in cur:
+                bucket, seg = _BUCKET_KEY.unpack(k)
+                first, n = _EXTENT_VALUE.unpack(v)
+                yield bucket, seg, first, n
+
+    # -- ids -----------------------------------------------------------------------------
+
+    def put_ids(self, txn: lmdb.Transaction, segment: int, ids: np.ndarray) -> None:
+        """Map ``ids[row] -> (segment, row)`` for every row of a new segment."""
+        perm = np.argsort(ids, kind="stable")
+        keys = pack_ids(ids[perm])
+        rows = perm.tolist()
+        with txn.cursor(db=self.dbs["ids"]) as cur:
+            cur.putmulti(zip(keys, (pack_loc(segment, r) for r in rows)), overwrite=False)
+
+    def existing_ids(self, txn: lmdb.Transaction, ids: np.ndarray) -> np.ndarray:
+        """The subset of ``ids`` already in the store."""
+        keys = pack_ids(np.sort(ids))
+        with txn.cursor(db=self.dbs["ids"]) as cur:
+            found = [k for k, _ in cur.getmulti(keys)]
+        return np.array([_ID_KEY.unpack(k)[0] for k in found], dtype=np.uint64)
+
+    def locate(self, txn: lmdb.Transaction, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(found_mask, segments, rows)`` of each id (segments/rows are 0 where missing)."""
+        n = len(ids)
+        found = np.zeros(n, dtype=bool)
+        segs = np.zeros(n, dtype=np.int64)
+        rows = np.zeros(n, dtype=np.int64)
+        db = self.dbs["ids"]
+        for i, key in enumerate(pack_ids(ids)):
+            raw = txn.get(key, db=db)
+            if raw is not None:
+                found[i] = True
+                segs[i], rows[i] = unpack_loc(raw)
+        return found, segs, rows
+
+    def iter_ids(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int, int]]:
+        """Every ``(id, segment, row)`` in id order."""
+        with txn.cursor(db=self.dbs["ids"]) as cur:
+            for k, v in cur:
+                seg, row = unpack_loc(v)
+                yield _ID_KEY.unpack(k)[0], seg, row
+
+    def delete_ids(self, txn: lmdb.Transaction, ids: np.ndarray, segs: np.ndarray, rows: np.ndarray) -> None:
+        ids_db, tomb_db = self.dbs["ids"], self.dbs["tombstones"]
+        for key, i, s, r in zip(pack_ids(ids), ids.tolist(), segs.tolist(), rows.tolist()):
+            txn.delete(key, db=ids_db)
+            txn.put(_TOMB_KEY.pack(s, r), _U64_LE.pack(i), db=tomb_db)
+
+    # -- tombstones ----------------------------------------------------------------------
+
+    def tombstones(self, txn: lmdb.Transaction) -> dict[int, np.ndarray]:
+        """Deleted rows per segment, as sorted int64 arrays."""
+        out: dict[int, list[int]] = {}
+        with txn.cursor(db=self.dbs["tombstones"]) as cur:
+            for k, _ in cur:
+                seg, row = _TOMB_KEY.unpack(k)
+                out.setdefault(seg, []).append(row)
+        return {s: np.array(r, dtype=np.int64) for s, r in out.items()}
+
+    def dump(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        """Every key/value of every database (for tests and ``verify``)."""
+        with self.read() as txn:
+            out = {}
+            for name, db in self.dbs.items():
+                with txn.cursor(db=db) as cur:
+                    out[name] = [(bytes(k), bytes(v)) for k, v in cur]
+            return out

@@ -1,0 +1,56 @@
+"""The writer lock: one writing process at a time per store (``fcntl.flock`` on a file).
+
+Readers never take it: LMDB's MVCC gives them consistent snapshots while a writer works.
+Orphan cleanup also takes it, so it can never delete the segment of a live ingest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from ..errors import StoreLockedError
+
+
+class WriterLock:
+    """Exclusive advisory lock on ``<store>/writer.lock``; a context manager."""
+
+    def __init__(self, store_path: str | os.PathLike[str], *, timeout: float = 30.0):
+        self.path = Path(store_path) / "writer.lock"
+        self.timeout = timeout
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                raise StoreLockedError(
+                    f"Another process is writing to {str(self.path.parent)!r} "
+                    f"(waited {self.timeout:g} s for its writer lock). Retry when it is done."
+                )
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,163 @@
+"""Immutable segments: Zarr v3 arrays with uncompressed, memory-mappable chunks.
+
+Layout under ``segments.zarr/`` (a Zarr v3 group), one sub-group per segment::
+
+    seg-00000001/vectors   (n, d) float32 or float16, little-endian, chunks (chunk_rows, d)
+    seg-00000001/ids       (n,)   uint64, little-endian, chunks (chunk_rows,)
+
+Every array uses the single ``bytes`` codec (no compression, no filters), the default
+chunk key encoding (``c/<i>/<j>``), and ``write_empty_chunks=True``, so each chunk file is
+exactly ``chunk_rows * row_bytes`` raw bytes (edge chunks are padded to full size, as Zarr
+does). The query path memory-maps those files directly; any Zarr reader sees the same data.
+
+A segment is written, then every file and directory of it fsynced, and only then published
+by the catalog. Until published it is an orphan that ``verify --repair`` may delete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from ..errors import CorruptStoreError
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file and directory under ``root`` (and ``root`` itself), bottom-up."""
+    root = os.fspath(root)
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_root(path: str | os.PathLike[str]) -> None:
+    """Create the empty ``segments.zarr`` group."""
+    zarr.open_group(LocalStore(os.fspath(path)), mode="w", zarr_format=3)
+
+
+class SegmentWriter:
+    """Writes one segment, chunk-aligned window by window."""
+
+    def __init__(self, root: str | os.PathLike[str], name: str, *, n: int, dim: int,
+                 dtype: str, chunk_rows: int):
+        self.root = Path(root)
+        self.name = name
+        self.n = n
+        self.chunk_rows = chunk_rows
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        if (self.root / name).exists():  # a stale orphan of an interrupted ingest
+            shutil.rmtree(self.root / name)
+        store = LocalStore(os.fspath(self.root))
+        zarr.open_group(store, path=name, mode="w", zarr_format=3)
+        common = dict(compressors=None, filters=None, config=_ARRAY_CONFIG, overwrite=True)
+        self.vectors = zarr.create_array(
+            store, name=f"{name}/vectors", shape=(n, dim), chunks=(chunk_rows, dim),
+            dtype=self.dtype, fill_value=0.0, **common,
+        )
+        self.ids = zarr.create_array(
+            store, name=f"{name}/ids", shape=(n,), chunks=(chunk_rows,),
+            dtype="<u8", fill_value=0, **common,
+        )
+
+    def write(self, start: int, vectors: np.ndarray, ids: np.ndarray) -> None:
+        stop = start + len(vectors)
+        self.vectors[start:stop] = vectors.astype(self.dtype, copy=False)
+        self.ids[start:stop] = ids.astype("<u8", copy=False)
+
+    def finish(self) -> None:
+        """Make the segment durable (all files and directories fsynced)."""
+        fsync_tree(self.root / self.name)
+        fsync_dir(self.root)
+
+
+class SegmentReader:
+    """Row access to one published segment through memory-mapped chunk files."""
+
+    def __init__(self, root: str | os.PathLike[str], name: str, *, n: int, dim: int,
+                 dtype: str, chunk_rows: int):
+        self.dir = Path(root) / name
+        self.n = n
+        self.dim = dim
+        self.chunk_rows = chunk_rows
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self._maps: dict[tuple[str, int], np.memmap] = {}
+
+    def _chunk(self, array: str, index: int) -> np.memmap:
+        key = (array, index)
+        m = self._maps.get(key)
+        if m is None:
+            if array == "vectors":
+                path, dtype, shape = self.dir / "vectors" / "c" / str(index) / "0", self.dtype, (self.chunk_rows, self.dim)
+            else:
+                path, dtype, shape = self.dir / "ids" / "c" / str(index), np.dtype("<u8"), (self.chunk_rows,)
+            try:
+                m = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+            except (OSError, ValueError) as exc:
+                raise CorruptStoreError(
+                    f"Segment chunk {str(path)!r} is missing or truncated ({exc}); "
+                    "run `asteria-store verify`."
+                ) from None
+            self._maps[key] = m
+        return m
+
+    def _rows(self, array: str, start: int, stop: int) -> np.ndarray:
+        c = self.chunk_rows
+        first, last = start // c, (stop - 1) // c
+        if first == last:
+            return self._chunk(array, first)[start - first * c : stop - first * c]
+        parts = []
+        for i in range(first, last + 1):
+            lo = max(start, i * c) - i * c
+            hi = min(stop, (i + 1) * c) - i * c
+            parts.append(self._chunk(array, i)[lo:hi])
+        return np.concatenate(parts)
+
+    def vectors(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as a (possibly memory-mapped) array of the storage dtype."""
+        return self._rows("vectors", start, stop)
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        return self._rows("ids", start, stop)
+
+    def take_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Rows by index as float32 (for ``Store.get``)."""
+        c = self.chunk_rows
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for j, r in enumerate(rows.tolist()):
+            out[j] = self._chunk("vectors", r // c)[r % c]
+        return out
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+def list_segment_dirs(root: str | os.PathLike[str]) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("seg-"))
+
+
+def remove_segment(root: str | os.PathLike[str], name: str) -> None:
+    shutil.rmtree(Path(root) / name)
+    fsync_dir(root)

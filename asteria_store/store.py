@@ -1,0 +1,675 @@
+"""The :class:`Store`: create, open, ingest, query, get, delete, verify.
+
+A store is a directory::
+
+    mystore/
+      catalog.lmdb/     LMDB catalog, the single source of truth (see storage/catalog.py)
+      model/<name>/     the router (JSON + little-endian .npy, see model/router.py)
+      segments.zarr/    Zarr v3 group, one immutable sub-group per segment (storage/segments.py)
+      writer.lock       advisory lock held by the one writing process
+
+Every write builds its data, fsyncs it, and publishes it in ONE LMDB write transaction.
+A crash at any point leaves either the old state or the new one; the only debris is an
+orphan segment directory, removed by the next writable open or by ``verify(repair=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .config import FORMAT_VERSION, Metric, StorageDtype, StoreConfig
+from .errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    IdNotFoundError,
+    InvalidArgumentError,
+    InvalidInputError,
+    ReadOnlyError,
+    StoreClosedError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UnsupportedFormatError,
+)
+from .io import ArrayLike, VectorSource, load_ids, read_array
+from .model.router import Router, SignHasher, bits_for_size, load_router, save_router
+from .progress import ProgressLike, make_progress
+from .query.engine import DEFAULT_PROBES, Probes, View, search_exact, search_probed
+from .storage import segments as seglib
+from .storage.catalog import Catalog, segment_name
+from .storage.lock import WriterLock
+
+CATALOG_DIR = "catalog.lmdb"
+SEGMENTS_DIR = "segments.zarr"
+MODEL_DIR = "model"
+
+#: Largest external id: ids are returned as int64, with -1 marking "no result".
+MAX_ID = 2**63 - 1
+
+#: Rows hashed per block in ingest's first pass, and rows written per window in the second.
+_HASH_BLOCK_ROWS = 65536
+_WRITE_WINDOW_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ``ingest`` added."""
+
+    rows: int
+    segment: int
+    ids: np.ndarray = field(repr=False)
+    trained: bool = False
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    rows: int
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :meth:`Store.verify`. ``ok`` is False only for real damage; orphan
+    segments of interrupted ingests are listed but harmless (``repair`` removes them)."""
+
+    problems: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    checked_segments: int = 0
+    checked_rows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _normalise(x: np.ndarray, metric: str, *, what: str, offset: int = 0) -> np.ndarray:
+    if metric != "cosine":
+        return x
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        bad = offset + int(np.argwhere(norms[:, 0] == 0)[0][0])
+        raise InvalidInputError(
+            f"Expected non-zero {what} for metric 'cosine', got an all-zero vector in row {bad}."
+        )
+    return x / norms
+
+
+# --- create / open ------------------------------------------------------------------------
+
+
+def create(
+    path: str | os.PathLike[str],
+    *,
+    dim: int,
+    metric: Metric = "cosine",
+    dtype: StorageDtype = "float32",
+    bits: int | None = None,
+    expected_size: int = 1_000_000,
+    seed: int = 0,
+    chunk_rows: int = 0,
+) -> Store:
+    """Create an empty store at ``path`` and return it open for writing.
+
+    Args:
+        dim: vector dimension.
+        metric: ``"cosine"`` (vectors normalised) or ``"ip"`` (raw inner product).
+        dtype: storage dtype of full vectors (``"float16"`` halves disk and bytes read).
+        bits: bucket bits of the baseline router (2**bits buckets). More bits: smaller
+            buckets, fewer rows read per probe, more probes needed for the same recall.
+            Default: chosen from ``expected_size`` for ~256 vectors per bucket.
+        expected_size: how many vectors the store is expected to hold (sizes the buckets).
+        seed: seed of the router's random rotation.
+        chunk_rows: rows per Zarr chunk (0: ~16 MiB of vectors per chunk).
+
+    The store is built in a temporary sibling directory and renamed into place, so a crash
+    during ``create`` leaves no half-made store.
+    """
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise StoreExistsError(
+            f"Cannot create a store at {str(target)!r}: it already exists. "
+            "Open it instead, or choose a new path."
+        )
+    config = StoreConfig(dim=dim, metric=metric, dtype=dtype, chunk_rows=chunk_rows)
+    if bits is None:
+        bits = bits_for_size(expected_size)
+    if not isinstance(bits, int) or not 1 <= bits <= 62:
+        raise InvalidArgumentError(f"bits must be an integer in [1, 62], got {bits!r}.")
+    router = SignHasher.random(dim, bits, seed=seed)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.creating-", dir=target.parent))
+    try:
+        model_name = f"{router.kind}-0"
+        digest = save_router(router, tmp / MODEL_DIR / model_name)
+        seglib.create_root(tmp / SEGMENTS_DIR)
+        catalog = Catalog(tmp / CATALOG_DIR, create=True)
+        try:
+            def init(txn):
+                catalog.put_meta(txn, "format_version", FORMAT_VERSION)
+                catalog.put_meta(txn, "config", config.to_dict())
+                catalog.put_meta(txn, "router", {"dir": f"{MODEL_DIR}/{model_name}", "digest": digest})
+                catalog.put_meta(txn, "next_id", 0)
+                catalog.put_meta(txn, "next_segment", 1)
+                catalog.put_meta(txn, "count", 0)
+                catalog.put_meta(txn, "generation", 0)
+                catalog.put_meta(txn, "created", time.time())
+
+            catalog.write(init)
+            catalog.env.sync(True)
+        finally:
+            catalog.close()
+        seglib.fsync_tree(tmp)
+        if target.exists():
+            target.rmdir()  # empty directory (checked above)
+        os.rename(tmp, target)
+        seglib.fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Store(target)
+
+
+def open(path: str | os.PathLike[str], *, readonly: bool = False) -> Store:  # noqa: A001
+    """Open an existing store. ``readonly=True`` refuses every write."""
+    return Store(path, readonly=readonly)
+
+
+class Store:
+    """A persistent vector store. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        cat_dir = self.path / CATALOG_DIR
+        if not (cat_dir / "data.mdb").is_file():
+            if self.path.exists():
+                raise StoreNotFoundError(
+                    f"No asteria-store at {str(self.path)!r}: the directory has no catalog. "
+                    "Create one with `asteria-store create`."
+                )
+            raise StoreNotFoundError(
+                f"No store at {str(self.path)!r}. Create one with "
+                f"`asteria-store create {self.path} --dim D`."
+            )
+        self._catalog = Catalog(cat_dir)
+        self._closed = False
+        try:
+            with self._catalog.read() as txn:
+                meta = self._catalog.all_meta(txn)
+            version = meta.get("format_version")
+            if not isinstance(version, int) or "config" not in meta:
+                raise CorruptStoreError(f"The catalog of {str(self.path)!r} has no valid format record.")
+            if version > FORMAT_VERSION:
+                raise UnsupportedFormatError(
+                    f"The store at {str(self.path)!r} has format version {version}; this "
+                    f"asteria-store reads versions up to {FORMAT_VERSION}. Upgrade asteria-store."
+                )
+            self.config = StoreConfig.from_dict(meta["config"])
+            router_rec = meta["router"]
+            self._router: Router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
+            self._router_digest = router_rec["digest"]
+        except BaseException:
+            self._catalog.close()
+            raise
+        self._readers: dict[int, seglib.SegmentReader] = {}
+        self._view: View | None = None
+        if not readonly:
+            self._remove_orphans_if_idle()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for r in self._readers.values():
+                r.close()
+            self._readers.clear()
+            self._view = None
+            self._catalog.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self)} vectors"
+        return f"<asteria_store.Store {str(self.path)!r} dim={self.config.dim} {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"The store {str(self.path)!r} is closed.")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"The store {str(self.path)!r} was opened read-only.")
+
+    @property
+    def _segments_root(self) -> Path:
+        return self.path / SEGMENTS_DIR
+
+    # -- state ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        self._check_open()
+        with self._catalog.read() as txn:
+            return int(self._catalog.get_meta(txn, "count", 0))
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary: configuration, counts, router, disk usage."""
+        self._check_open()
+        with self._catalog.read() as txn:
+            meta = self._catalog.all_meta(txn)
+            segs = self._catalog.segments(txn)
+            n_buckets = sum(1 for _ in self._catalog.iter_extents(txn))
+        disk = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return {
+            "path": str(self.path),
+            "format_version": meta["format_version"],
+            **self.config.to_dict(),
+            "count": meta["count"],
+            "segments": len(segs),
+            "rows_stored": sum(s["rows"] for s in segs.values()),
+            "deleted": sum(s["rows"] for s in segs.values()) - meta["count"],
+            "router": {**self._router.config(), "digest": self._router_digest[:16]},
+            "extents": n_buckets,
+            "generation": meta["generation"],
+            "disk_bytes": disk,
+        }
+
+    def _current_view(self) -> View:
+        """The catalog state now, reusing cached extents while the generation is unchanged."""
+        cat = self._catalog
+        with cat.read() as txn:
+            generation = cat.get_meta(txn, "generation")
+            if self._view is not None and self._view.generation == generation:
+                return self._view
+            count = cat.get_meta(txn, "count")
+            segs = cat.segments(txn)
+            deleted = cat.tombstones(txn)
+        readers = {}
+        for seg, rec in segs.items():
+            r = self._readers.get(seg)
+            if r is None:
+                r = seglib.SegmentReader(
+                    self._segments_root, segment_name(seg), n=rec["rows"], dim=self.config.dim,
+                    dtype=self.config.dtype, chunk_rows=rec.get("chunk_rows", self.config.chunk_rows),
+                )
+                self._readers[seg] = r
+            readers[seg] = r
+
+        def lookup(bucket: int, _gen=generation):
+            with cat.read() as t:
+                if cat.get_meta(t, "generation") != _gen:
+                    # A writer committed since this view was taken; extents of buckets are
+                    # append-only per segment, so filter to this view's segments.
+                    return [e for e in cat.extents(t, bucket) if e[0] in readers]
+                return cat.extents(t, bucket)
+
+        self._view = View(generation=generation, count=count, segments=readers,
+                          deleted=deleted, lookup_extents=lookup)
+        return self._view
+
+    # -- writes --------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        vectors: ArrayLike,
+        ids: ArrayLike | None = None,
+        *,
+        progress: ProgressLike = None,
+    ) -> IngestResult:
+        """Add vectors (an (n, d) array or a ``.npy`` path) as ONE new immutable segment.
+
+        ``ids``: uint64-compatible external ids (array or ``.npy`` path), unique and not yet
+        in the store; auto-assigned (consecutive from the store's counter) when omitted.
+        A ``.npy`` input is streamed in blocks: resident memory stays bounded (~100s of MB)
+        whatever its size. Nothing becomes visible until the final commit; on any error the
+        store is left exactly as it was.
+        """
+        self._check_writable()
+        source = VectorSource(vectors, dim=self.config.dim, what="vectors")
+        n = source.n
+        with WriterLock(self.path):
+            with self._catalog.read() as txn:
+                next_id = int(self._catalog.get_meta(txn, "next_id"))
+                seg = int(self._catalog.get_meta(txn, "next_segment"))
+                if ids is None:
+                    id_arr = np.arange(next_id, next_id + n, dtype=np.uint64)
+                else:
+                    id_arr = load_ids(ids, n=n)
+                    self._check_new_ids(txn, id_arr)
+            if int(id_arr.max()) > MAX_ID:
+                raise InvalidInputError(f"Expected ids below 2**63, got {int(id_arr.max())}.")
+
+            # Pass 1: validate and hash every row (streamed).
+            keys = np.empty(n, dtype=np.uint64)
+            bar = make_progress(progress, total=n, desc="hashing")
+            try:
+                for start, block in source.blocks(_HASH_BLOCK_ROWS):
+                    x = _normalise(block, self.config.metric, what="vectors", offset=start)
+                    keys[start : start + len(block)] = self._router.keys(x)
+                    bar.update(len(block))
+            finally:
+                bar.close()
+
+            # Pass 2: write rows in bucket order, chunk-aligned windows.
+            order = np.argsort(keys, kind="stable")
+            sorted_keys = keys[order]
+            del keys
+            seg_ids = id_arr[order]
+            # Small segments get small chunks: Zarr pads the edge chunk to full size.
+            cr = min(self.config.chunk_rows, max(256, 1 << (n - 1).bit_length()))
+            row_bytes = self.config.dim * 4
+            window = max(cr, (_WRITE_WINDOW_BYTES // row_bytes) // cr * cr)
+            name = segment_name(seg)
+            writer = seglib.SegmentWriter(
+                self._segments_root, name, n=n, dim=self.config.dim,
+                dtype=self.config.dtype, chunk_rows=cr,
+            )
+            bar = make_progress(progress, total=n, desc="writing")
+            try:
+                for start in range(0, n, window):
+                    rows = order[start : start + window]
+                    inv = np.argsort(rows, kind="stable")
+                    block = np.empty((len(rows), self.config.dim), dtype=np.float32)
+                    block[inv] = source.take(rows[inv])
+                    block = _normalise(block, self.config.metric, what="vectors")
+                    writer.write(start, block, seg_ids[start : start + len(rows)])
+                    bar.update(len(rows))
+                writer.finish()
+            finally:
+                bar.close()
+
+            # Publish: one write transaction.
+            bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+            starts = np.concatenate([[0], bounds]).astype(np.int64)
+            counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
+            bucket_keys = sorted_keys[starts]
+            new_next_id = max(next_id, int(id_arr.max()) + 1)
+
+            def publish(txn):
+                cat = self._catalog
+                if cat.get_meta(txn, "next_segment") != seg:
+                    raise CorruptStoreError("The catalog changed during ingest despite the writer lock.")
+                cat.put_segment(txn, seg, {"rows": n, "chunk_rows": cr, "created": time.time()})
+                cat.put_extents(txn, seg, bucket_keys, starts, counts)
+                cat.put_ids(txn, seg, seg_ids)
+                cat.put_meta(txn, "next_segment", seg + 1)
+                cat.put_meta(txn, "next_id", new_next_id)
+                cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + n)
+                cat.put_meta(txn, "generation", int(cat.get_meta(txn, "generation")) + 1)
+
+            self._commit(publish)
+        return IngestResult(rows=n, segment=seg, ids=id_arr)
+
+    def _commit(self, fn) -> None:
+        """Publish ``fn``'s changes in one durable transaction."""
+        self._catalog.write(fn)
+        self._catalog.env.sync(True)
+        self._view = None
+
+    def _check_new_ids(self, txn, ids: np.ndarray) -> None:
+        uniq, counts = np.unique(ids, return_counts=True)
+        if len(uniq) != len(ids):
+            dup = int(uniq[counts > 1][0])
+            raise DuplicateIdError(
+                f"Expected unique ids, got id {dup} more than once in this batch."
+            )
+        existing = self._catalog.existing_ids(txn, uniq)
+        if len(existing):
+            raise DuplicateIdError(
+                f"Expected new ids, got {len(existing)} already in the store (first: "
+                f"{int(existing[0])}). Delete them first or choose other ids."
+            )
+
+    def delete(self, ids: ArrayLike) -> DeleteResult:
+        """Delete vectors by id (tombstones; space is reclaimed by a later compaction).
+
+        All ids must exist; otherwise nothing is deleted.
+        """
+        self._check_writable()
+        id_arr = np.unique(_as_id_array(ids))
+        with WriterLock(self.path):
+            with self._catalog.read() as txn:
+                found, segs, rows = self._catalog.locate(txn, id_arr)
+            if not found.all():
+                missing = id_arr[~found]
+                raise IdNotFoundError(
+                    f"Cannot delete: {len(missing)} id(s) not in the store (first: {int(missing[0])}). "
+                    "Nothing was deleted."
+                )
+
+            def publish(txn):
+                cat = self._catalog
+                cat.delete_ids(txn, id_arr, segs, rows)
+                cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) - len(id_arr))
+                cat.put_meta(txn, "generation", int(cat.get_meta(txn, "generation")) + 1)
+
+            self._commit(publish)
+        return DeleteResult(rows=len(id_arr))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, ids: ArrayLike) -> np.ndarray:
+        """The stored vectors of ``ids`` (as float32, normalised if metric is cosine)."""
+        self._check_open()
+        id_arr = _as_id_array(ids)
+        view = self._current_view()
+        with self._catalog.read() as txn:
+            found, segs, rows = self._catalog.locate(txn, id_arr)
+        if not found.all():
+            raise IdNotFoundError(f"Id {int(id_arr[~found][0])} is not in the store.")
+        out = np.empty((len(id_arr), self.config.dim), dtype=np.float32)
+        for seg in np.unique(segs).tolist():
+            sel = segs == seg
+            out[sel] = view.segments[seg].take_vectors(rows[sel])
+        return out
+
+    def search(
+        self,
+        queries: ArrayLike,
+        k: int = 10,
+        *,
+        probes: Probes = DEFAULT_PROBES,
+        candidates: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
+
+        ``ids`` are int64 (-1 where fewer than k results exist, with score -inf); scores
+        are exact (cosine similarity or inner product), best first.
+
+        Args:
+            probes: buckets visited per query, in soft-cost order. More probes: higher
+                recall, more latency and bytes read. ``"all"`` is exact brute force.
+            candidates: stop probing once this many rows are gathered (caps latency on
+                large buckets at some cost in recall); ``None``: no cap.
+        """
+        self._check_open()
+        k = _check_k(k)
+        q = VectorSource(queries, dim=self.config.dim, what="queries")
+        qs = np.concatenate([b for _, b in q.blocks(_HASH_BLOCK_ROWS)]) if q.n > _HASH_BLOCK_ROWS \
+            else next(q.blocks(_HASH_BLOCK_ROWS))[1]
+        qs = np.ascontiguousarray(_normalise(qs, self.config.metric, what="queries"))
+        view = self._current_view()
+        if probes == "all":
+            return search_exact(view, qs, k)
+        if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
+            raise InvalidArgumentError(f"probes must be a positive integer or 'all', got {probes!r}.")
+        if candidates is not None and (not isinstance(candidates, (int, np.integer)) or candidates < 1):
+            raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
+        return search_probed(view, self._router, qs, k, int(probes), candidates)
+
+    def query(
+        self,
+        vector: ArrayLike,
+        k: int = 10,
+        *,
+        probes: Probes = DEFAULT_PROBES,
+        candidates: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,)."""
+        arr = np.asarray(vector) if not isinstance(vector, (str, os.PathLike)) else vector
+        if isinstance(arr, np.ndarray) and arr.ndim == 1:
+            arr = arr[None, :]
+        ids, scores = self.search(arr, k, probes=probes, candidates=candidates)
+        if len(ids) != 1:
+            raise InvalidInputError(f"query takes one vector, got {len(ids)}; use search() for a batch.")
+        return ids[0], scores[0]
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def _orphans(self) -> list[str]:
+        with self._catalog.read() as txn:
+            live = {segment_name(s) for s in self._catalog.segments(txn)}
+        return [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live]
+
+    def _remove_orphans_if_idle(self) -> None:
+        lock = WriterLock(self.path)
+        if not lock.try_acquire():
+            return  # a writer is at work; its segment is not an orphan
+        try:
+            for name in self._orphans():
+                seglib.remove_segment(self._segments_root, name)
+        finally:
+            lock.release()
+
+    def verify(self, *, repair: bool = False) -> VerifyReport:
+        """Check the store end to end; ``repair=True`` removes orphan segments.
+
+        Checks: the model digest; every published segment's arrays (shape, dtype, chunk
+        files present and full-size); its ids against the catalog's id map; its bucket
+        extents (contiguous, covering every row, matching the router's keys on a sample);
+        and the live count. Orphan segments (interrupted ingests) are reported, not errors.
+        """
+        self._check_open()
+        if repair:
+            self._check_writable()
+        report = VerifyReport()
+        cat = self._catalog
+        lock = WriterLock(self.path)
+        lock.acquire()  # a consistent picture: no writer may commit meanwhile
+        try:
+            with cat.read() as txn:
+                meta = cat.all_meta(txn)
+                segs = cat.segments(txn)
+                extents: dict[int, list[tuple[int, int, int]]] = {}
+                for bucket, seg, first, n in cat.iter_extents(txn):
+                    extents.setdefault(seg, []).append((first, n, bucket))
+                id_locs = {}
+                for i, seg, row in cat.iter_ids(txn):
+                    id_locs.setdefault(seg, []).append((row, i))
+                tomb = cat.tombstones(txn)
+            try:
+                load_router(self.path / meta["router"]["dir"], digest=meta["router"]["digest"])
+            except Exception as exc:  # noqa: BLE001 - report, don't raise
+                report.problems.append(str(exc))
+            live_total = 0
+            for seg, rec in sorted(segs.items()):
+                report.checked_segments += 1
+                report.problems.extend(
+                    self._verify_segment(seg, rec, extents.get(seg, []), id_locs.get(seg, []), tomb.get(seg))
+                )
+                report.checked_rows += rec["rows"]
+                live_total += rec["rows"] - len(tomb.get(seg, []))
+            if live_total != meta["count"]:
+                report.problems.append(f"live count is {meta['count']} in meta but {live_total} by segments")
+            for seg in set(extents) - set(segs):
+                report.problems.append(f"bucket extents point to unknown segment {seg}")
+            live = {segment_name(s) for s in segs}
+            report.orphans = [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live]
+            if repair:
+                for name in report.orphans:
+                    seglib.remove_segment(self._segments_root, name)
+                    report.removed.append(name)
+        finally:
+            lock.release()
+        return report
+
+    def _verify_segment(self, seg, rec, extents, id_locs, dead) -> list[str]:
+        name = segment_name(seg)
+        n = rec["rows"]
+        problems = []
+        cr = rec.get("chunk_rows", self.config.chunk_rows)
+        item = np.dtype(self.config.dtype).itemsize
+        seg_dir = self._segments_root / name
+        for array, row_bytes in (("vectors", self.config.dim * item), ("ids", 8)):
+            for c in range((n + cr - 1) // cr):
+                f = seg_dir / array / "c" / str(c)
+                if array == "vectors":
+                    f = f / "0"
+                if not f.is_file():
+                    problems.append(f"{name}: chunk {f.relative_to(self.path)} is missing")
+                elif f.stat().st_size != cr * row_bytes:
+                    problems.append(f"{name}: chunk {f.relative_to(self.path)} has {f.stat().st_size} bytes, "
+                                    f"expected {cr * row_bytes}")
+        if problems:
+            return problems
+        reader = seglib.SegmentReader(self._segments_root, name, n=n, dim=self.config.dim,
+                                      dtype=self.config.dtype, chunk_rows=cr)
+        try:
+            extents.sort()
+            pos = 0
+            for first, cnt, bucket in extents:
+                if first != pos:
+                    problems.append(f"{name}: bucket extents leave a gap or overlap at row {pos}")
+                    break
+                pos = first + cnt
+            if pos != n and not problems:
+                problems.append(f"{name}: bucket extents cover {pos} of {n} rows")
+            # Spot-check that rows hash to the bucket that holds them.
+            rng = np.random.default_rng(seg)
+            for first, cnt, bucket in (extents[i] for i in rng.choice(len(extents), min(32, len(extents)), replace=False)) if extents else ():
+                x = np.asarray(reader.vectors(first, first + min(cnt, 4)), dtype=np.float32)
+                if self.config.metric == "cosine":
+                    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+                if (self._router.keys(x) != np.uint64(bucket)).any():
+                    problems.append(f"{name}: rows {first}.. do not hash to their bucket {bucket}")
+                    break
+            stored_ids = np.asarray(reader.ids(0, n))
+            dead_set = set(dead.tolist()) if dead is not None else set()
+            if len(id_locs) + len(dead_set) != n:
+                problems.append(f"{name}: {len(id_locs)} live ids + {len(dead_set)} deleted != {n} rows")
+            for row, i in id_locs:
+                if row >= n or int(stored_ids[row]) != i:
+                    problems.append(f"{name}: id {i} maps to row {row}, which holds another id")
+                    break
+        finally:
+            reader.close()
+        return problems
+
+
+def _as_id_array(ids: ArrayLike) -> np.ndarray:
+    arr = np.atleast_1d(read_array(ids, "ids"))
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise InvalidInputError(f"Expected a 1-D array of integer ids, got {arr.dtype} of shape {arr.shape}.")
+    if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
+        raise InvalidInputError(f"Expected non-negative ids, got {int(arr.min())}.")
+    return arr.astype(np.uint64)
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidArgumentError(f"k must be a positive integer, got {k!r}.")
+    return int(k)
+
+
+__all__ = ["DeleteResult", "IngestResult", "Store", "VerifyReport", "create", "open"]
