@@ -54,8 +54,8 @@ MODEL_DIR = "model"
 MAX_ID = 2**63 - 1
 
 #: Rows hashed per block in ingest's first pass, and rows written per window in the second.
-_HASH_BLOCK_ROWS = 65536
-_WRITE_WINDOW_BYTES = 64 * 1024 * 1024
+_HASH_BLOCK_ROWS = 16384
+_WRITE_WINDOW_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -360,66 +360,88 @@ class Store:
             if int(id_arr.max()) > MAX_ID:
                 raise InvalidInputError(f"Expected ids below 2**63, got {int(id_arr.max())}.")
 
-            # Pass 1: validate and hash every row (streamed).
-            keys = np.empty(n, dtype=np.uint64)
-            bar = make_progress(progress, total=n, desc="hashing")
-            try:
-                for start, block in source.blocks(_HASH_BLOCK_ROWS):
-                    x = _normalise(block, self.config.metric, what="vectors", offset=start)
-                    keys[start : start + len(block)] = self._router.keys(x)
-                    bar.update(len(block))
-            finally:
-                bar.close()
-
-            # Pass 2: write rows in bucket order, chunk-aligned windows.
+            keys = self._hash_rows(source, progress)
             order = np.argsort(keys, kind="stable")
             sorted_keys = keys[order]
             del keys
             seg_ids = id_arr[order]
             # Small segments get small chunks: Zarr pads the edge chunk to full size.
-            cr = min(self.config.chunk_rows, max(256, 1 << (n - 1).bit_length()))
-            row_bytes = self.config.dim * 4
-            window = max(cr, (_WRITE_WINDOW_BYTES // row_bytes) // cr * cr)
-            name = segment_name(seg)
-            writer = seglib.SegmentWriter(
-                self._segments_root, name, n=n, dim=self.config.dim,
-                dtype=self.config.dtype, chunk_rows=cr,
-            )
-            bar = make_progress(progress, total=n, desc="writing")
+            chunk_rows = min(self.config.chunk_rows, max(256, 1 << (n - 1).bit_length()))
+            published = False
             try:
-                for start in range(0, n, window):
-                    rows = order[start : start + window]
-                    inv = np.argsort(rows, kind="stable")
-                    block = np.empty((len(rows), self.config.dim), dtype=np.float32)
-                    block[inv] = source.take(rows[inv])
-                    block = _normalise(block, self.config.metric, what="vectors")
-                    writer.write(start, block, seg_ids[start : start + len(rows)])
-                    bar.update(len(rows))
-                writer.finish()
+                self._write_segment(seg, source, order, seg_ids, chunk_rows, progress)
+                self._publish_segment(seg, sorted_keys, seg_ids, chunk_rows,
+                                      next_id=max(next_id, int(id_arr.max()) + 1))
+                published = True
             finally:
-                bar.close()
-
-            # Publish: one write transaction.
-            bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
-            starts = np.concatenate([[0], bounds]).astype(np.int64)
-            counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
-            bucket_keys = sorted_keys[starts]
-            new_next_id = max(next_id, int(id_arr.max()) + 1)
-
-            def publish(txn):
-                cat = self._catalog
-                if cat.get_meta(txn, "next_segment") != seg:
-                    raise CorruptStoreError("The catalog changed during ingest despite the writer lock.")
-                cat.put_segment(txn, seg, {"rows": n, "chunk_rows": cr, "created": time.time()})
-                cat.put_extents(txn, seg, bucket_keys, starts, counts)
-                cat.put_ids(txn, seg, seg_ids)
-                cat.put_meta(txn, "next_segment", seg + 1)
-                cat.put_meta(txn, "next_id", new_next_id)
-                cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + n)
-                cat.put_meta(txn, "generation", int(cat.get_meta(txn, "generation")) + 1)
-
-            self._commit(publish)
+                if not published:
+                    self._discard_unpublished(seg)
         return IngestResult(rows=n, segment=seg, ids=id_arr)
+
+    def _discard_unpublished(self, seg: int) -> None:
+        """Remove the directory of segment ``seg`` unless the catalog has published it."""
+        with self._catalog.read() as txn:
+            if seg in self._catalog.segments(txn):
+                return
+        if (self._segments_root / segment_name(seg)).exists():
+            seglib.remove_segment(self._segments_root, segment_name(seg))
+
+    def _hash_rows(self, source: VectorSource, progress: ProgressLike) -> np.ndarray:
+        """Pass 1: validate every row (finite, non-zero for cosine) and compute its bucket key."""
+        keys = np.empty(source.n, dtype=np.uint64)
+        bar = make_progress(progress, total=source.n, desc="hashing")
+        try:
+            for start, block in source.blocks(_HASH_BLOCK_ROWS):
+                x = _normalise(block, self.config.metric, what="vectors", offset=start)
+                keys[start : start + len(block)] = self._router.keys(x)
+                bar.update(len(block))
+        finally:
+            bar.close()
+        return keys
+
+    def _write_segment(self, seg: int, source: VectorSource, order: np.ndarray,
+                       seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike) -> None:
+        """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync."""
+        n, dim = source.n, self.config.dim
+        window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
+        writer = seglib.SegmentWriter(self._segments_root, segment_name(seg), n=n, dim=dim,
+                                      dtype=self.config.dtype, chunk_rows=chunk_rows)
+        bar = make_progress(progress, total=n, desc="writing")
+        try:
+            for start in range(0, n, window):
+                rows = order[start : start + window]
+                inv = np.argsort(rows, kind="stable")
+                block = np.empty((len(rows), dim), dtype=np.float32)
+                block[inv] = source.take(rows[inv])  # ascending reads, then back to key order
+                block = _normalise(block, self.config.metric, what="vectors")
+                writer.write(start, block, seg_ids[start : start + len(rows)])
+                bar.update(len(rows))
+            writer.finish()
+        finally:
+            bar.close()
+
+    def _publish_segment(self, seg: int, sorted_keys: np.ndarray, seg_ids: np.ndarray,
+                         chunk_rows: int, *, next_id: int) -> None:
+        """Make a written segment visible: extents, ids, counters in ONE transaction."""
+        n = len(seg_ids)
+        bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+        starts = np.concatenate([[0], bounds]).astype(np.int64)
+        counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
+        bucket_keys = sorted_keys[starts]
+
+        def publish(txn):
+            cat = self._catalog
+            if cat.get_meta(txn, "next_segment") != seg:
+                raise CorruptStoreError("The catalog changed during ingest despite the writer lock.")
+            cat.put_segment(txn, seg, {"rows": n, "chunk_rows": chunk_rows, "created": time.time()})
+            cat.put_extents(txn, seg, bucket_keys, starts, counts)
+            cat.put_ids(txn, seg, seg_ids)
+            cat.put_meta(txn, "next_segment", seg + 1)
+            cat.put_meta(txn, "next_id", next_id)
+            cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + n)
+            cat.put_meta(txn, "generation", int(cat.get_meta(txn, "generation")) + 1)
+
+        self._commit(publish)
 
     def _commit(self, fn) -> None:
         """Publish ``fn``'s changes in one durable transaction."""
