@@ -1,0 +1,273 @@
+"""The ``asteria-store`` command line: one thin click command per verb.
+
+Each command opens the store (read-only when it only reads), calls one library function
+and formats the result: text for people, ``--json`` for machines. Results go to stdout,
+progress bars to stderr. Every :class:`~asteria_store.AsteriaError` ends as one line
+``Error: <message>`` on stderr with exit code 1 (see :class:`AsteriaGroup`); click's own
+usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, get_args
+
+import click
+
+import asteria_store
+from asteria_store import AsteriaError, Store
+from asteria_store.config import Metric, StorageDtype
+from asteria_store.demo import run_demo
+from asteria_store.query.engine import Probes
+
+from .options import (
+    ProbesType,
+    json_option,
+    library_default,
+    npy_argument,
+    path_type,
+    quiet_option,
+    store_path,
+)
+
+
+class AsteriaGroup(click.Group):
+    """A command group that reports library errors as ``Error: <message>``, exit code 1.
+
+    The library's errors are one-line messages meant for users, so they are shown as they
+    are, without a traceback. Anything else is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AsteriaError as exc:
+            message = " ".join(str(exc).split("\n")) or type(exc).__name__
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=AsteriaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(asteria_store.__version__, prog_name="asteria-store")
+def cli() -> None:
+    """A persistent, disk-backed vector store with a learned routing index.
+
+    \b
+    Example:
+        asteria-store create mystore --dim 384
+        asteria-store ingest mystore vectors.npy
+        asteria-store query mystore queries.npy -k 10
+    """
+
+
+@cli.command()
+@store_path
+@click.option("--dim", type=int, required=True, help="Vector dimension.")
+@click.option("--metric", type=click.Choice(get_args(Metric)),
+              default=library_default(asteria_store.create, "metric"), show_default=True,
+              help="cosine: vectors are normalised; ip: raw inner product.")
+@click.option("--dtype", type=click.Choice(get_args(StorageDtype)),
+              default=library_default(asteria_store.create, "dtype"), show_default=True,
+              help="Storage dtype of the vectors; float16 halves disk and bytes read.")
+@click.option("--bits", type=int, default=None, metavar="N",
+              help="Router bucket bits (2**N buckets). More bits: smaller buckets, fewer rows "
+                   "read per probe, more probes for the same recall. [default: from --expected-size]")
+@click.option("--expected-size", type=int, metavar="N",
+              default=library_default(asteria_store.create, "expected_size"), show_default=True,
+              help="How many vectors the store is expected to hold (sizes the buckets).")
+@click.option("--seed", type=int, metavar="N", default=library_default(asteria_store.create, "seed"),
+              show_default=True, help="Seed of the router's random rotation.")
+def create(path: Path, dim: int, metric: Metric, dtype: StorageDtype, bits: int | None,
+           expected_size: int, seed: int) -> None:
+    """Create an empty store at PATH.
+
+    \b
+    Example:
+        asteria-store create mystore --dim 384 --metric cosine --expected-size 100000
+    """
+    with asteria_store.create(path, dim=dim, metric=metric, dtype=dtype, bits=bits,
+                              expected_size=expected_size, seed=seed) as store:
+        bits = store.router.config()["bits"]
+        click.echo(f"Created store {str(path)!r}: dim {dim}, metric {metric}, dtype {dtype}, "
+                   f"{2 ** bits:,} buckets.")
+
+
+@cli.command()
+@store_path
+@npy_argument("vectors", "FILE.npy")
+@click.option("--ids", type=path_type(), metavar="IDS.npy",
+              help="External ids, one per vector (1-D integer .npy). Default: consecutive ids.")
+@quiet_option
+def ingest(path: Path, vectors: Path, ids: Path | None, quiet: bool) -> None:
+    """Add vectors from a .npy file as one new segment.
+
+    FILE.npy holds an (n, d) numeric array; it is streamed, not loaded whole. Progress bars
+    go to stderr.
+
+    \b
+    Example:
+        asteria-store ingest mystore vectors.npy --ids ids.npy
+    """
+    with asteria_store.open(path) as store:
+        start = time.perf_counter()
+        result = store.ingest(vectors, ids=ids, progress=not quiet)
+        elapsed = time.perf_counter() - start
+    click.echo(f"Added {result.rows:,} vectors as segment {result.segment} in {elapsed:.2f} s "
+               f"({result.rows / elapsed:,.0f} vectors/s).")
+
+
+@cli.command()
+@store_path
+@npy_argument("queries", "QUERIES.npy")
+@click.option("-k", "k", type=int, metavar="K", default=library_default(Store.search, "k"), show_default=True,
+              help="Neighbours per query.")
+@click.option("--probes", type=ProbesType(), metavar="N|all", default=library_default(Store.search, "probes"),
+              show_default=True,
+              help="Buckets visited per query. More: higher recall, more latency and bytes "
+                   "read. 'all': exact brute force.")
+@click.option("--candidates", type=int, default=None, metavar="N",
+              help="Stop probing once N rows are gathered: caps latency at some cost in "
+                   "recall. [default: no cap]")
+@json_option
+def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | None,
+          as_json: bool) -> None:
+    """Find the k nearest neighbours of each query.
+
+    QUERIES.npy holds a (q, d) array. Prints one line per query: its row number, then
+    `id (score)` best first. With --json, one object per line:
+    {"query": row, "ids": [...], "scores": [...]}.
+
+    \b
+    Example:
+        asteria-store query mystore queries.npy -k 5 --probes 64
+        asteria-store query mystore queries.npy --probes all --json
+    """
+    with asteria_store.open(path, readonly=True) as store:
+        ids, scores = store.search(queries, k, probes=probes, candidates=candidates)
+    for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):
+        found = row_ids >= 0  # -1 (score -inf) marks "no result"
+        hit_ids, hit_scores = row_ids[found].tolist(), row_scores[found].tolist()
+        if as_json:
+            click.echo(json.dumps({"query": row, "ids": hit_ids, "scores": hit_scores}))
+        else:
+            hits = ", ".join(f"{i} ({s:.4f})" for i, s in zip(hit_ids, hit_scores))
+            click.echo(f"{row}: {hits or '(no results)'}")
+
+
+@cli.command()
+@store_path
+@json_option
+def info(path: Path, as_json: bool) -> None:
+    """Show a store's configuration, counts and disk usage.
+
+    \b
+    Example:
+        asteria-store info mystore
+        asteria-store info mystore --json
+    """
+    with asteria_store.open(path, readonly=True) as store:
+        summary = store.info()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in _flatten(summary):
+        if key == "disk_bytes":
+            value = f"{value} ({_human_bytes(value)})"
+        click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@store_path
+@click.option("--repair", is_flag=True,
+              help="Remove orphan segments left by interrupted ingests (opens the store for writing).")
+def verify(path: Path, repair: bool) -> None:
+    """Check a store end to end; exit code 1 if it is damaged.
+
+    Orphan segments of interrupted ingests are harmless: they are listed, not counted as
+    damage. The store is opened read-only unless --repair is given.
+
+    \b
+    Example:
+        asteria-store verify mystore
+        asteria-store verify mystore --repair
+    """
+    with asteria_store.open(path, readonly=not repair) as store:
+        report = store.verify(repair=repair)
+    click.echo(f"Checked {report.checked_segments} segment(s), {report.checked_rows:,} row(s).")
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
+    for orphan in report.orphans:
+        note = "removed" if orphan in report.removed else "harmless; remove with --repair"
+        click.echo(f"orphan: {orphan} ({note})")
+    if not report.ok:
+        raise click.ClickException(f"The store {str(path)!r} has {len(report.problems)} problem(s).")
+    click.echo("OK")
+
+
+@cli.command()
+@store_path
+@click.option("--ids", type=path_type(), required=True, metavar="FILE.npy",
+              help="Ids to delete (1-D integer .npy). All must exist, or nothing is deleted.")
+def delete(path: Path, ids: Path) -> None:
+    """Delete vectors by id.
+
+    FILE.npy holds a 1-D integer array of ids. All must be in the store, or nothing is
+    deleted.
+
+    \b
+    Example:
+        asteria-store delete mystore --ids stale_ids.npy
+    """
+    with asteria_store.open(path) as store:
+        result = store.delete(ids)
+    click.echo(f"Deleted {result.rows:,} vectors.")
+
+
+@cli.command()
+@click.option("--n", type=int, default=library_default(run_demo, "n"), show_default=True,
+              help="Vectors to ingest.")
+@click.option("--dim", type=int, default=library_default(run_demo, "dim"), show_default=True,
+              help="Their dimension.")
+@click.option("--queries", type=int, default=library_default(run_demo, "queries"),
+              show_default=True, help="Held-out queries.")
+@click.option("--k", "k", type=int, default=library_default(run_demo, "k"), show_default=True,
+              help="Neighbours per query (recall@k).")
+@click.option("--keep", type=path_type(), default=None, metavar="PATH",
+              help="Create the store at PATH and keep it. [default: a temporary directory]")
+@quiet_option
+def demo(n: int, dim: int, queries: int, k: int, keep: Path | None, quiet: bool) -> None:
+    """Build a demo store and report its recall and speed.
+
+    Generates seeded clustered vectors plus held-out queries, ingests them, and measures
+    recall@k against brute force, batch QPS and per-query latency, for the default probe
+    budget and for --probes all (exact).
+
+    \b
+    Example:
+        asteria-store demo
+        asteria-store demo --n 100000 --dim 128 --keep demostore
+    """
+    run_demo(n=n, dim=dim, queries=queries, k=k, keep=keep, progress=not quiet, print_fn=click.echo)
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"a": {"b": 1}}`` -> ``[("a.b", 1)]``."""
+    out: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _human_bytes(n: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    size, i = float(n), 0
+    while size >= 1024 and i < len(units) - 1:
+        size, i = size / 1024, i + 1
+    return f"{size:.1f} {units[i]}"
+
+
+__all__ = ["AsteriaGroup", "cli"]

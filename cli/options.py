@@ -1,0 +1,52 @@
+"""Arguments, options and parameter types shared by several ``asteria-store`` commands.
+
+Paths are passed to the library unchecked (no ``exists=True``): the library's own errors
+say what is missing and how to fix it, in the same words as for Python callers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def library_default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of library function ``fn``: one source of truth."""
+    return inspect.signature(fn).parameters[name].default
+
+
+class ProbesType(click.ParamType):
+    """A probe budget: an integer, or ``all`` for exact search. Range checks are the library's."""
+
+    name = "N|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int) or value == "all":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"expected an integer or 'all', got {value!r}.", param, ctx)
+
+
+def path_type() -> click.Path:
+    """A filesystem path given to the library as a :class:`~pathlib.Path`, unchecked."""
+    return click.Path(path_type=Path)
+
+
+store_path = click.argument("path", type=path_type(), metavar="PATH")
+"""The store directory (positional)."""
+
+
+def npy_argument(name: str, metavar: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A positional ``.npy`` file (parameter ``name``), read by the library."""
+    return click.argument(name, type=path_type(), metavar=metavar)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars on stderr.")
