@@ -32,6 +32,19 @@ def _load_npy(path: str | os.PathLike[str], what: str) -> np.ndarray:
     if p.is_dir():
         raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: it is a directory.")
     try:
+        with p.open("rb") as fh:
+            magic = fh.read(6)
+    except PermissionError:
+        raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: permission denied.") from None
+    if magic[:4] == b"PK\x03\x04":
+        raise InvalidInputError(
+            f"Cannot read {what} file {str(p)!r}: expected a .npy array, got an .npz archive."
+        )
+    if magic != b"\x93NUMPY":
+        raise InvalidInputError(
+            f"Cannot read {what} file {str(p)!r}: not a .npy file (save arrays with numpy.save)."
+        )
+    try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except PermissionError:
         raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: permission denied.") from None
@@ -40,10 +53,6 @@ def _load_npy(path: str | os.PathLike[str], what: str) -> np.ndarray:
         raise InvalidInputError(
             f"Cannot read {what} file {str(p)!r}: not a valid .npy file ({reason})."
         ) from None
-    if not isinstance(arr, np.ndarray):  # an .npz archive
-        raise InvalidInputError(
-            f"Cannot read {what} file {str(p)!r}: expected a .npy array, got an .npz archive."
-        )
     return arr
 
 

@@ -65,6 +65,7 @@ class IngestResult:
     rows: int
     segment: int
     ids: np.ndarray = field(repr=False)
+    seconds: float = 0.0
     trained: bool = False
 
 
@@ -221,6 +222,7 @@ class Store:
             raise
         self._readers: dict[int, seglib.SegmentReader] = {}
         self._view: View | None = None
+        self._orphans_removed_at_open: list[str] = []
         if not readonly:
             self._remove_orphans_if_idle()
 
@@ -346,6 +348,7 @@ class Store:
         store is left exactly as it was.
         """
         self._check_writable()
+        started = time.perf_counter()
         source = VectorSource(vectors, dim=self.config.dim, what="vectors")
         n = source.n
         with WriterLock(self.path):
@@ -376,7 +379,7 @@ class Store:
             finally:
                 if not published:
                     self._discard_unpublished(seg)
-        return IngestResult(rows=n, segment=seg, ids=id_arr)
+        return IngestResult(rows=n, segment=seg, ids=id_arr, seconds=time.perf_counter() - started)
 
     def _discard_unpublished(self, seg: int) -> None:
         """Remove the directory of segment ``seg`` unless the catalog has published it."""
@@ -571,6 +574,7 @@ class Store:
         try:
             for name in self._orphans():
                 seglib.remove_segment(self._segments_root, name)
+                self._orphans_removed_at_open.append(name)
         finally:
             lock.release()
 
@@ -588,7 +592,10 @@ class Store:
         report = VerifyReport()
         cat = self._catalog
         lock = WriterLock(self.path)
-        lock.acquire()  # a consistent picture: no writer may commit meanwhile
+        if repair:
+            lock.acquire()  # deleting orphans: no writer may be at work
+        elif not self.readonly:
+            lock.try_acquire()  # best effort; the catalog read below is one snapshot anyway
         try:
             with cat.read() as txn:
                 meta = cat.all_meta(txn)
@@ -622,6 +629,10 @@ class Store:
                 for name in report.orphans:
                     seglib.remove_segment(self._segments_root, name)
                     report.removed.append(name)
+                # Orphans this handle already removed when it opened the store.
+                report.orphans = self._orphans_removed_at_open + report.orphans
+                report.removed = self._orphans_removed_at_open + report.removed
+                self._orphans_removed_at_open = []
         finally:
             lock.release()
         return report

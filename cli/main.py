@@ -10,7 +10,6 @@ usage errors exit with 2.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, get_args
 
@@ -37,7 +36,8 @@ class AsteriaGroup(click.Group):
     """A command group that reports library errors as ``Error: <message>``, exit code 1.
 
     The library's errors are one-line messages meant for users, so they are shown as they
-    are, without a traceback. Anything else is a bug and keeps its traceback.
+    are, without a traceback; so are OS errors (permission denied, disk full). Anything
+    else is a bug and keeps its traceback.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -46,6 +46,9 @@ class AsteriaGroup(click.Group):
         except AsteriaError as exc:
             message = " ".join(str(exc).split("\n")) or type(exc).__name__
             raise click.ClickException(message) from None
+        except OSError as exc:  # the filesystem refused (permissions, disk full, ...)
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
 
 @click.group(cls=AsteriaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,11 +113,9 @@ def ingest(path: Path, vectors: Path, ids: Path | None, quiet: bool) -> None:
         asteria-store ingest mystore vectors.npy --ids ids.npy
     """
     with asteria_store.open(path) as store:
-        start = time.perf_counter()
         result = store.ingest(vectors, ids=ids, progress=not quiet)
-        elapsed = time.perf_counter() - start
-    click.echo(f"Added {result.rows:,} vectors as segment {result.segment} in {elapsed:.2f} s "
-               f"({result.rows / elapsed:,.0f} vectors/s).")
+    click.echo(f"Added {result.rows:,} vectors as segment {result.segment} in {result.seconds:.2f} s "
+               f"({result.rows / result.seconds:,.0f} vectors/s).")
 
 
 @cli.command()
