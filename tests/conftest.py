@@ -1,0 +1,116 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+
+import asteria_store
+from asteria_store.storage.catalog import Catalog
+from asteria_store.testing import clustered_vectors
+
+
+def _disk_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything a store holds: every key/value of every LMDB database, every file and
+    directory under ``segments.zarr/`` and ``model/`` (relative path -> sha256; None for a
+    directory, so an empty leftover directory shows too), and the names at the top level
+    and in ``catalog.lmdb/`` (so a stray temporary file shows too).
+    """
+    root = Path(path)
+    catalog = Catalog(root / "catalog.lmdb")  # shares the process's env if one is open
+    try:
+        dump = catalog.dump()
+    finally:
+        catalog.close()
+    files: dict[str, str | None] = {}
+    for top in ("segments.zarr", "model"):
+        for p in sorted((root / top).rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            files[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    names = sorted(p.name for p in root.iterdir()) + sorted(
+        f"catalog.lmdb/{p.name}" for p in (root / "catalog.lmdb").iterdir()
+    )
+    return {"catalog": dump, "files": files, "names": names}
+
+
+@pytest.fixture
+def disk_snapshot() -> Callable[[str | os.PathLike[str]], dict[str, Any]]:
+    """``disk_snapshot(store_path)``: a comparable picture of a store's catalog and files."""
+    return _disk_snapshot
+
+
+@pytest.fixture
+def python_child() -> Iterator[Callable[..., subprocess.Popen]]:
+    """``python_child(script, *args)``: run ``script`` (dedented) in a fresh interpreter,
+    with ``sys.argv[1:] == args`` and text pipes for stdout/stderr. Children still running
+    at teardown are killed.
+    """
+    children: list[subprocess.Popen] = []
+
+    def start(script: str, *args: object) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script), *(str(a) for a in args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        children.append(proc)
+        return proc
+
+    yield start
+    for proc in children:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+# --- stores and seeded datasets -------------------------------------------------------------
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+class Dataset(NamedTuple):
+    """Base vectors and queries (read-only float32 arrays)."""
+
+    base: np.ndarray
+    queries: np.ndarray
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    a.flags.writeable = False  # session-scoped: no test may change it for the others
+    return a
+
+
+@pytest.fixture
+def tmp_store(tmp_path: Path) -> Iterator[asteria_store.Store]:
+    """An empty store (dim 32, cosine, float32, default router), closed at teardown."""
+    store = asteria_store.create(tmp_path / "store", dim=32)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def clustered() -> Dataset:
+    """2000 base vectors and 100 queries, dim 32, 20 clusters, seed 0 (one draw, split)."""
+    x = clustered_vectors(2100, 32, clusters=20, seed=0)
+    return Dataset(_frozen(x[:2000]), _frozen(x[2000:]))
+
+
+@pytest.fixture(scope="session")
+def wordnet() -> Dataset:
+    """The real-embedding slice: 3000 WordNet definitions and 200 example sentences,
+    all-MiniLM-L6-v2 (384-d), stored as float16, loaded as float32."""
+    return Dataset(
+        _frozen(np.load(DATA_DIR / "wordnet_base_3000.f16.npy")),
+        _frozen(np.load(DATA_DIR / "wordnet_queries_200.f16.npy")),
+    )
