@@ -106,9 +106,16 @@ class VectorSource:
         return int(self.array.shape[1])
 
     def _as_float32(self, block: np.ndarray, start: int) -> np.ndarray:
-        out = np.asarray(block, dtype=np.float32)
+        with np.errstate(over="ignore"):  # out-of-range values become inf, refused below
+            out = np.asarray(block, dtype=np.float32)
         if not np.isfinite(out).all():
-            bad = start + int(np.argwhere(~np.isfinite(out))[0][0])
+            where = np.argwhere(~np.isfinite(out))[0]
+            bad = start + int(where[0])
+            if np.isfinite(np.asarray(block)[tuple(where)]):
+                raise InvalidInputError(
+                    f"Expected {self.what} within float32 range (|v| <= 3.4e38), got a larger "
+                    f"value (first in row {bad}). Rescale those rows and retry."
+                )
             raise InvalidInputError(
                 f"Expected finite {self.what}, got NaN or inf (first in row {bad}). "
                 "Clean or drop those rows and retry."

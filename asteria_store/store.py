@@ -93,13 +93,15 @@ class VerifyReport:
 def _normalise(x: np.ndarray, metric: str, *, what: str, offset: int = 0) -> np.ndarray:
     if metric != "cosine":
         return x
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # float64: squares of finite float32 values neither overflow nor underflow there.
+    x64 = x.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))[:, None]
     if (norms == 0).any():
         bad = offset + int(np.argwhere(norms[:, 0] == 0)[0][0])
         raise InvalidInputError(
             f"Expected non-zero {what} for metric 'cosine', got an all-zero vector in row {bad}."
         )
-    return x / norms
+    return (x64 / norms).astype(np.float32)
 
 
 # --- create / open ------------------------------------------------------------------------
@@ -396,11 +398,26 @@ class Store:
         try:
             for start, block in source.blocks(_HASH_BLOCK_ROWS):
                 x = _normalise(block, self.config.metric, what="vectors", offset=start)
+                x = self._as_stored(x, offset=start)
                 keys[start : start + len(block)] = self._router.keys(x)
                 bar.update(len(block))
         finally:
             bar.close()
         return keys
+
+    def _as_stored(self, x: np.ndarray, *, offset: int = 0) -> np.ndarray:
+        """``x`` as the segment will hold it (float16 storage rounds), so keys computed from
+        it are the keys of the stored rows; refuses values the storage dtype cannot hold."""
+        if self.config.dtype != "float16":
+            return x
+        too_big = np.abs(x) > np.finfo(np.float16).max
+        if too_big.any():
+            bad = offset + int(np.argwhere(too_big)[0][0])
+            raise InvalidInputError(
+                f"Expected values within float16 range (|v| <= 65504) for a float16 store, got "
+                f"a larger one in row {bad}. Rescale the vectors or use a float32 store."
+            )
+        return x.astype(np.float16).astype(np.float32)
 
     def _write_segment(self, seg: int, source: VectorSource, order: np.ndarray,
                        seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike) -> None:

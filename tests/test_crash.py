@@ -318,10 +318,6 @@ asteria_store.open(sys.argv[1], readonly=True).get([7])
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: stale LMDB reader slots of killed processes are never cleared "
-    "(no env.reader_check()), so while any process keeps the store open the catalog "
-    "cannot reuse freed pages and grows with every commit"))
 def test_killed_reader_does_not_pin_catalog_pages(tmp_path, python_child):
     """A process killed inside a read transaction leaves its LMDB reader slot behind. While
     another process keeps the store open, that stale slot pins the snapshot it read, so no

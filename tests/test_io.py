@@ -118,11 +118,6 @@ def test_non_finite_values_in_a_npy_file(tmp_path: Path) -> None:
         list(VectorSource(tmp_path / "x.npy").blocks(10))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: float64 values beyond the float32 range make VectorSource._as_float32 emit numpy's "
-    "'overflow encountered in cast' RuntimeWarning before its own InvalidInputError: a raw "
-    "numpy warning reaches the user (and becomes the exception under -W error)."
-))
 def test_float64_values_beyond_float32_are_refused_without_numpy_noise() -> None:
     x = rows(4).astype(np.float64)
     x[2, 1] = 1e300

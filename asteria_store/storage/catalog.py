@@ -145,6 +145,9 @@ class Catalog:
         If the map is full the transaction is aborted, the map doubled, and ``fn`` rerun, so
         ``fn`` must only touch the transaction. Any exception aborts: nothing is written.
         """
+        # Reader slots left by killed processes pin old snapshots, so LMDB could never
+        # reuse the pages later commits free: clear them first (mdb_reader_check).
+        self.env.reader_check()
         while True:
             try:
                 with self._begin(write=True) as txn:
