@@ -65,6 +65,10 @@ class IdNotFoundError(AsteriaError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ModelFileError(AsteriaError, ValueError):
+    """A standalone model file is missing, unreadable, or not an asteria-store model."""
+
+
 __all__ = [
     "AsteriaError",
     "CorruptStoreError",
@@ -73,6 +77,7 @@ __all__ = [
     "IdNotFoundError",
     "InvalidArgumentError",
     "InvalidInputError",
+    "ModelFileError",
     "ReadOnlyError",
     "StoreClosedError",
     "StoreExistsError",

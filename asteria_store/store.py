@@ -28,6 +28,7 @@ import numpy as np
 from .config import FORMAT_VERSION, Metric, StorageDtype, StoreConfig
 from .errors import (
     CorruptStoreError,
+    DimensionMismatchError,
     DuplicateIdError,
     IdNotFoundError,
     InvalidArgumentError,
@@ -39,7 +40,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .io import ArrayLike, VectorSource, load_ids, read_array
-from .model.router import Router, SignHasher, bits_for_size, load_router, save_router
+from .model.router import Router, SignHasher, bits_for_size, load_model_file, load_router, save_router
 from .progress import ProgressLike, make_progress
 from .query.engine import DEFAULT_PROBES, Probes, View, search_exact, search_probed
 from .storage import segments as seglib
@@ -52,6 +53,14 @@ MODEL_DIR = "model"
 
 #: Largest external id: ids are returned as int64, with -1 marking "no result".
 MAX_ID = 2**63 - 1
+
+#: A first ingest into a store waiting for its learned model trains it when the batch has
+#: at least MIN_TRAIN_ROWS vectors (smaller batches keep the baseline router; call
+#: :meth:`Store.train` later), on a uniform sample of at most TRAIN_SAMPLE_ROWS of them.
+MIN_TRAIN_ROWS = 1_000
+TRAIN_SAMPLE_ROWS = 100_000
+
+RouterChoice = Literal["learned", "sign"]
 
 #: Rows hashed per block in ingest's first pass, and rows written per window in the second.
 _HASH_BLOCK_ROWS = 16384
@@ -66,7 +75,21 @@ class IngestResult:
     segment: int
     ids: np.ndarray = field(repr=False)
     seconds: float = 0.0
+    #: True when this ingest trained the store's learned model first (on a sample of it).
     trained: bool = False
+    #: Seconds spent training (0 when it did not train).
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :meth:`Store.train` did."""
+
+    rows_trained_on: int
+    rows_rebucketed: int
+    buckets: int
+    history: list[dict] = field(repr=False)
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +136,8 @@ def create(
     dim: int,
     metric: Metric = "cosine",
     dtype: StorageDtype = "float32",
+    router: RouterChoice = "learned",
+    model: str | os.PathLike[str] | None = None,
     bits: int | None = None,
     expected_size: int = 1_000_000,
     seed: int = 0,
@@ -124,11 +149,18 @@ def create(
         dim: vector dimension.
         metric: ``"cosine"`` (vectors normalised) or ``"ip"`` (raw inner product).
         dtype: storage dtype of full vectors (``"float16"`` halves disk and bytes read).
-        bits: bucket bits of the baseline router (2**bits buckets). More bits: smaller
-            buckets, fewer rows read per probe, more probes needed for the same recall.
-            Default: chosen from ``expected_size`` for ~256 vectors per bucket.
+        router: ``"learned"`` (default): the ECVH model (BOR + ECVH + LRSQ), trained on a
+            sample of the first ingest of at least ``MIN_TRAIN_ROWS`` vectors (until then
+            the baseline router serves). ``"sign"``: the baseline random-rotation sign
+            hasher, never trained (the ablation baseline; routes 5-10x worse on real data).
+        model: a model file from ``asteria-store train-model`` (or
+            :func:`~asteria_store.model.router.save_model_file`): the store uses it from
+            the start and never trains at ingest.
+        bits: bucket bits (2**bits buckets). More bits: smaller buckets, fewer rows read per
+            probe, more probes needed for the same recall. Default: from ``expected_size``
+            (~256 rows per bucket for the sign router, ~128 for the learned one).
         expected_size: how many vectors the store is expected to hold (sizes the buckets).
-        seed: seed of the router's random rotation.
+        seed: seed of the router's random rotation and of training.
         chunk_rows: rows per Zarr chunk (0: ~16 MiB of vectors per chunk).
 
     The store is built in a temporary sibling directory and renamed into place, so a crash
@@ -141,17 +173,33 @@ def create(
             "Open it instead, or choose a new path."
         )
     config = StoreConfig(dim=dim, metric=metric, dtype=dtype, chunk_rows=chunk_rows)
+    if router not in ("learned", "sign"):
+        raise InvalidArgumentError(f"router must be 'learned' or 'sign', got {router!r}.")
+    requested_bits = bits
     if bits is None:
         bits = bits_for_size(expected_size)
     if not isinstance(bits, int) or not 1 <= bits <= 62:
         raise InvalidArgumentError(f"bits must be an integer in [1, 62], got {bits!r}.")
-    router = SignHasher.random(dim, bits, seed=seed)
+    if router == "learned" and requested_bits is not None and requested_bits > 20:
+        raise InvalidArgumentError(f"bits must be at most 20 for the learned router, got {bits}.")
+    pending = None
+    if model is not None:
+        routing = load_model_file(model)
+        if routing.dim != dim:
+            raise DimensionMismatchError(
+                f"Expected a model of dimension {dim}, got one of dimension {routing.dim} "
+                f"from {os.fspath(model)!r}. Was it trained with --dim {routing.dim}?"
+            )
+    else:
+        routing = SignHasher.random(dim, bits, seed=seed)
+        if router == "learned":  # the baseline serves until the first big enough ingest
+            pending = {"bits": requested_bits, "expected_size": expected_size, "seed": seed}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.creating-", dir=target.parent))
     try:
-        model_name = f"{router.kind}-0"
-        digest = save_router(router, tmp / MODEL_DIR / model_name)
+        model_name = f"{routing.kind}-0"
+        digest = save_router(routing, tmp / MODEL_DIR / model_name)
         seglib.create_root(tmp / SEGMENTS_DIR)
         catalog = Catalog(tmp / CATALOG_DIR, create=True)
         try:
@@ -159,6 +207,7 @@ def create(
                 catalog.put_meta(txn, "format_version", FORMAT_VERSION)
                 catalog.put_meta(txn, "config", config.to_dict())
                 catalog.put_meta(txn, "router", {"dir": f"{MODEL_DIR}/{model_name}", "digest": digest})
+                catalog.put_meta(txn, "pending_training", pending)
                 catalog.put_meta(txn, "next_id", 0)
                 catalog.put_meta(txn, "next_segment", 1)
                 catalog.put_meta(txn, "count", 0)
@@ -309,6 +358,10 @@ class Store:
             count = cat.get_meta(txn, "count")
             segs = cat.segments(txn)
             deleted = cat.tombstones(txn)
+            router_rec = cat.get_meta(txn, "router")
+        if router_rec["digest"] != self._router_digest:  # (re)trained since we loaded it
+            self._router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
+            self._router_digest = router_rec["digest"]
         readers = {}
         for seg, rec in segs.items():
             r = self._readers.get(seg)
@@ -354,9 +407,12 @@ class Store:
         source = VectorSource(vectors, dim=self.config.dim, what="vectors")
         n = source.n
         with WriterLock(self.path):
+            self._current_view()  # the router as of now (another process may have trained)
             with self._catalog.read() as txn:
                 next_id = int(self._catalog.get_meta(txn, "next_id"))
                 seg = int(self._catalog.get_meta(txn, "next_segment"))
+                pending = self._catalog.get_meta(txn, "pending_training")
+                empty = not self._catalog.segments(txn)
                 if ids is None:
                     id_arr = np.arange(next_id, next_id + n, dtype=np.uint64)
                 else:
@@ -365,23 +421,166 @@ class Store:
             if int(id_arr.max()) > MAX_ID:
                 raise InvalidInputError(f"Expected ids below 2**63, got {int(id_arr.max())}.")
 
-            keys = self._hash_rows(source, progress)
-            order = np.argsort(keys, kind="stable")
-            sorted_keys = keys[order]
-            del keys
-            seg_ids = id_arr[order]
-            # Small segments get small chunks: Zarr pads the edge chunk to full size.
-            chunk_rows = min(self.config.chunk_rows, max(256, 1 << (n - 1).bit_length()))
+            router, model_rec, train_s = self._router, None, 0.0
             published = False
             try:
+                if pending is not None and empty and n >= MIN_TRAIN_ROWS:
+                    t0 = time.perf_counter()
+                    router = self._train_router(self._sample_rows(source, TRAIN_SAMPLE_ROWS, pending["seed"]),
+                                                pending, expected=max(n, pending["expected_size"]),
+                                                progress=progress)
+                    model_rec = self._save_model(router, f"{router.kind}-{seg}")
+                    train_s = time.perf_counter() - t0
+                keys = self._hash_rows(source, progress, router)
+                order = np.argsort(keys, kind="stable")
+                sorted_keys = keys[order]
+                del keys
+                seg_ids = id_arr[order]
+                # Small segments get small chunks: Zarr pads the edge chunk to full size.
+                chunk_rows = min(self.config.chunk_rows, max(256, 1 << (n - 1).bit_length()))
                 self._write_segment(seg, source, order, seg_ids, chunk_rows, progress)
                 self._publish_segment(seg, sorted_keys, seg_ids, chunk_rows,
-                                      next_id=max(next_id, int(id_arr.max()) + 1))
+                                      next_id=max(next_id, int(id_arr.max()) + 1), model=model_rec)
                 published = True
             finally:
                 if not published:
                     self._discard_unpublished(seg)
-        return IngestResult(rows=n, segment=seg, ids=id_arr, seconds=time.perf_counter() - started)
+                    if model_rec is not None:
+                        shutil.rmtree(self.path / model_rec["dir"], ignore_errors=True)
+        return IngestResult(rows=n, segment=seg, ids=id_arr, seconds=time.perf_counter() - started,
+                            trained=model_rec is not None, train_seconds=train_s)
+
+    # -- training ------------------------------------------------------------------------
+
+    def train(
+        self,
+        sample: ArrayLike | None = None,
+        *,
+        bits: int | None = None,
+        ecc: bool = True,
+        epochs: int = 5,
+        batch_size: int = 1024,
+        rank: int | None = None,
+        seed: int = 0,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+        progress: ProgressLike = None,
+    ) -> TrainResult:
+        """(Re)train the store's learned model and re-bucket every stored vector with it.
+
+        ``sample``: training vectors (array or ``.npy`` path; at most TRAIN_SAMPLE_ROWS of
+        them, sampled uniformly, are used); ``None``: a sample of the stored vectors.
+        The other arguments are :class:`~asteria_store.model.train.TrainConfig`'s. Stored
+        rows are rewritten, in the new bucket order, into ONE new segment; the new model,
+        the new segment and the retirement of the old ones are published in ONE transaction,
+        so readers see the old store until the switch and the new one after it. Deleted
+        rows are dropped on the way (this also compacts). Needs disk for one more copy.
+        """
+        self._check_writable()
+        started = time.perf_counter()
+        if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 20):
+            raise InvalidArgumentError(f"bits must be an integer in [1, 20], got {bits!r}.")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
+        if rank is not None and (not isinstance(rank, int) or rank < 32 or rank % 32):
+            raise InvalidArgumentError(f"rank must be a positive multiple of 32, got {rank!r}.")
+        src = VectorSource(sample, dim=self.config.dim, what="training vectors") if sample is not None else None
+        with WriterLock(self.path):
+            view = self._current_view()
+            stored = _StoredRows(view)
+            x = self._sample_rows(src if src is not None else stored, TRAIN_SAMPLE_ROWS, seed)
+            if len(x) < 100:
+                raise InvalidInputError(
+                    f"Expected at least 100 training vectors, got {len(x)}. Pass a bigger sample "
+                    "(or ingest more first)."
+                )
+            from .model.train import TrainConfig, train  # torch: imported only to train
+
+            cfg = TrainConfig(bits=bits, expected_size=max(stored.n, len(x)), ecc=ecc, epochs=epochs, batch_size=batch_size,
+                              rank=rank, seed=seed, device=device)
+            router, history = train(x, cfg, progress=progress)
+            with self._catalog.read() as txn:
+                seg = int(self._catalog.get_meta(txn, "next_segment"))
+            model_rec, published = None, False
+            try:
+                model_rec = self._save_model(router, f"{router.kind}-{seg}")
+                if stored.n:
+                    keys = self._hash_rows(stored, progress, router)
+                    order = np.argsort(keys, kind="stable")
+                    sorted_keys = keys[order]
+                    del keys
+                    seg_ids = stored.ids()[order]
+                    chunk_rows = min(self.config.chunk_rows, max(256, 1 << (stored.n - 1).bit_length()))
+                    self._write_segment(seg, stored, order, seg_ids, chunk_rows, progress)
+                self._publish_retrained(seg, model_rec, view,
+                                        (sorted_keys, seg_ids, chunk_rows) if stored.n else None)
+                published = True
+            finally:
+                if not published:
+                    self._discard_unpublished(seg)
+                    if model_rec is not None:
+                        shutil.rmtree(self.path / model_rec["dir"], ignore_errors=True)
+            for old in view.segments:  # retired: no catalog record points at them any more
+                self._readers.pop(old).close()
+                seglib.remove_segment(self._segments_root, segment_name(old))
+        return TrainResult(rows_trained_on=len(x), rows_rebucketed=stored.n, buckets=2**router.bits,
+                           history=history, seconds=time.perf_counter() - started)
+
+    def _publish_retrained(self, seg: int, model: dict, view: View, rows) -> None:
+        """Swap in a new model and (when the store holds rows) the one segment re-bucketed
+        by it, retiring every old segment, in ONE transaction."""
+
+        def publish(txn):
+            cat = self._catalog
+            if int(cat.get_meta(txn, "generation")) != view.generation:
+                raise CorruptStoreError("The catalog changed during training despite the writer lock.")
+            cat.clear_rows(txn)
+            if rows is not None:
+                sorted_keys, seg_ids, chunk_rows = rows
+                n = len(seg_ids)
+                bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+                starts = np.concatenate([[0], bounds]).astype(np.int64)
+                counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
+                cat.put_segment(txn, seg, {"rows": n, "chunk_rows": chunk_rows, "created": time.time()})
+                cat.put_extents(txn, seg, sorted_keys[starts], starts, counts)
+                cat.put_ids(txn, seg, seg_ids)
+                cat.put_meta(txn, "next_segment", seg + 1)
+            cat.put_meta(txn, "router", model)
+            cat.put_meta(txn, "pending_training", None)
+            cat.put_meta(txn, "generation", view.generation + 1)
+
+        self._commit(publish)
+
+    def _sample_rows(self, source: VectorSource | _StoredRows, size: int, seed: int) -> np.ndarray:
+        """A seeded uniform sample of at most ``size`` rows, normalised and validated."""
+        rng = np.random.default_rng(seed)
+        rows = np.arange(source.n) if source.n <= size else np.sort(rng.choice(source.n, size, replace=False))
+        x = source.take(rows)
+        if isinstance(source, _StoredRows):
+            return x
+        if not np.isfinite(x).all():  # validated again, with row numbers, by the hash pass
+            bad = int(rows[np.argwhere(~np.isfinite(x))[0][0]])
+            raise InvalidInputError(f"Expected finite vectors, got NaN or inf (first in row {bad}). "
+                                    "Clean or drop those rows and retry.")
+        return self._as_stored(_normalise(x, self.config.metric, what="vectors"))
+
+    def _train_router(self, sample: np.ndarray, settings: dict, *, expected: int,
+                      progress: ProgressLike, **overrides: Any) -> Router:
+        from .model.train import TrainConfig, train  # torch: imported only to train
+
+        cfg = TrainConfig(bits=settings.get("bits"), expected_size=expected,
+                          seed=settings.get("seed", 0), **overrides)
+        router, _ = train(sample, cfg, progress=progress)
+        return router
+
+    def _save_model(self, router: Router, name: str) -> dict[str, str]:
+        """Write ``router`` under model/``name`` (fsynced); the catalog record to publish."""
+        model_dir = self.path / MODEL_DIR / name
+        if model_dir.exists():  # debris of an interrupted attempt at this same segment
+            shutil.rmtree(model_dir)
+        digest = save_router(router, model_dir)
+        seglib.fsync_dir(model_dir.parent)
+        return {"dir": f"{MODEL_DIR}/{name}", "digest": digest}
 
     def _discard_unpublished(self, seg: int) -> None:
         """Remove the directory of segment ``seg`` unless the catalog has published it."""
@@ -391,15 +590,17 @@ class Store:
         if (self._segments_root / segment_name(seg)).exists():
             seglib.remove_segment(self._segments_root, segment_name(seg))
 
-    def _hash_rows(self, source: VectorSource, progress: ProgressLike) -> np.ndarray:
+    def _hash_rows(self, source: VectorSource | _StoredRows, progress: ProgressLike, router: Router) -> np.ndarray:
         """Pass 1: validate every row (finite, non-zero for cosine) and compute its bucket key."""
         keys = np.empty(source.n, dtype=np.uint64)
         bar = make_progress(progress, total=source.n, desc="hashing")
         try:
             for start, block in source.blocks(_HASH_BLOCK_ROWS):
-                x = _normalise(block, self.config.metric, what="vectors", offset=start)
-                x = self._as_stored(x, offset=start)
-                keys[start : start + len(block)] = self._router.keys(x)
+                x = block
+                if not isinstance(source, _StoredRows):  # stored rows are in stored form
+                    x = _normalise(block, self.config.metric, what="vectors", offset=start)
+                    x = self._as_stored(x, offset=start)
+                keys[start : start + len(block)] = router.keys(x)
                 bar.update(len(block))
         finally:
             bar.close()
@@ -419,7 +620,7 @@ class Store:
             )
         return x.astype(np.float16).astype(np.float32)
 
-    def _write_segment(self, seg: int, source: VectorSource, order: np.ndarray,
+    def _write_segment(self, seg: int, source: VectorSource | _StoredRows, order: np.ndarray,
                        seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike) -> None:
         """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync."""
         n, dim = source.n, self.config.dim
@@ -433,7 +634,8 @@ class Store:
                 inv = np.argsort(rows, kind="stable")
                 block = np.empty((len(rows), dim), dtype=np.float32)
                 block[inv] = source.take(rows[inv])  # ascending reads, then back to key order
-                block = _normalise(block, self.config.metric, what="vectors")
+                if not isinstance(source, _StoredRows):
+                    block = _normalise(block, self.config.metric, what="vectors")
                 writer.write(start, block, seg_ids[start : start + len(rows)])
                 bar.update(len(rows))
             writer.finish()
@@ -441,7 +643,7 @@ class Store:
             bar.close()
 
     def _publish_segment(self, seg: int, sorted_keys: np.ndarray, seg_ids: np.ndarray,
-                         chunk_rows: int, *, next_id: int) -> None:
+                         chunk_rows: int, *, next_id: int, model: dict | None = None) -> None:
         """Make a written segment visible: extents, ids, counters in ONE transaction."""
         n = len(seg_ids)
         bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
@@ -460,6 +662,9 @@ class Store:
             cat.put_meta(txn, "next_id", next_id)
             cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + n)
             cat.put_meta(txn, "generation", int(cat.get_meta(txn, "generation")) + 1)
+            if model is not None:  # the model trained for this segment goes live with it
+                cat.put_meta(txn, "router", model)
+                cat.put_meta(txn, "pending_training", None)
 
         self._commit(publish)
 
@@ -584,6 +789,20 @@ class Store:
             live = {segment_name(s) for s in self._catalog.segments(txn)}
         return [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live]
 
+    def _orphan_models(self) -> list[str]:
+        """Model directories no catalog record points at (a retired model, or one trained
+        by an ingest or ``train`` that did not commit), as ``model/<name>``."""
+        with self._catalog.read() as txn:
+            live = self._catalog.get_meta(txn, "router")["dir"]
+        root = self.path / MODEL_DIR
+        return sorted(f"{MODEL_DIR}/{p.name}" for p in root.iterdir() if p.is_dir() and f"{MODEL_DIR}/{p.name}" != live)
+
+    def _remove_orphan_models(self) -> list[str]:
+        removed = self._orphan_models()
+        for rel in removed:
+            shutil.rmtree(self.path / rel, ignore_errors=True)
+        return removed
+
     def _remove_orphans_if_idle(self) -> None:
         lock = WriterLock(self.path)
         if not lock.try_acquire():
@@ -592,6 +811,7 @@ class Store:
             for name in self._orphans():
                 seglib.remove_segment(self._segments_root, name)
                 self._orphans_removed_at_open.append(name)
+            self._remove_orphan_models()  # retired models: not worth a report
         finally:
             lock.release()
 
@@ -606,6 +826,7 @@ class Store:
         self._check_open()
         if repair:
             self._check_writable()
+        self._current_view()  # the router as of now: another process may have trained it
         report = VerifyReport()
         cat = self._catalog
         lock = WriterLock(self.path)
@@ -646,6 +867,7 @@ class Store:
                 for name in report.orphans:
                     seglib.remove_segment(self._segments_root, name)
                     report.removed.append(name)
+                self._remove_orphan_models()
                 # Orphans this handle already removed when it opened the store.
                 report.orphans = self._orphans_removed_at_open + report.orphans
                 report.removed = self._orphans_removed_at_open + report.removed
@@ -688,10 +910,9 @@ class Store:
             # Spot-check that rows hash to the bucket that holds them.
             rng = np.random.default_rng(seg)
             for first, cnt, bucket in (extents[i] for i in rng.choice(len(extents), min(32, len(extents)), replace=False)) if extents else ():
+                # Ingest hashed exactly the stored form (normalised, rounded): no re-normalising.
                 x = np.asarray(reader.vectors(first, first + min(cnt, 4)), dtype=np.float32)
-                if self.config.metric == "cosine":
-                    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-                if (self._router.keys(x) != np.uint64(bucket)).any():
+                if not self._router.consistent(x, np.full(len(x), bucket, dtype=np.uint64)).all():
                     problems.append(f"{name}: rows {first}.. do not hash to their bucket {bucket}")
                     break
             stored_ids = np.asarray(reader.ids(0, n))
@@ -705,6 +926,40 @@ class Store:
         finally:
             reader.close()
         return problems
+
+
+class _StoredRows:
+    """The live rows of a view's segments as one ``(n, d)`` source (re-bucketing input):
+    ``blocks`` in storage order and ``take`` of ascending row numbers, like VectorSource."""
+
+    def __init__(self, view: View):
+        self.parts = []
+        for seg, reader in sorted(view.segments.items()):
+            mask = view.live_mask(seg, 0, reader.n)
+            self.parts.append((reader, np.arange(reader.n) if mask is None else np.flatnonzero(mask)))
+        self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
+        self.n = int(self.offsets[-1])
+        self.dim = self.parts[0][0].dim if self.parts else 0
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for p in np.unique(part).tolist():
+            sel = part == p
+            reader, live = self.parts[p]
+            out[sel] = reader.take_vectors(live[rows[sel] - self.offsets[p]])
+        return out
+
+    def blocks(self, block_rows: int):
+        for p, (reader, live) in enumerate(self.parts):
+            for start in range(0, len(live), block_rows):
+                rows = live[start : start + block_rows]
+                block = np.asarray(reader.vectors(int(rows[0]), int(rows[-1]) + 1), dtype=np.float32)
+                yield int(self.offsets[p]) + start, block[rows - rows[0]]
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([np.asarray(r.ids(0, r.n))[live] for r, live in self.parts]) \
+            if self.parts else np.empty(0, dtype=np.uint64)
 
 
 def _as_id_array(ids: ArrayLike) -> np.ndarray:
@@ -722,4 +977,4 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-__all__ = ["DeleteResult", "IngestResult", "Store", "VerifyReport", "create", "open"]
+__all__ = ["DeleteResult", "IngestResult", "Store", "TrainResult", "VerifyReport", "create", "open"]

@@ -255,7 +255,7 @@ def test_catalog_map_grows_past_its_initial_size(tmp_path, monkeypatch, python_c
     monkeypatch.setattr(catalog_mod, "INITIAL_MAP_SIZE", 1 << 20)  # envs opened from now
     path = tmp_path / "store"
     n = 150_000
-    store = asteria_store.create(path, dim=4, metric="ip", bits=8)
+    store = asteria_store.create(path, dim=4, metric="ip", bits=8, router="sign")  # storage test: no training
     reader = asteria_store.open(path, readonly=True)  # shares this process's env
     assert store._catalog.env.info()["map_size"] == 1 << 20
     rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import CorruptStoreError, UnsupportedFormatError
+from ..errors import CorruptStoreError, ModelFileError, UnsupportedFormatError
 
 MODEL_FORMAT_VERSION = 1
 
@@ -35,6 +35,11 @@ class Router(Protocol):
 
     def margins(self, x: np.ndarray) -> np.ndarray:
         """Signed margins (n, bits): bit i is ``margins[:, i] > 0``."""
+        ...
+
+    def consistent(self, x: np.ndarray, keys: np.ndarray, *, tol: float = 1e-4) -> np.ndarray:
+        """Whether each ``keys[i]`` is ``x[i]``'s key up to float rounding (a tie within
+        ``tol``): what ``verify`` accepts, since BLAS may sum in another order per batch."""
         ...
 
     def config(self) -> dict: ...
@@ -109,6 +114,11 @@ class SignHasher:
     def keys(self, x: np.ndarray) -> np.ndarray:
         return bits_to_keys(self.margins(x) > 0)
 
+    def consistent(self, x: np.ndarray, keys: np.ndarray, *, tol: float = 1e-4) -> np.ndarray:
+        z = self.margins(x)
+        bits = ((np.asarray(keys, dtype=np.uint64)[:, None] >> np.arange(self.bits, dtype=np.uint64)) & 1).astype(bool)
+        return ((bits == (z > 0)) | (np.abs(z) <= tol)).all(axis=1)
+
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
         """Bucket keys of one query in probe order: home bucket, then cheapest bit flips."""
         home = int(bits_to_keys((margins > 0)[None, :])[0])
@@ -129,7 +139,12 @@ class SignHasher:
         return cls(arrays["projection"], seed=config.get("seed"))
 
 
-ROUTERS = {SignHasher.kind: SignHasher}
+def router_kinds() -> dict[str, type]:
+    """Every router class by its ``kind`` (the learned one is imported lazily: it imports
+    this module)."""
+    from .ecvh import ECVHRouter
+
+    return {SignHasher.kind: SignHasher, ECVHRouter.kind: ECVHRouter}
 
 
 def bits_for_size(expected_size: int, *, bucket_rows: int = 256, max_bits: int = 24) -> int:
@@ -181,7 +196,8 @@ def load_router(directory: str | os.PathLike[str], *, digest: str | None = None)
             f"reads up to {MODEL_FORMAT_VERSION}. Upgrade asteria-store."
         )
     kind = desc.get("kind")
-    if kind not in ROUTERS:
+    kinds = router_kinds()
+    if kind not in kinds:
         raise UnsupportedFormatError(f"Unknown router kind {kind!r} in {str(d)!r}.")
     files = {"router.json": raw}
     arrays = {}
@@ -198,4 +214,69 @@ def load_router(directory: str | os.PathLike[str], *, digest: str | None = None)
                 f"The store's model in {str(d)!r} does not match the catalog's digest; "
                 "it was modified or partially written."
             )
-    return ROUTERS[kind].from_saved(desc, arrays)
+    try:
+        return kinds[kind].from_saved(desc, arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptStoreError(f"The model in {str(d)!r} is incomplete or inconsistent: {exc!r}") from None
+
+
+# --- standalone model files ----------------------------------------------------------------
+
+MODEL_FILE_MAGIC = "asteria-store model"
+
+
+def save_model_file(router: Router, path: str | os.PathLike[str]) -> None:
+    """Write ``router`` as one standalone file (``asteria-store train-model --save-model``).
+
+    A torch file holding only plain data (a JSON description and named tensors), readable
+    with ``torch.load(weights_only=True)``: no pickled objects. Written to a temporary
+    sibling and renamed, so a crash leaves the old file or the new one.
+    """
+    import torch
+
+    desc = {"magic": MODEL_FILE_MAGIC, "format_version": MODEL_FORMAT_VERSION, **router.config()}
+    payload = {
+        "router_json": json.dumps(desc, sort_keys=True),
+        "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in router.arrays().items()},
+    }
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+def load_model_file(path: str | os.PathLike[str]) -> Router:
+    """Read a file written by :func:`save_model_file` (refuses anything else, one line)."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"No model file at {str(p)!r}. Train one with `asteria-store train-model`.")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+        desc = json.loads(payload["router_json"])
+        arrays = {k: v.numpy() for k, v in payload["arrays"].items()}
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError,
+            pickle.UnpicklingError, EOFError) as exc:
+        raise ModelFileError(
+            f"{str(p)!r} is not an asteria-store model file ({type(exc).__name__}). "
+            "Train one with `asteria-store train-model`."
+        ) from None
+    if not isinstance(desc, dict) or desc.get("magic") != MODEL_FILE_MAGIC:
+        raise ModelFileError(f"{str(p)!r} is not an asteria-store model file.")
+    if desc.get("format_version", 0) > MODEL_FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"The model file {str(p)!r} has format version {desc['format_version']}, this "
+            f"asteria-store reads up to {MODEL_FORMAT_VERSION}. Upgrade asteria-store."
+        )
+    kinds = router_kinds()
+    if desc.get("kind") not in kinds:
+        raise ModelFileError(f"Unknown router kind {desc.get('kind')!r} in {str(p)!r}.")
+    try:
+        return kinds[desc["kind"]].from_saved(desc, arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"The model file {str(p)!r} is incomplete or inconsistent: {exc!r}") from None

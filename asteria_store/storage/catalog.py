@@ -156,6 +156,12 @@ class Catalog:
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
+    def clear_rows(self, txn: lmdb.Transaction) -> None:
+        """Empty ``buckets``, ``ids``, ``segments`` and ``tombstones`` (meta stays): the
+        first step of a transaction that replaces every segment (a re-bucketing)."""
+        for name in ("buckets", "ids", "segments", "tombstones"):
+            txn.drop(self.dbs[name], delete=False)
+
     # -- meta ----------------------------------------------------------------------------
 
     def get_meta(self, txn: lmdb.Transaction, key: str, default: Any = None) -> Any:

@@ -1,0 +1,130 @@
+"""ECVH router: the learned model at inference (numpy only, no torch, no autograd).
+
+Pipeline for a (normalised) vector x of dimension d:
+
+    y = x @ rotation                 rotation (d x D): PCA basis then the learned BOR,
+                                     orthogonal; y also feeds LRSQ
+    z = y @ vantages.T + offsets     m margins (vantages: m x D)
+    key = code.decode(z)             soft-decision ML decoding (ecc=True), or
+    key = bits(z > 0)                plain learned sign hashing (ecc=False, m = bits)
+
+Probe order for a query: with a code, every message ranked by its correlation with z
+(increasing soft cost); without, the cheapest bit-flip sets of z (multi-probe LSH).
+With the full Hadamard code the correlations equal ``x @ centroids`` for the implied
+bucket centroids, which is how they are computed (one matmul, no FWHT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .codes import HadamardCode
+from .lrsq import LRSQ
+from .router import bits_to_keys, flip_sets
+
+
+class ECVHRouter:
+    kind = "ecvh"
+
+    def __init__(self, rotation: np.ndarray, vantages: np.ndarray, offsets: np.ndarray, *,
+                 bits: int, ecc: bool, positions: np.ndarray | None = None,
+                 lrsq: LRSQ | None = None, info: dict | None = None):
+        # Own copies: arrays exported from torch share memory with parameters that training
+        # goes on updating after a snapshot is taken.
+        self.rotation = np.array(rotation, dtype=np.float32, order="C", copy=True)  # (d, D)
+        self.vantages = np.array(vantages, dtype=np.float32, order="C", copy=True)  # (m, D)
+        self.offsets = np.array(offsets, dtype=np.float32, order="C", copy=True)  # (m,)
+        self.bits = int(bits)
+        self.ecc = bool(ecc)
+        self.dim = int(self.rotation.shape[0])
+        self.m = int(self.vantages.shape[0])
+        self.lrsq = lrsq
+        self.info = dict(info or {})
+        if self.ecc:
+            self.code = HadamardCode(self.bits, positions)
+            if self.code.m != self.m:
+                raise ValueError(f"code length {self.code.m} != number of vantages {self.m}")
+        else:
+            self.code = None
+            if self.m != self.bits:
+                raise ValueError("without a code, the number of vantages must equal bits")
+        # Folded matrices for inference.
+        self._w = np.ascontiguousarray(self.rotation @ self.vantages.T)  # (d, m)
+        if self.code is not None and np.array_equal(self.code.positions, np.arange(2**self.bits)):
+            # correlations = -(z @ H) with H the Sylvester Hadamard matrix (symmetric)
+            from .codes import fwht
+
+            h = fwht(np.eye(self.m, dtype=np.float32))
+            self._centroids = np.ascontiguousarray(-(self._w @ h))  # (d, 2**bits)
+            self._centroid_bias = -(self.offsets @ h)
+        else:
+            self._centroids = None
+
+    # -- routing -------------------------------------------------------------------------
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.rotation
+
+    def margins(self, x: np.ndarray) -> np.ndarray:
+        return x @ self._w + self.offsets
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Probe score of every bucket (n, 2**bits): higher = lower soft cost (ecc only)."""
+        if self._centroids is not None:
+            return x @ self._centroids + self._centroid_bias
+        return self.code.correlations(self.margins(x))
+
+    def keys(self, x: np.ndarray) -> np.ndarray:
+        if self.code is None:
+            return bits_to_keys(self.margins(x) > 0)
+        out = np.empty(len(x), dtype=np.uint64)
+        for start in range(0, len(x), 8192):
+            out[start : start + 8192] = self.scores(x[start : start + 8192]).argmax(axis=1)
+        return out
+
+    def consistent(self, x: np.ndarray, keys: np.ndarray, *, tol: float = 1e-4) -> np.ndarray:
+        """Whether each key is x's key up to float rounding (its score within ``tol`` of the best)."""
+        if self.code is None:
+            z = self.margins(x)
+            bits = ((np.asarray(keys, dtype=np.uint64)[:, None] >> np.arange(self.bits, dtype=np.uint64)) & 1).astype(bool)
+            return ((bits == (z > 0)) | (np.abs(z) <= tol)).all(axis=1)
+        s = self.scores(x)
+        mine = np.take_along_axis(s, np.asarray(keys, dtype=np.int64)[:, None], axis=1)[:, 0]
+        return mine >= s.max(axis=1) - tol
+
+    def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
+        """Bucket keys of one query (given its margins) in increasing soft cost."""
+        if self.code is None:
+            home = int(bits_to_keys((margins > 0)[None, :])[0])
+            for _, subset in flip_sets(np.abs(margins)):
+                key = home
+                for i in subset:
+                    key ^= 1 << i
+                yield key
+            return
+        corr = self.code.correlations(margins[None, :])[0]
+        yield from np.argsort(-corr, kind="stable").tolist()
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def config(self) -> dict:
+        cfg = {"kind": self.kind, "bits": self.bits, "ecc": self.ecc, "dim": self.dim,
+               "m": self.m, "info": self.info}
+        if self.lrsq is not None:
+            cfg["lrsq"] = {"rank": self.lrsq.rank, "block": self.lrsq.block}
+        return cfg
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"rotation": self.rotation, "vantages": self.vantages, "offsets": self.offsets}
+        if self.code is not None:
+            out["positions"] = self.code.positions.astype(np.int64)
+        return out
+
+    @classmethod
+    def from_saved(cls, config: dict, arrays: dict[str, np.ndarray]) -> ECVHRouter:
+        lrsq = LRSQ(**config["lrsq"]) if "lrsq" in config else None
+        return cls(arrays["rotation"], arrays["vantages"], arrays["offsets"], bits=config["bits"],
+                   ecc=config["ecc"], positions=arrays.get("positions"), lrsq=lrsq,
+                   info=config.get("info"))
