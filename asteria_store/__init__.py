@@ -24,7 +24,7 @@ from .errors import (
     StoreNotFoundError,
     UnsupportedFormatError,
 )
-from .store import DeleteResult, IngestResult, Store, VerifyReport, create, open
+from .store import DeleteResult, IngestResult, Store, TrainResult, VerifyReport, create, open, train_model
 
 __version__ = "0.1.0"
 
@@ -47,8 +47,10 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "TrainResult",
     "UnsupportedFormatError",
     "VerifyReport",
     "create",
     "open",
+    "train_model",
 ]

@@ -138,7 +138,8 @@ class VectorSource:
         """
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for start in range(0, len(rows), _GATHER_ROWS):
-            out[start : start + _GATHER_ROWS] = self.array[rows[start : start + _GATHER_ROWS]]
+            with np.errstate(over="ignore"):  # out-of-range values become inf: callers check
+                out[start : start + _GATHER_ROWS] = self.array[rows[start : start + _GATHER_ROWS]]
             self.release()
         return out
 

@@ -324,6 +324,9 @@ class Store:
 
     @property
     def router(self) -> Router:
+        """The routing model now (follows retraining by this or another process)."""
+        self._check_open()
+        self._current_view()
         return self._router
 
     def info(self) -> dict[str, Any]:
@@ -343,6 +346,8 @@ class Store:
             "rows_stored": sum(s["rows"] for s in segs.values()),
             "deleted": sum(s["rows"] for s in segs.values()) - meta["count"],
             "router": {**self._router.config(), "digest": self._router_digest[:16]},
+            # True while a learned store waits for its first big enough ingest to train.
+            "pending_training": meta.get("pending_training") is not None,
             "extents": n_buckets,
             "generation": meta["generation"],
             "disk_bytes": disk,
@@ -477,28 +482,18 @@ class Store:
         """
         self._check_writable()
         started = time.perf_counter()
-        if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 20):
-            raise InvalidArgumentError(f"bits must be an integer in [1, 20], got {bits!r}.")
-        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
-        if rank is not None and (not isinstance(rank, int) or rank < 32 or rank % 32):
-            raise InvalidArgumentError(f"rank must be a positive multiple of 32, got {rank!r}.")
+        settings = dict(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank,
+                        seed=seed, device=device)
+        _train_config(**settings, expected_size=1)  # validate before any work
         src = VectorSource(sample, dim=self.config.dim, what="training vectors") if sample is not None else None
         with WriterLock(self.path):
             view = self._current_view()
             stored = _StoredRows(view)
             x = self._sample_rows(src if src is not None else stored, TRAIN_SAMPLE_ROWS, seed)
-            if len(x) < 100:
-                raise InvalidInputError(
-                    f"Expected at least 100 training vectors, got {len(x)}. Pass a bigger sample "
-                    "(or ingest more first)."
-                )
-            from .model.train import TrainConfig, train  # torch: imported only to train
+            from .model.train import train  # torch: imported only to train
 
-            cfg = TrainConfig(bits=bits, expected_size=max(stored.n, len(x)), ecc=ecc, epochs=epochs, batch_size=batch_size,
-                              rank=rank, seed=seed, device=device)
-            router, history = train(x, cfg, progress=progress)
+            cfg = _train_config(**settings, expected_size=max(stored.n, len(x)))
+            router, history = train(_check_sample_size(x), cfg, progress=progress)
             with self._catalog.read() as txn:
                 seg = int(self._catalog.get_meta(txn, "next_segment"))
             model_rec, published = None, False
@@ -552,24 +547,17 @@ class Store:
         self._commit(publish)
 
     def _sample_rows(self, source: VectorSource | _StoredRows, size: int, seed: int) -> np.ndarray:
-        """A seeded uniform sample of at most ``size`` rows, normalised and validated."""
-        rng = np.random.default_rng(seed)
-        rows = np.arange(source.n) if source.n <= size else np.sort(rng.choice(source.n, size, replace=False))
-        x = source.take(rows)
+        """A seeded uniform sample of at most ``size`` rows, in stored form."""
         if isinstance(source, _StoredRows):
-            return x
-        if not np.isfinite(x).all():  # validated again, with row numbers, by the hash pass
-            bad = int(rows[np.argwhere(~np.isfinite(x))[0][0]])
-            raise InvalidInputError(f"Expected finite vectors, got NaN or inf (first in row {bad}). "
-                                    "Clean or drop those rows and retry.")
-        return self._as_stored(_normalise(x, self.config.metric, what="vectors"))
+            return source.take(_sample_indices(source.n, size, seed))
+        return self._as_stored(_training_sample(source, size, seed, self.config.metric))
 
     def _train_router(self, sample: np.ndarray, settings: dict, *, expected: int,
-                      progress: ProgressLike, **overrides: Any) -> Router:
-        from .model.train import TrainConfig, train  # torch: imported only to train
+                      progress: ProgressLike) -> Router:
+        from .model.train import train  # torch: imported only to train
 
-        cfg = TrainConfig(bits=settings.get("bits"), expected_size=expected,
-                          seed=settings.get("seed", 0), **overrides)
+        cfg = _train_config(bits=settings.get("bits"), ecc=True, epochs=5, batch_size=1024, rank=None,
+                            seed=settings.get("seed", 0), device="auto", expected_size=expected)
         router, _ = train(sample, cfg, progress=progress)
         return router
 
@@ -928,6 +916,97 @@ class Store:
         return problems
 
 
+def train_model(
+    vectors: ArrayLike,
+    *,
+    save: str | os.PathLike[str] | None = None,
+    dim: int | None = None,
+    metric: Metric = "cosine",
+    bits: int | None = None,
+    expected_size: int | None = None,
+    ecc: bool = True,
+    epochs: int = 5,
+    batch_size: int = 1024,
+    rank: int | None = None,
+    seed: int = 0,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    progress: ProgressLike = None,
+) -> tuple[Router, list[dict]]:
+    """Train a standalone learned model on ``vectors`` (array or ``.npy`` path), without a
+    store; ``save`` writes it as a model file that ``create(path, model=...)`` uses.
+
+    ``dim`` checks the vectors' dimension; ``metric`` must be the future store's (cosine
+    normalises the sample). ``expected_size`` (default: the number of vectors) sizes the
+    buckets when ``bits`` is None. Returns the router and the per-epoch history.
+    """
+    if metric not in ("cosine", "ip"):
+        raise InvalidArgumentError(f"metric must be 'cosine' or 'ip', got {metric!r}.")
+    source = VectorSource(vectors, dim=dim, what="training vectors")
+    cfg = _train_config(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank, seed=seed,
+                        device=device, expected_size=expected_size or source.n)
+    x = _check_sample_size(_training_sample(source, TRAIN_SAMPLE_ROWS, seed, metric))
+    from .model.train import train  # torch: imported only to train
+
+    router, history = train(x, cfg, progress=progress)
+    if save is not None:
+        from .model.router import save_model_file
+
+        save_model_file(router, save)
+    return router, history
+
+
+def _train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_size):
+    """A validated :class:`~asteria_store.model.train.TrainConfig` (one-line errors)."""
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 20):
+        raise InvalidArgumentError(f"bits must be an integer in [1, 20], got {bits!r}.")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 32 or rank % 32):
+        raise InvalidArgumentError(f"rank must be a positive multiple of 32, got {rank!r}.")
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("device 'cuda' was asked for, but torch sees no CUDA device. Use 'auto'.")
+    from .model.train import TrainConfig
+
+    return TrainConfig(bits=bits, ecc=bool(ecc), epochs=epochs, batch_size=batch_size, rank=rank,
+                       seed=seed, device=device, expected_size=expected_size)
+
+
+def _sample_indices(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.arange(n) if n <= size else np.sort(rng.choice(n, size, replace=False))
+
+
+def _training_sample(source: VectorSource, size: int, seed: int, metric: str) -> np.ndarray:
+    """A seeded uniform sample of at most ``size`` rows of ``source``, validated and
+    normalised for ``metric`` (rows are checked again, with row numbers, when hashed)."""
+    rows = _sample_indices(source.n, size, seed)
+    x = source.take(rows)
+    if not np.isfinite(x).all():
+        bad = int(rows[np.argwhere(~np.isfinite(x))[0][0]])
+        raise InvalidInputError(f"Expected finite {source.what}, got NaN or inf (first in row {bad}). "
+                                "Clean or drop those rows and retry.")
+    return _normalise(x, metric, what=source.what)
+
+
+#: Fewest vectors a model is trained on (a held-out tenth must still hold neighbours).
+MIN_SAMPLE_ROWS = 100
+
+
+def _check_sample_size(x: np.ndarray) -> np.ndarray:
+    if len(x) < MIN_SAMPLE_ROWS:
+        raise InvalidInputError(
+            f"Expected at least {MIN_SAMPLE_ROWS} training vectors, got {len(x)}. Pass a bigger "
+            "sample (or ingest more first)."
+        )
+    return x
+
+
 class _StoredRows:
     """The live rows of a view's segments as one ``(n, d)`` source (re-bucketing input):
     ``blocks`` in storage order and ``take`` of ascending row numbers, like VectorSource."""
@@ -977,4 +1056,4 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-__all__ = ["DeleteResult", "IngestResult", "Store", "TrainResult", "VerifyReport", "create", "open"]
+__all__ = ["DeleteResult", "IngestResult", "Store", "TrainResult", "VerifyReport", "create", "open", "train_model"]

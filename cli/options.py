@@ -50,3 +50,31 @@ def npy_argument(name: str, metavar: str) -> Callable[[Callable[..., Any]], Call
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars on stderr.")
+
+
+def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``train`` and ``train-model`` (defaults: ``Store.train``'s)."""
+    from asteria_store import Store
+
+    def default(name: str) -> Any:
+        return library_default(Store.train, name)
+
+    for option in reversed([
+        click.option("--epochs", type=int, default=default("epochs"), show_default=True,
+                     help="Passes over the neighbour pairs (early stopping may end sooner)."),
+        click.option("--batch-size", type=int, default=default("batch_size"), show_default=True,
+                     help="Pairs per optimiser step."),
+        click.option("--bits", type=int, default=None, metavar="N",
+                     help="2**N buckets. More: smaller buckets, fewer rows read per probe, more "
+                          "probes for the same recall. [default: ~128 vectors per bucket]"),
+        click.option("--rank", type=int, default=None, metavar="R",
+                     help="LRSQ rank (multiple of 32). Higher: tighter score bounds, more bytes "
+                          "per vector. [default: keeps 97% of the sample's energy]"),
+        click.option("--ecc/--no-ecc", default=default("ecc"), show_default=True,
+                     help="Soft-decoded Hadamard code (routes like k-means) or plain learned sign bits."),
+        click.option("--seed", type=int, default=default("seed"), show_default=True, help="Seed of every random choice."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default("device"),
+                     show_default=True, help="Where torch trains (auto: CUDA when present)."),
+    ]):
+        fn = option(fn)
+    return fn

@@ -145,7 +145,7 @@ def test_info_keys_and_values(tmp_store) -> None:
     info = tmp_store.info()
     assert set(info) == {
         "path", "format_version", "dim", "metric", "dtype", "chunk_rows", "count", "segments",
-        "rows_stored", "deleted", "router", "extents", "generation", "disk_bytes",
+        "rows_stored", "deleted", "router", "extents", "generation", "disk_bytes", "pending_training",
     }
     expected_bits = bits_for_size(1_000_000)
     assert expected_bits == 12
