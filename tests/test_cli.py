@@ -104,9 +104,10 @@ def test_help_shows_an_example(command):
 def test_create(tmp_path: Path):
     path = tmp_path / "new"
     result = run("create", path, "--dim", 8, "--metric", "ip", "--dtype", "float16", "--bits", 3,
-                 "--seed", 7)
+                 "--seed", 7, "--router", "sign")
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"Created store {str(path)!r}: dim 8, metric ip, dtype float16, 8 buckets.\n"
+    assert result.stdout == (f"Created store {str(path)!r}: dim 8, metric ip, dtype float16, "
+                             "8 buckets (sign router).\n")
     with asteria_store.open(path, readonly=True) as s:
         info = s.info()
     assert (info["dim"], info["metric"], info["dtype"], info["count"]) == (8, "ip", "float16", 0)
@@ -114,9 +115,17 @@ def test_create(tmp_path: Path):
 
 
 def test_create_sizes_buckets_from_expected_size(tmp_path: Path):
-    result = run("create", tmp_path / "s", "--dim", 8, "--expected-size", 4096)
+    result = run("create", tmp_path / "s", "--dim", 8, "--expected-size", 4096, "--router", "sign")
     assert result.exit_code == 0, result.output
     assert "16 buckets" in result.stdout  # 4096 / ~256 per bucket
+
+
+def test_create_learned_store_says_when_it_trains(tmp_path: Path):
+    result = run("create", tmp_path / "s", "--dim", 8)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(", the learned model trains at the first ingest of >= 1,000 vectors.\n")
+    with asteria_store.open(tmp_path / "s", readonly=True) as s:
+        assert s.info()["pending_training"] is True
 
 
 def test_ingest(tmp_path: Path, base_file: Path, data):
