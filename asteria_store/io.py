@@ -71,7 +71,8 @@ class VectorSource:
     caught block by block by :meth:`blocks` (the whole input is never loaded at once).
     """
 
-    def __init__(self, data: ArrayLike, *, dim: int | None = None, what: str = "vectors"):
+    def __init__(self, data: ArrayLike, *, dim: int | None = None, what: str = "vectors",
+                 dim_hint: str = "Was the store created with --dim {got}?"):
         self.what = what
         self.path: str | None = None
         if isinstance(data, (str, os.PathLike)):
@@ -93,7 +94,7 @@ class VectorSource:
         if dim is not None and arr.shape[1] != dim:
             raise DimensionMismatchError(
                 f"Expected {what} of dimension {dim}, got {arr.shape[1]}. "
-                f"Was the store created with --dim {arr.shape[1]}?"
+                + dim_hint.format(got=arr.shape[1], dim=dim)
             )
         self.array = arr
 

@@ -72,10 +72,14 @@ class IngestResult:
     """What one ``ingest`` added."""
 
     rows: int
+    #: The segment this ingest published (a training that followed it, see ``trained``,
+    #: re-bucketed it into a new one).
     segment: int
     ids: np.ndarray = field(repr=False)
     seconds: float = 0.0
-    #: True when this ingest trained the store's learned model first (on a sample of it).
+    #: True when this ingest trained the store's learned model: on a sample of the batch
+    #: when the store was empty, else (the store now holding >= MIN_TRAIN_ROWS vectors, the
+    #: earlier ones routed by the baseline) on a sample of the store, re-bucketing it.
     trained: bool = False
     #: Seconds spent training (0 when it did not train).
     train_seconds: float = 0.0
@@ -332,6 +336,7 @@ class Store:
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: configuration, counts, router, disk usage."""
         self._check_open()
+        self._current_view()  # the router as of now (this or another handle may have trained)
         with self._catalog.read() as txn:
             meta = self._catalog.all_meta(txn)
             segs = self._catalog.segments(txn)
@@ -434,7 +439,7 @@ class Store:
                     router = self._train_router(self._sample_rows(source, TRAIN_SAMPLE_ROWS, pending["seed"]),
                                                 pending, expected=max(n, pending["expected_size"]),
                                                 progress=progress)
-                    model_rec = self._save_model(router, f"{router.kind}-{seg}")
+                    model_rec = self._save_model(router)
                     train_s = time.perf_counter() - t0
                 keys = self._hash_rows(source, progress, router)
                 order = np.argsort(keys, kind="stable")
@@ -452,8 +457,14 @@ class Store:
                     self._discard_unpublished(seg)
                     if model_rec is not None:
                         shutil.rmtree(self.path / model_rec["dir"], ignore_errors=True)
+        trained = model_rec is not None
+        if pending is not None and not trained and not empty and len(self) >= MIN_TRAIN_ROWS:
+            # Earlier small batches went to the baseline router: now that the store holds
+            # enough, train on a sample of it and re-bucket it (a second atomic commit).
+            result = self.train(bits=pending["bits"], seed=pending["seed"], progress=progress)
+            trained, train_s = True, result.seconds
         return IngestResult(rows=n, segment=seg, ids=id_arr, seconds=time.perf_counter() - started,
-                            trained=model_rec is not None, train_seconds=train_s)
+                            trained=trained, train_seconds=train_s)
 
     # -- training ------------------------------------------------------------------------
 
@@ -498,7 +509,7 @@ class Store:
                 seg = int(self._catalog.get_meta(txn, "next_segment"))
             model_rec, published = None, False
             try:
-                model_rec = self._save_model(router, f"{router.kind}-{seg}")
+                model_rec = self._save_model(router)
                 if stored.n:
                     keys = self._hash_rows(stored, progress, router)
                     order = np.argsort(keys, kind="stable")
@@ -561,10 +572,17 @@ class Store:
         router, _ = train(sample, cfg, progress=progress)
         return router
 
-    def _save_model(self, router: Router, name: str) -> dict[str, str]:
-        """Write ``router`` under model/``name`` (fsynced); the catalog record to publish."""
+    def _save_model(self, router: Router) -> dict[str, str]:
+        """Write ``router`` under model/<kind>-g<generation it will be published at>
+        (fsynced; the caller holds the writer lock); the catalog record to publish."""
+        with self._catalog.read() as txn:
+            generation = int(self._catalog.get_meta(txn, "generation"))
+            live = self._catalog.get_meta(txn, "router")["dir"]
+        name = f"{router.kind}-g{generation + 1}"
         model_dir = self.path / MODEL_DIR / name
-        if model_dir.exists():  # debris of an interrupted attempt at this same segment
+        if f"{MODEL_DIR}/{name}" == live:
+            raise CorruptStoreError(f"The live model {live!r} was published at a later generation than the catalog's.")
+        if model_dir.exists():  # debris of an interrupted attempt at this same generation
             shutil.rmtree(model_dir)
         digest = save_router(router, model_dir)
         seglib.fsync_dir(model_dir.parent)
@@ -941,7 +959,8 @@ def train_model(
     """
     if metric not in ("cosine", "ip"):
         raise InvalidArgumentError(f"metric must be 'cosine' or 'ip', got {metric!r}.")
-    source = VectorSource(vectors, dim=dim, what="training vectors")
+    source = VectorSource(vectors, dim=dim, what="training vectors",
+                          dim_hint="Pass vectors of dimension {dim}, or --dim {got} for these.")
     cfg = _train_config(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank, seed=seed,
                         device=device, expected_size=expected_size or source.n)
     x = _check_sample_size(_training_sample(source, TRAIN_SAMPLE_ROWS, seed, metric))
@@ -991,7 +1010,13 @@ def _training_sample(source: VectorSource, size: int, seed: int, metric: str) ->
         bad = int(rows[np.argwhere(~np.isfinite(x))[0][0]])
         raise InvalidInputError(f"Expected finite {source.what}, got NaN or inf (first in row {bad}). "
                                 "Clean or drop those rows and retry.")
-    return _normalise(x, metric, what=source.what)
+    try:
+        return _normalise(x, metric, what=source.what)
+    except InvalidInputError:  # name the row of the input, not of the sample
+        bad = int(rows[np.flatnonzero(~x.any(axis=1))[0]])
+        raise InvalidInputError(
+            f"Expected non-zero {source.what} for metric 'cosine', got an all-zero vector in row {bad}."
+        ) from None
 
 
 #: Fewest vectors a model is trained on (a held-out tenth must still hold neighbours).

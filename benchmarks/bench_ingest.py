@@ -1,6 +1,6 @@
 """Streaming-ingest benchmark: ingest rate and peak resident memory of a big .npy file.
 
-    python benchmarks/bench_ingest.py --rows 2000000 --dim 384 --workdir /tmp/asteria-bench
+    python benchmarks/bench_ingest.py --rows 2000000 --dim 384 --workdir /tmp/asteria-bench [--router sign]
 
 Generates (once, cached in --workdir) a clustered float32 .npy file of rows x dim, then
 ingests it into a fresh store in a child process and reports that child's peak RSS
@@ -34,15 +34,16 @@ def peak_rss_kib():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
 
-path, npy, rows, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, npy, rows, dim, router = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 rss0 = peak_rss_kib()
 t0 = time.perf_counter()
-with asteria_store.create(path, dim=dim, expected_size=rows) as store:
+with asteria_store.create(path, dim=dim, expected_size=rows, router=router) as store:
     res = store.ingest(npy, progress=True)
     t1 = time.perf_counter()
     report = store.verify()
 rss = peak_rss_kib()
-print(json.dumps({"rows": res.rows, "ingest_s": t1 - t0, "peak_rss_mib": rss / 1024,
+print(json.dumps({"rows": res.rows, "ingest_s": t1 - t0, "peak_rss_mib": rss / 1024, "router": router,
+                  "trained": res.trained, "train_s": res.train_seconds,
                   "rss_after_import_mib": rss0 / 1024, "verify_ok": report.ok}))
 """
 
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--workdir", default="/tmp/asteria-bench")
+    ap.add_argument("--router", choices=["learned", "sign"], default="learned",
+                    help="learned: the ingest trains the model on a 100k sample first")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ingest.jsonl"))
     args = ap.parse_args()
 
@@ -81,7 +84,7 @@ def main() -> None:
         print(f"generated {npy} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     store = work / "ingest-store"
     shutil.rmtree(store, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(store), str(npy), str(args.rows), str(args.dim)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(store), str(npy), str(args.rows), str(args.dim), args.router],
                           check=True, stdout=subprocess.PIPE, text=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update(

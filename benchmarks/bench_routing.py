@@ -14,6 +14,10 @@ and 0.95 (one fixed budget for all queries) and bucket occupancy, for:
   (d) ecvh-ecc      learned ECVH with the full Hadamard code (trained; the store's default)
   (e) kmeans        spherical k-means cells of the same count (the IVF reference)
 
+(c) and (d) are each reported twice from ONE trained model: probing by soft cost
+(``/softcost``) and by the mean direction of each bucket's training vectors, home bucket
+first (the default, ``probe_means=True``).
+
 Training uses the base itself (the store trains on a sample of what it ingests); queries
 are the two shipped query sets, so neither set is seen in training. Writes JSON lines to
 ``--out`` (default benchmarks/results/routing.jsonl), a markdown table to stdout, and with
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asteria_store.model.ecvh import ECVHRouter
 from asteria_store.model.metrics import fraction_for_recall, occupancy, recall_at_fractions, rows_to_reach
 from asteria_store.model.router import SignHasher
 from asteria_store.model.train import TrainConfig, itq, spherical_kmeans, train
@@ -122,11 +127,11 @@ def main(argv=None) -> int:
         router, history = train(base, cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr))
         secs = time.perf_counter() - t
         keys = router.keys(base).astype(np.int64)
-        if ecc:
-            scores = {k: (router.scores(q), gt) for k, (q, gt) in sets.items()}
-        else:
-            scores = {k: (sign_scores(router.margins(q), bits), gt) for k, (q, gt) in sets.items()}
-        rows.append(evaluate(name, keys, scores, nb, secs, {"history": history, "rank": router.lrsq.rank}))
+        soft = ECVHRouter.from_saved(router.config(), {k: v for k, v in router.arrays().items()
+                                                       if k != "probe_centroids"})
+        for label, r in ((f"{name}/softcost", soft), (name, router)):
+            scores = {k: (r.probe_scores(q), gt) for k, (q, gt) in sets.items()}
+            rows.append(evaluate(label, keys, scores, nb, secs, {"history": history, "rank": router.lrsq.rank}))
     if "kmeans" in wanted:
         t = time.perf_counter()
         c = spherical_kmeans(torch.from_numpy(base), nb, 20, torch.Generator().manual_seed(args.seed)).numpy()

@@ -76,7 +76,7 @@ def cli() -> None:
               help="Storage dtype of the vectors; float16 halves disk and bytes read.")
 @click.option("--router", type=click.Choice(["learned", "sign"]),
               default=library_default(asteria_store.create, "router"), show_default=True,
-              help="learned: the ECVH model, trained at the first ingest of >= 1,000 vectors; "
+              help="learned: the ECVH model, trained once the store holds >= 1,000 vectors; "
                    "sign: the untrained random-rotation baseline.")
 @click.option("--model", type=path_type(), default=None, metavar="MODEL.pt",
               help="Use a model file from `asteria-store train-model` (no training at ingest).")
@@ -101,7 +101,7 @@ def create(path: Path, dim: int, metric: Metric, dtype: StorageDtype, router: st
                               bits=bits, expected_size=expected_size, seed=seed) as store:
         routing = store.router.config()
         pending = store.info()["pending_training"]
-    what = ("the learned model trains at the first ingest of >= 1,000 vectors" if pending
+    what = ("the learned model trains once it holds >= 1,000 vectors" if pending
             else f"{2 ** routing['bits']:,} buckets ({routing['kind']} router)")
     click.echo(f"Created store {str(path)!r}: dim {dim}, metric {metric}, dtype {dtype}, {what}.")
 
@@ -126,7 +126,7 @@ def ingest(path: Path, vectors: Path, ids: Path | None, quiet: bool) -> None:
         result = store.ingest(vectors, ids=ids, progress=not quiet)
         if result.trained:
             routing = store.router.config()
-            click.echo(f"Trained the store's model on a sample of the batch in {result.train_seconds:.1f} s: "
+            click.echo(f"Trained the store's model on a sample of its vectors in {result.train_seconds:.1f} s: "
                        f"{2 ** routing['bits']:,} buckets, LRSQ rank {routing['lrsq']['rank']}.")
     click.echo(f"Added {result.rows:,} vectors as segment {result.segment} in {result.seconds:.2f} s "
                f"({result.rows / result.seconds:,.0f} vectors/s).")
@@ -289,7 +289,7 @@ def train_model(train_embeddings: Path, dim: int | None, metric: Metric, save_mo
     scan = router.info.get("holdout_scan")
     click.echo(f"Saved model {str(save_model)!r}: dim {router.dim}, {2 ** router.bits:,} buckets, "
                f"LRSQ rank {router.lrsq.rank}; held-out scan for recall 0.90: {scan:.2%} "
-               f"after {len(history) - 1} epoch(s).")
+               f"after {sum(isinstance(h['epoch'], int) and h['epoch'] > 0 for h in history)} epoch(s).")
 
 
 @cli.command()

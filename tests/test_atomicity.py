@@ -35,7 +35,7 @@ class Boom(RuntimeError):
 @pytest.fixture
 def store(tmp_path):
     """A store with two segments and a tombstone: the state every failure must keep."""
-    s = asteria_store.create(tmp_path / "store", dim=DIM, bits=3, chunk_rows=64)
+    s = asteria_store.create(tmp_path / "store", dim=DIM, bits=3, chunk_rows=64, router="sign")
     s.ingest(clustered_vectors(N, DIM, clusters=10, seed=1))
     s.ingest(clustered_vectors(N, DIM, clusters=10, seed=2))
     s.delete([3, 600])

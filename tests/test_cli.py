@@ -79,7 +79,7 @@ def query_file(tmp_path: Path, data) -> Path:
 def store(tmp_path: Path, data) -> Path:
     """A store holding the N base vectors under ids 0..N-1."""
     path = tmp_path / "store"
-    with asteria_store.create(path, dim=DIM, expected_size=N) as s:
+    with asteria_store.create(path, dim=DIM, expected_size=N, router="sign") as s:
         s.ingest(data[0])
     return path
 
@@ -123,7 +123,7 @@ def test_create_sizes_buckets_from_expected_size(tmp_path: Path):
 def test_create_learned_store_says_when_it_trains(tmp_path: Path):
     result = run("create", tmp_path / "s", "--dim", 8)
     assert result.exit_code == 0, result.output
-    assert result.stdout.endswith(", the learned model trains at the first ingest of >= 1,000 vectors.\n")
+    assert result.stdout.endswith(", the learned model trains once it holds >= 1,000 vectors.\n")
     with asteria_store.open(tmp_path / "s", readonly=True) as s:
         assert s.info()["pending_training"] is True
 

@@ -181,12 +181,17 @@ def test_first_ingest_below_min_train_rows_keeps_the_sign_router(tmp_path: Path)
         assert store.router.kind == "sign"
         assert store.info()["pending_training"] is True
         assert digest(store) == created_digest
-        # Only a first ingest (into an empty store) trains: a later one, however big,
-        # would leave the earlier segments bucketed by another router. Store.train does it.
+        # The ingest that brings the store to MIN_TRAIN_ROWS trains on a sample of the
+        # store and re-buckets every row (earlier batches were routed by the baseline).
         later = store.ingest(x[MIN_TRAIN_ROWS - 1 :])
-        assert later.trained is False
-        assert store.router.kind == "sign"
-        assert store.info()["pending_training"] is True
+        assert later.trained is True and later.train_seconds > 0
+        assert store.router.kind == "ecvh"
+        assert store.info()["pending_training"] is False
+        assert store.info()["segments"] == 1
+        assert len(store) == len(x)
+        assert store.verify().ok
+        assert_rows_in_their_buckets(store)
+        # Store.train retrains any time.
         trained = store.train(epochs=1)
         assert trained.rows_rebucketed == len(x)
         assert store.router.kind == "ecvh"
@@ -693,7 +698,7 @@ def test_train_model_checks_dimension_and_sample_size(tmp_path) -> None:
     save = tmp_path / "model.pt"
     with pytest.raises(DimensionMismatchError) as exc:
         asteria_store.train_model(data(200), save=save, dim=8)
-    assert str(exc.value) == f"Expected training vectors of dimension 8, got {DIM}. Was the store created with --dim {DIM}?"
+    assert str(exc.value) == f"Expected training vectors of dimension 8, got {DIM}. Pass vectors of dimension 8, or --dim {DIM} for these."
     with pytest.raises(InvalidInputError) as exc:
         asteria_store.train_model(data(99), save=save)
     assert str(exc.value) == ("Expected at least 100 training vectors, got 99. Pass a bigger sample "
@@ -782,7 +787,7 @@ def test_cli_train_model_with_the_wrong_dim(tmp_path) -> None:
     model = tmp_path / "m.pt"
     result = run("train-model", "--train-embeddings", train, "--dim", 8, "--save-model", model, "-q")
     assert_error(result, f"Error: Expected training vectors of dimension 8, got {DIM}. "
-                         f"Was the store created with --dim {DIM}?")
+                         f"Pass vectors of dimension 8, or --dim {DIM} for these.")
     assert not model.exists()
 
 
@@ -795,7 +800,7 @@ def test_cli_ingest_into_a_fresh_learned_store_trains(tmp_path) -> None:
     with asteria_store.open(path, readonly=True) as store:
         bits, rank = store.router.bits, store.router.lrsq.rank
     assert re.fullmatch(
-        r"Trained the store's model on a sample of the batch in \d+\.\d s: "
+        r"Trained the store's model on a sample of its vectors in \d+\.\d s: "
         rf"{2**bits:,} buckets, LRSQ rank {rank}\.\n"
         r"Added 1,000 vectors as segment 1 in \d+\.\d\d s \([\d,]+ vectors/s\)\.\n", result.stdout), result.stdout
 

@@ -601,7 +601,8 @@ def test_a_trained_router_keeps_its_keys_through_save_and_load(tmp_path) -> None
 
     x = clustered_vectors(3000, 16, clusters=20, seed=1)
     router, history = train(x, TrainConfig(bits=6, epochs=3, patience=5, device="cpu"))
-    assert len(history) == 4  # init + 3 epochs, none stopped early
+    # init + 3 epochs (none stopped early), then the probe-means refit
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, "probe-means"]
     before = router.keys(x)
     save_router(router, tmp_path / "m")
     np.testing.assert_array_equal(load_router(tmp_path / "m").keys(x), before)

@@ -63,8 +63,9 @@ def seeded(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def probed_store(tmp_path: Path, clustered) -> asteria_store.Store:
-    """The clustered base (2000 rows) in three segments, 2**8 buckets, 64-row chunks."""
-    store = asteria_store.create(tmp_path / "probed", dim=DIM, bits=8, chunk_rows=64)
+    """The clustered base (2000 rows) in three segments, 2**8 buckets, 64-row chunks, baseline
+    router (the learned path has its own tests: test_learned_store.py)."""
+    store = asteria_store.create(tmp_path / "probed", dim=DIM, bits=8, chunk_rows=64, router="sign")
     for part in np.split(np.arange(2000), [700, 1300]):
         store.ingest(clustered.base[part])
     yield store
@@ -463,13 +464,13 @@ def test_candidates_caps_the_rows_scored(probed_store, clustered) -> None:
     all_ids = np.arange(2000)
     keys = store.router.keys(store.get(all_ids))  # the bucket of every row
     queries = normalise(clustered.queries[:20])
-    margins = store.router.margins(queries)
+    probe_rows = store.router.probe_input(queries)
     for cap in (1, 20, 60):
         ids, scores = store.search(clustered.queries[:20], 5, probes=64, candidates=cap)
         for qi in range(20):
             # Probing stops once `cap` rows are gathered: whole buckets, in probe order.
             gathered = []
-            for visited, key in enumerate(store.router.probe_keys(margins[qi])):
+            for visited, key in enumerate(store.router.probe_keys(probe_rows[qi])):
                 if visited >= 64 or len(gathered) >= cap:
                     break
                 gathered.extend(all_ids[keys == key].tolist())

@@ -8,10 +8,14 @@ Pipeline for a (normalised) vector x of dimension d:
     key = code.decode(z)             soft-decision ML decoding (ecc=True), or
     key = bits(z > 0)                plain learned sign hashing (ecc=False, m = bits)
 
-Probe order for a query: with a code, every message ranked by its correlation with z
-(increasing soft cost); without, the cheapest bit-flip sets of z (multi-probe LSH).
-With the full Hadamard code the correlations equal ``x @ centroids`` for the implied
-bucket centroids, which is how they are computed (one matmul, no FWHT).
+Probe order for a query: with ``probe_centroids`` (2**bits x d, unit rows: the mean
+direction of each bucket's training vectors, fitted after training), every bucket ranked by
+``q . probe_centroid``; on wordnet-minilm this order needs 10-20% fewer rows scanned for the
+same recall than the soft-cost order (docs/model.md). Without them: with a code, every
+message ranked by its correlation with z (increasing soft cost); without a code, the
+cheapest bit-flip sets of z (multi-probe LSH). With the full Hadamard code the correlations
+equal ``x @ centroids`` for the implied bucket centroids, which is how they are computed
+(one matmul, no FWHT).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class ECVHRouter:
 
     def __init__(self, rotation: np.ndarray, vantages: np.ndarray, offsets: np.ndarray, *,
                  bits: int, ecc: bool, positions: np.ndarray | None = None,
-                 lrsq: LRSQ | None = None, info: dict | None = None):
+                 lrsq: LRSQ | None = None, info: dict | None = None,
+                 probe_centroids: np.ndarray | None = None):
         # Own copies: arrays exported from torch share memory with parameters that training
         # goes on updating after a snapshot is taken.
         self.rotation = np.array(rotation, dtype=np.float32, order="C", copy=True)  # (d, D)
@@ -42,6 +47,12 @@ class ECVHRouter:
         self.m = int(self.vantages.shape[0])
         self.lrsq = lrsq
         self.info = dict(info or {})
+        self.probe_centroids = None
+        if probe_centroids is not None:
+            self.probe_centroids = np.array(probe_centroids, dtype=np.float32, order="C", copy=True)
+            if self.probe_centroids.shape != (2**self.bits, self.dim):
+                raise ValueError(f"probe_centroids must be (2**bits, dim) = {(2**self.bits, self.dim)}, "
+                                 f"got {self.probe_centroids.shape}")
         if self.ecc:
             self.code = HadamardCode(self.bits, positions)
             if self.code.m != self.m:
@@ -94,8 +105,49 @@ class ECVHRouter:
         mine = np.take_along_axis(s, np.asarray(keys, dtype=np.int64)[:, None], axis=1)[:, 0]
         return mine >= s.max(axis=1) - tol
 
+    def probe_input(self, queries: np.ndarray) -> np.ndarray:
+        """Per query: bucket scores (probe centroids), else its margins."""
+        if self.probe_centroids is not None:
+            return self.probe_scores(queries)
+        return self.margins(queries)
+
+    def probe_scores(self, queries: np.ndarray) -> np.ndarray:
+        """Probe priority of every bucket (Q, 2**bits), higher first, as :meth:`probe_keys` orders them."""
+        if self.probe_centroids is not None:
+            # The query's own bucket first (a stored vector finds itself with one probe;
+            # measured no worse), then by mean direction.
+            s = queries @ self.probe_centroids.T
+            s[np.arange(len(s)), self.keys(queries).astype(np.int64)] = np.inf
+            return s
+        if self.code is not None:
+            return self.scores(queries)
+        z = self.margins(queries)  # minus the soft cost of each bucket's differing bits
+        codes = ((np.arange(2**self.bits)[:, None] >> np.arange(self.bits)[None, :]) & 1).astype(np.float32)
+        h = (z > 0).astype(np.float32)
+        a = np.abs(z)
+        return -((a * h).sum(1, keepdims=True) + (a * (1 - 2 * h)) @ codes.T)
+
+    def with_probe_centroids(self, x: np.ndarray) -> ECVHRouter:
+        """A copy probing by the mean direction of each bucket's rows of ``x`` (normalised
+        vectors); buckets ``x`` leaves empty keep their soft-cost direction."""
+        keys = self.keys(x).astype(np.int64)
+        nb = 2**self.bits
+        sums = np.zeros((nb, self.dim), dtype=np.float64)
+        np.add.at(sums, keys, x)
+        empty = np.bincount(keys, minlength=nb) == 0
+        if empty.any() and self._centroids is not None:  # the code's own centroid direction
+            sums[empty] = self._centroids.T[empty]
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        cents = (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+        return ECVHRouter(self.rotation, self.vantages, self.offsets, bits=self.bits, ecc=self.ecc,
+                          positions=None if self.code is None else self.code.positions,
+                          lrsq=self.lrsq, info=self.info, probe_centroids=cents)
+
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
-        """Bucket keys of one query (given its margins) in increasing soft cost."""
+        """Bucket keys of one query (its row of :meth:`probe_input`) in probe order."""
+        if self.probe_centroids is not None:  # the row holds bucket scores
+            yield from np.argsort(-margins, kind="stable").tolist()
+            return
         if self.code is None:
             home = int(bits_to_keys((margins > 0)[None, :])[0])
             for _, subset in flip_sets(np.abs(margins)):
@@ -120,6 +172,8 @@ class ECVHRouter:
         out = {"rotation": self.rotation, "vantages": self.vantages, "offsets": self.offsets}
         if self.code is not None:
             out["positions"] = self.code.positions.astype(np.int64)
+        if self.probe_centroids is not None:
+            out["probe_centroids"] = self.probe_centroids
         return out
 
     @classmethod
@@ -127,4 +181,4 @@ class ECVHRouter:
         lrsq = LRSQ(**config["lrsq"]) if "lrsq" in config else None
         return cls(arrays["rotation"], arrays["vantages"], arrays["offsets"], bits=config["bits"],
                    ecc=config["ecc"], positions=arrays.get("positions"), lrsq=lrsq,
-                   info=config.get("info"))
+                   info=config.get("info"), probe_centroids=arrays.get("probe_centroids"))

@@ -37,6 +37,14 @@ class Router(Protocol):
         """Signed margins (n, bits): bit i is ``margins[:, i] > 0``."""
         ...
 
+    def probe_input(self, queries: np.ndarray) -> np.ndarray:
+        """What :meth:`probe_keys` needs per query, one row each (for batches, computed once)."""
+        ...
+
+    def probe_keys(self, row: np.ndarray) -> Iterator[int]:
+        """Bucket keys of one query (its row of :meth:`probe_input`) in probe order."""
+        ...
+
     def consistent(self, x: np.ndarray, keys: np.ndarray, *, tol: float = 1e-4) -> np.ndarray:
         """Whether each ``keys[i]`` is ``x[i]``'s key up to float rounding (a tie within
         ``tol``): what ``verify`` accepts, since BLAS may sum in another order per batch."""
@@ -118,6 +126,9 @@ class SignHasher:
         z = self.margins(x)
         bits = ((np.asarray(keys, dtype=np.uint64)[:, None] >> np.arange(self.bits, dtype=np.uint64)) & 1).astype(bool)
         return ((bits == (z > 0)) | (np.abs(z) <= tol)).all(axis=1)
+
+    def probe_input(self, queries: np.ndarray) -> np.ndarray:
+        return self.margins(queries)
 
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
         """Bucket keys of one query in probe order: home bucket, then cheapest bit flips."""

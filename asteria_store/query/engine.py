@@ -146,8 +146,8 @@ def search_probed(view: View, router, queries: np.ndarray, k: int, probes: int,
     nq = len(queries)
     out_i = np.full((nq, k), -1, dtype=np.int64)
     out_s = np.full((nq, k), -np.inf, dtype=np.float32)
-    margins = router.margins(queries)
+    probe_rows = router.probe_input(queries)
     for qi in range(nq):
-        extents = probe_extents(view, router.probe_keys(margins[qi]), probes, candidates)
+        extents = probe_extents(view, router.probe_keys(probe_rows[qi]), probes, candidates)
         out_i[qi], out_s[qi] = score_extents(view, queries[qi], extents, k)
     return out_i, out_s
