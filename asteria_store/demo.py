@@ -78,12 +78,14 @@ def run_demo(
     with _store_path(keep) as path:
         with create(path, dim=dim, expected_size=n, seed=seed) as store:
             where = str(path) if keep is not None else f"{path} (temporary)"
-            print_fn(f"Store: {where}, {2 ** store.router.config()['bits']} buckets.")
+            print_fn(f"Store: {where}.")
             start = time.perf_counter()
             added = store.ingest(base, progress=progress)
             ingest_s = time.perf_counter() - start
-            print_fn(f"Ingested {added.rows:,} vectors in {ingest_s:.2f} s "
-                     f"({added.rows / ingest_s:,.0f} vectors/s).")
+            trained = (f", of which {added.train_seconds:.2f} s training the model on a sample "
+                       f"({2 ** store.router.bits} buckets)") if added.trained else ""
+            print_fn(f"Ingested {added.rows:,} vectors in {ingest_s:.2f} s{trained} "
+                     f"({added.rows / (ingest_s - added.train_seconds):,.0f} vectors/s stored).")
 
             truth_rows, _ = brute_force_topk(base, qs, k)
             truth = added.ids.astype(np.int64)[truth_rows]

@@ -36,18 +36,19 @@ def main() -> None:
 
     import torch
 
-    torch.set_num_threads(1)
     from asteria_store.model.router import load_router, save_router
     from asteria_store.model.train import TrainConfig, train
 
     base = np.load(Path(args.data) / "base.f16.npy").astype(np.float32)
     model_dir = Path(args.model_dir)
     if not (model_dir / "router.json").exists():
+        torch.set_num_threads(os.cpu_count() or 1)  # training is not what is measured here
         t = time.perf_counter()
         router, _ = train(base, TrainConfig(bits=args.bits, expected_size=args.rows, device="cpu"))
         print(f"trained in {time.perf_counter() - t:.1f} s", flush=True)
         save_router(router, model_dir)
     router = load_router(model_dir)
+    torch.set_num_threads(1)
 
     rng = np.random.default_rng(0)
     block = 16384

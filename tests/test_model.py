@@ -607,3 +607,22 @@ def test_a_trained_router_keeps_its_keys_through_save_and_load(tmp_path) -> None
     save_router(router, tmp_path / "m")
     np.testing.assert_array_equal(load_router(tmp_path / "m").keys(x), before)
     np.testing.assert_array_equal(router.keys(x), before)
+
+
+def test_training_logits_shortcut_equals_margins_through_the_code() -> None:
+    """With the full code in natural order, training computes the codeword correlations
+    as y @ C^T + offsets @ code_matrix; it must equal margins(y) @ code_matrix."""
+    import torch
+
+    from asteria_store.model.train import ECVHModel
+
+    gen = torch.Generator().manual_seed(0)
+    bits, size = 5, 32
+    model = ECVHModel(torch.eye(20, size), torch.randn(2**bits, size, generator=gen),
+                      torch.randn(2**bits, generator=gen), bits, HadamardCode(bits), 32, 32, 0)
+    assert model.full_code
+    y = torch.randn(50, size, generator=gen)
+    with torch.no_grad():
+        fast = model.code_logits(y)
+        slow = model.margins(y) @ model.code_matrix
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)

@@ -125,8 +125,13 @@ def choose_bits(n: int, bucket_rows: int) -> int:
 
 
 def exact_neighbours(x: torch.Tensor, queries: torch.Tensor, k: int, *, exclude_self: bool,
-                     block: int = 4096) -> torch.Tensor:
-    """Indices (Q, k) of the exact top-k inner products of ``queries`` within ``x``."""
+                     block: int | None = None) -> torch.Tensor:
+    """Indices (Q, k) of the exact top-k inner products of ``queries`` within ``x``.
+
+    Scores are computed ``block`` queries at a time: by default as many as keep one block's
+    score matrix near 64 MiB, so memory stays bounded whatever the sample size.
+    """
+    block = block or max(1, min(4096, (16 << 20) // max(len(x), 1)))
     out = []
     for start in range(0, len(queries), block):
         s = queries[start : start + block] @ x.T
@@ -202,6 +207,9 @@ class ECVHModel(torch.nn.Module):
             self.register_buffer("h_j", full[torch.from_numpy(code.positions)])  # (m, 2**k)
             self.register_buffer("code_matrix", -self.h_j)  # corr = z @ code_matrix
             self.weights = torch.nn.Parameter(vantages.clone())  # the centroids
+            # Full code in natural order: H_J^T H_J = 2**k I, so the correlations are
+            # y @ C^T + offsets @ code_matrix: one (n x D x 2**k) product instead of two.
+            self.full_code = np.array_equal(code.positions, np.arange(2**bits))
         else:
             self.weights = torch.nn.Parameter(vantages.clone())  # the sign directions
         self.offsets = torch.nn.Parameter(offsets.clone())
@@ -218,8 +226,11 @@ class ECVHModel(torch.nn.Module):
     def margins(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.vantages.T + self.offsets
 
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.code_matrix  # codeword correlations (n, 2**k)
+    def code_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """Codeword correlations (n, 2**k) of rotated vectors y: ``margins(y) @ code_matrix``."""
+        if self.full_code:
+            return y @ self.weights.T + self.offsets @ self.code_matrix
+        return self.margins(y) @ self.code_matrix
 
     def quant_loss(self, y: torch.Tensor) -> torch.Tensor:
         """Energy outside the rank + expected blockwise 8-bit error (uniform rounding)."""
@@ -239,9 +250,9 @@ class ECVHModel(torch.nn.Module):
                               lrsq=lrsq, info=info)
 
 
-def _pair_loss_ecc(model, zx, zy, tau):
-    lx = F.log_softmax(model.logits(zx) / tau, dim=1)
-    ly = F.log_softmax(model.logits(zy) / tau, dim=1)
+def _pair_loss_ecc(cx, cy, tau):
+    lx = F.log_softmax(cx / tau, dim=1)
+    ly = F.log_softmax(cy / tau, dim=1)
     pair = -torch.logsumexp(lx + ly, dim=1).mean()
     mean_p = lx.exp().mean(0)
     balance = (mean_p * torch.log(mean_p * mean_p.numel() + 1e-12)).sum()
@@ -359,10 +370,11 @@ def train(
                 idx = order_t[start : start + config.batch_size]
                 xb, yb = x[pair_a[idx]], x[pair_b[idx]]
                 ry = model.rotate(torch.cat([xb, yb]))
-                zx, zy = model.margins(ry[: len(idx)]), model.margins(ry[len(idx) :])
                 if config.ecc:
-                    pair, balance = _pair_loss_ecc(model, zx, zy, config.temperature)
+                    c = model.code_logits(ry)
+                    pair, balance = _pair_loss_ecc(c[: len(idx)], c[len(idx) :], config.temperature)
                 else:
+                    zx, zy = model.margins(ry[: len(idx)]), model.margins(ry[len(idx) :])
                     rnd = x[torch.randint(n, (len(idx),), generator=gen).to(device)]
                     pair, balance = _pair_loss_sign(zx, zy, model.margins(model.rotate(rnd)), config.temperature)
                 quant = model.quant_loss(ry[: len(idx)])
