@@ -461,8 +461,11 @@ class Store:
         if pending is not None and not trained and not empty and len(self) >= MIN_TRAIN_ROWS:
             # Earlier small batches went to the baseline router: now that the store holds
             # enough, train on a sample of it and re-bucket it (a second atomic commit).
-            result = self.train(bits=pending["bits"], seed=pending["seed"], progress=progress)
-            trained, train_s = True, result.seconds
+            result = self._train(None, bits=pending["bits"], ecc=True, epochs=5, batch_size=1024,
+                                 rank=None, seed=pending["seed"], device="auto", progress=progress,
+                                 only_if_pending=True)
+            if result is not None:  # (None: another process trained it meanwhile)
+                trained, train_s = True, result.seconds
         return IngestResult(rows=n, segment=seg, ids=id_arr, seconds=time.perf_counter() - started,
                             trained=trained, train_seconds=train_s)
 
@@ -491,6 +494,13 @@ class Store:
         so readers see the old store until the switch and the new one after it. Deleted
         rows are dropped on the way (this also compacts). Needs disk for one more copy.
         """
+        result = self._train(sample, bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank,
+                             seed=seed, device=device, progress=progress, only_if_pending=False)
+        assert result is not None
+        return result
+
+    def _train(self, sample: ArrayLike | None, *, bits, ecc, epochs, batch_size, rank, seed, device,
+               progress: ProgressLike, only_if_pending: bool) -> TrainResult | None:
         self._check_writable()
         started = time.perf_counter()
         settings = dict(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank,
@@ -499,6 +509,10 @@ class Store:
         src = VectorSource(sample, dim=self.config.dim, what="training vectors") if sample is not None else None
         with WriterLock(self.path):
             view = self._current_view()
+            if only_if_pending:
+                with self._catalog.read() as txn:
+                    if self._catalog.get_meta(txn, "pending_training") is None:
+                        return None
             stored = _StoredRows(view)
             x = self._sample_rows(src if src is not None else stored, TRAIN_SAMPLE_ROWS, seed)
             from .model.train import train  # torch: imported only to train
