@@ -42,7 +42,7 @@ from .errors import (
 from .io import ArrayLike, VectorSource, load_ids, read_array
 from .model.router import Router, SignHasher, bits_for_size, load_model_file, load_router, save_router
 from .progress import ProgressLike, make_progress
-from .query.engine import DEFAULT_PROBES, Probes, View, search_exact, search_probed
+from .query.engine import DEFAULT_PROBES, Probes, SearchStats, View, search_batch, search_exact
 from .storage import segments as seglib
 from .storage.catalog import Catalog, segment_name
 from .storage.lock import WriterLock
@@ -758,17 +758,24 @@ class Store:
         *,
         probes: Probes = DEFAULT_PROBES,
         candidates: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        explain: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
 
         ``ids`` are int64 (-1 where fewer than k results exist, with score -inf); scores
-        are exact (cosine similarity or inner product), best first.
+        are exact (cosine similarity or inner product), best first; equal scores are
+        ordered by id. The batch is searched bucket by bucket: every probed bucket is read
+        once and scored against all the queries probing it in one matrix product, with
+        the same results as searching each query alone.
 
         Args:
-            probes: buckets visited per query, in soft-cost order. More probes: higher
-                recall, more latency and bytes read. ``"all"`` is exact brute force.
+            probes: buckets visited per query, in the router's probe order. More probes:
+                higher recall, more latency and bytes read. ``"all"`` is exact brute force.
             candidates: stop probing once this many rows are gathered (caps latency on
                 large buckets at some cost in recall); ``None``: no cap.
+            explain: also return a :class:`~asteria_store.query.engine.SearchStats`
+                (buckets probed, rows scanned, bytes read per query); for ``probes="all"``
+                buckets are reported as -1 (no routing).
         """
         self._check_open()
         k = _check_k(k)
@@ -778,12 +785,19 @@ class Store:
         qs = np.ascontiguousarray(_normalise(qs, self.config.metric, what="queries"))
         view = self._current_view()
         if probes == "all":
-            return search_exact(view, qs, k)
+            ids, scores = search_exact(view, qs, k)
+            if not explain:
+                return ids, scores
+            row_bytes = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
+            stored = sum(r.n for r in view.segments.values())
+            nq = len(qs)
+            return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
+                                            np.full(nq, stored * row_bytes), stored * row_bytes)
         if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
             raise InvalidArgumentError(f"probes must be a positive integer or 'all', got {probes!r}.")
         if candidates is not None and (not isinstance(candidates, (int, np.integer)) or candidates < 1):
             raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
-        return search_probed(view, self._router, qs, k, int(probes), candidates)
+        return search_batch(view, self._router, qs, k, int(probes), candidates, explain=bool(explain))
 
     def query(
         self,
@@ -792,15 +806,19 @@ class Store:
         *,
         probes: Probes = DEFAULT_PROBES,
         candidates: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,)."""
+        explain: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
+        """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,);
+        with ``explain=True`` also a dict: buckets probed, rows scanned, bytes read."""
         arr = np.asarray(vector) if not isinstance(vector, (str, os.PathLike)) else vector
         if isinstance(arr, np.ndarray) and arr.ndim == 1:
             arr = arr[None, :]
-        ids, scores = self.search(arr, k, probes=probes, candidates=candidates)
-        if len(ids) != 1:
-            raise InvalidInputError(f"query takes one vector, got {len(ids)}; use search() for a batch.")
-        return ids[0], scores[0]
+        out = self.search(arr, k, probes=probes, candidates=candidates, explain=explain)
+        if len(out[0]) != 1:
+            raise InvalidInputError(f"query takes one vector, got {len(out[0])}; use search() for a batch.")
+        if explain:
+            return out[0][0], out[1][0], out[2].rows()[0]
+        return out[0][0], out[1][0]
 
     # -- maintenance ---------------------------------------------------------------------
 

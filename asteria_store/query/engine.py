@@ -63,15 +63,30 @@ class View:
 
 
 def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int):
-    """Merge candidate scores/ids (Q, m) into the running top-k (Q, k), best first."""
+    """Merge candidate scores/ids (Q, m) into the running top-k (Q, k), best first.
+
+    Equal scores are ordered by id (``-1``, "no result", last), so the result does not
+    depend on the order in which rows arrive: batch and one-query searches agree.
+    """
     all_s = np.concatenate([best_s, s], axis=1)
     all_i = np.concatenate([best_i, i], axis=1)
     if all_s.shape[1] > k:
         part = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
-        all_s = np.take_along_axis(all_s, part, axis=1)
-        all_i = np.take_along_axis(all_i, part, axis=1)
-    order = np.argsort(-all_s, axis=1, kind="stable")
+        kth = np.take_along_axis(all_s, part, axis=1).min(axis=1)
+        ties = np.flatnonzero((all_s >= kth[:, None]).sum(axis=1) > k)
+        sel_s = np.take_along_axis(all_s, part, axis=1)
+        sel_i = np.take_along_axis(all_i, part, axis=1)
+        for r in ties:  # more rows tie with the k-th score than fit: the smallest ids win
+            o = np.lexsort((_id_key(all_i[r]), -all_s[r]))[:k]
+            sel_s[r], sel_i[r] = all_s[r, o], all_i[r, o]
+        all_s, all_i = sel_s, sel_i
+    order = np.lexsort((_id_key(all_i), -all_s), axis=-1)
     return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+
+
+def _id_key(ids: np.ndarray) -> np.ndarray:
+    """Sort key of ids: ascending, with -1 ("no result") after every real id."""
+    return np.where(ids < 0, np.iinfo(np.int64).max, ids)
 
 
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,15 +120,94 @@ def search_exact(view: View, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 def probe_extents(view: View, probe_keys, probes: int, candidates: int | None) -> list[tuple[int, int, int]]:
     """Extents of the first ``probes`` buckets of ``probe_keys`` (within the candidate cap)."""
-    out: list[tuple[int, int, int]] = []
+    return [ext for key in probed_buckets(view, probe_keys, probes, candidates) for ext in view.extents(key)]
+
+
+def probed_buckets(view: View, probe_keys, probes: int, candidates: int | None) -> list[int]:
+    """The first ``probes`` bucket keys of ``probe_keys``, stopping once ``candidates``
+    rows (stored, deleted ones included) have been gathered."""
+    out: list[int] = []
     total = 0
     for visited, key in enumerate(probe_keys):
         if visited >= probes or (candidates is not None and total >= candidates):
             break
-        for ext in view.extents(key):
-            out.append(ext)
-            total += ext[2]
+        out.append(key)
+        if candidates is not None:
+            total += sum(ext[2] for ext in view.extents(key))
     return out
+
+
+@dataclass
+class SearchStats:
+    """What a probed search did, per query (``explain=True``).
+
+    ``buckets``: buckets probed; ``scanned``: live rows scored exactly; ``bytes_read``: bytes
+    of vectors and ids those rows occupy (what a one-query search reads). ``batch_bytes``:
+    bytes the whole batch read, each probed bucket once however many queries shared it.
+    """
+
+    buckets: np.ndarray
+    scanned: np.ndarray
+    bytes_read: np.ndarray
+    batch_bytes: int = 0
+
+    def rows(self) -> list[dict]:
+        return [{"buckets": int(b), "scanned": int(c), "bytes_read": int(r)}
+                for b, c, r in zip(self.buckets, self.scanned, self.bytes_read)]
+
+
+def _bucket_rows(view: View, key: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Live rows of one bucket across segments: (vectors float32 (n, d), ids int64, bytes)."""
+    vec_parts, id_parts, nbytes = [], [], 0
+    for seg, first, n in view.extents(key):
+        reader = view.segments[seg]
+        vecs = reader.vectors(first, first + n)
+        ids = reader.ids(first, first + n)
+        nbytes += vecs.nbytes + ids.nbytes
+        mask = view.live_mask(seg, first, n)
+        if mask is not None:
+            vecs, ids = vecs[mask], ids[mask]
+        vec_parts.append(vecs)
+        id_parts.append(ids)
+    if not vec_parts:
+        return np.empty((0, 0), np.float32), np.empty(0, np.int64), 0
+    return (np.concatenate(vec_parts).astype(np.float32, copy=False),
+            np.concatenate(id_parts).astype(np.int64), nbytes)
+
+
+def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
+                 candidates: int | None, *, explain: bool = False):
+    """Probed search of a batch, bucket by bucket: each probed bucket is read ONCE and
+    scored against all the queries that probe it with one matrix product; per-query top-k
+    are merged as buckets arrive. Same candidates, hence the same results, as searching
+    each query alone. Returns ``(ids, scores)``, plus :class:`SearchStats` with ``explain``.
+    """
+    nq = len(queries)
+    best_s, best_i = _empty(nq, k)
+    probe_rows = router.probe_input(queries)
+    groups: dict[int, list[int]] = {}
+    n_buckets = np.zeros(nq, dtype=np.int64)
+    for qi in range(nq):
+        keys = probed_buckets(view, router.probe_keys(probe_rows[qi]), probes, candidates)
+        n_buckets[qi] = len(keys)
+        for key in keys:
+            groups.setdefault(key, []).append(qi)
+    scanned = np.zeros(nq, dtype=np.int64)
+    bytes_read = np.zeros(nq, dtype=np.int64)
+    batch_bytes = 0
+    for key, members in groups.items():
+        vecs, ids, nbytes = _bucket_rows(view, key)
+        batch_bytes += nbytes
+        qs = np.asarray(members)
+        bytes_read[qs] += nbytes
+        if len(ids) == 0:
+            continue
+        scanned[qs] += len(ids)
+        s = queries[qs] @ vecs.T
+        best_s[qs], best_i[qs] = _merge(best_s[qs], best_i[qs], s, np.broadcast_to(ids, s.shape), k)
+    if explain:
+        return best_i, best_s, SearchStats(n_buckets, scanned, bytes_read, batch_bytes)
+    return best_i, best_s
 
 
 def score_extents(view: View, query: np.ndarray, extents: list[tuple[int, int, int]], k: int):
