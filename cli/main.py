@@ -144,9 +144,11 @@ def ingest(path: Path, vectors: Path, ids: Path | None, quiet: bool) -> None:
 @click.option("--candidates", type=int, default=None, metavar="N",
               help="Stop probing once N rows are gathered: caps latency at some cost in "
                    "recall. [default: no cap]")
+@click.option("--explain", is_flag=True,
+              help="Also report, per query, buckets probed, rows scanned and bytes read.")
 @json_option
 def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | None,
-          as_json: bool) -> None:
+          explain: bool, as_json: bool) -> None:
     """Find the k nearest neighbours of each query.
 
     QUERIES.npy holds a (q, d) array. Prints one line per query: its row number, then
@@ -157,17 +159,27 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
     Example:
         asteria-store query mystore queries.npy -k 5 --probes 64
         asteria-store query mystore queries.npy --probes all --json
+        asteria-store query mystore queries.npy --explain
     """
     with asteria_store.open(path, readonly=True) as store:
-        ids, scores = store.search(queries, k, probes=probes, candidates=candidates)
+        out = store.search(queries, k, probes=probes, candidates=candidates, explain=explain)
+    ids, scores = out[0], out[1]
+    stats = out[2].rows() if explain else None
     for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):
         found = row_ids >= 0  # -1 (score -inf) marks "no result"
         hit_ids, hit_scores = row_ids[found].tolist(), row_scores[found].tolist()
         if as_json:
-            click.echo(json.dumps({"query": row, "ids": hit_ids, "scores": hit_scores}))
+            record = {"query": row, "ids": hit_ids, "scores": hit_scores}
+            if stats is not None:
+                record["explain"] = stats[row]
+            click.echo(json.dumps(record))
         else:
             hits = ", ".join(f"{i} ({s:.4f})" for i, s in zip(hit_ids, hit_scores))
             click.echo(f"{row}: {hits or '(no results)'}")
+            if stats is not None:
+                st = stats[row]
+                click.echo(f"   buckets {st['buckets']}, scanned {st['scanned']:,} rows, "
+                           f"read {_human_bytes(st['bytes_read'])}")
 
 
 @cli.command()

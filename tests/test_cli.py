@@ -429,3 +429,16 @@ def test_demo_bad_argument():
 ])
 def test_usage_errors_exit_2(args, line):
     assert_error(run(*args), line, exit_code=2)
+
+
+def test_query_explain(store: Path, query_file: Path, data):
+    result = run("query", store, query_file, "-k", 3, "--probes", 4, "--explain", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    with asteria_store.open(store, readonly=True) as s:
+        _, _, stats = s.search(data[1], 3, probes=4, explain=True)
+    assert [r["explain"] for r in rows] == stats.rows()
+    text = run("query", store, query_file, "-k", 3, "--probes", 4, "--explain")
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[1].startswith(f"   buckets {stats.rows()[0]['buckets']}, scanned ")
