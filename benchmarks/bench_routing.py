@@ -38,7 +38,7 @@ import torch
 
 from asteria_store.model.ecvh import ECVHRouter
 from asteria_store.model.metrics import fraction_for_recall, occupancy, recall_at_fractions, rows_to_reach
-from asteria_store.model.router import SignHasher
+from asteria_store.model.router import SignHasher, sign_soft_cost_scores
 from asteria_store.model.train import TrainConfig, itq, spherical_kmeans, train
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.10)
@@ -46,12 +46,7 @@ FRACTIONS = (0.01, 0.02, 0.05, 0.10)
 
 def sign_scores(z: np.ndarray, bits: int) -> np.ndarray:
     """Probe score of every bucket (Q, 2**bits): minus the soft cost of its differing bits."""
-    codes = ((np.arange(2**bits)[:, None] >> np.arange(bits)[None, :]) & 1).astype(np.float32)
-    # cost(b) = sum_i |z_i| [b_i != (z_i > 0)] = sum_i |z_i| (b_i + h_i - 2 b_i h_i)
-    h = (z > 0).astype(np.float32)
-    a = np.abs(z).astype(np.float32)
-    cost = (a * h).sum(1, keepdims=True) + (a * (1 - 2 * h)) @ codes.T
-    return -cost
+    return sign_soft_cost_scores(z)
 
 
 def sign_keys(z: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .codes import HadamardCode
 from .lrsq import LRSQ
-from .router import bits_to_keys, flip_sets
+from .router import bits_to_keys, sign_consistent, sign_probe_keys, sign_soft_cost_scores
 
 
 class ECVHRouter:
@@ -98,9 +98,7 @@ class ECVHRouter:
     def consistent(self, x: np.ndarray, keys: np.ndarray, *, tol: float = 1e-4) -> np.ndarray:
         """Whether each key is x's key up to float rounding (its score within ``tol`` of the best)."""
         if self.code is None:
-            z = self.margins(x)
-            bits = ((np.asarray(keys, dtype=np.uint64)[:, None] >> np.arange(self.bits, dtype=np.uint64)) & 1).astype(bool)
-            return ((bits == (z > 0)) | (np.abs(z) <= tol)).all(axis=1)
+            return sign_consistent(self.margins(x), keys, tol=tol)
         s = self.scores(x)
         mine = np.take_along_axis(s, np.asarray(keys, dtype=np.int64)[:, None], axis=1)[:, 0]
         return mine >= s.max(axis=1) - tol
@@ -121,11 +119,7 @@ class ECVHRouter:
             return s
         if self.code is not None:
             return self.scores(queries)
-        z = self.margins(queries)  # minus the soft cost of each bucket's differing bits
-        codes = ((np.arange(2**self.bits)[:, None] >> np.arange(self.bits)[None, :]) & 1).astype(np.float32)
-        h = (z > 0).astype(np.float32)
-        a = np.abs(z)
-        return -((a * h).sum(1, keepdims=True) + (a * (1 - 2 * h)) @ codes.T)
+        return sign_soft_cost_scores(self.margins(queries))
 
     def with_probe_centroids(self, x: np.ndarray) -> ECVHRouter:
         """A copy probing by the mean direction of each bucket's rows of ``x`` (normalised
@@ -149,12 +143,7 @@ class ECVHRouter:
             yield from np.argsort(-margins, kind="stable").tolist()
             return
         if self.code is None:
-            home = int(bits_to_keys((margins > 0)[None, :])[0])
-            for _, subset in flip_sets(np.abs(margins)):
-                key = home
-                for i in subset:
-                    key ^= 1 << i
-                yield key
+            yield from sign_probe_keys(margins)
             return
         corr = self.code.correlations(margins[None, :])[0]
         yield from np.argsort(-corr, kind="stable").tolist()

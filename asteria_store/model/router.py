@@ -86,6 +86,33 @@ def flip_sets(cost: np.ndarray) -> Iterator[tuple[float, tuple[int, ...]]]:
             heapq.heappush(heap, (total + float(c[last + 1]), subset + (last + 1,)))
 
 
+def sign_probe_keys(margins: np.ndarray) -> Iterator[int]:
+    """Sign-bit bucket keys of one query in probe order: its own bucket (the signs of
+    ``margins``), then the cheapest bit flips (multi-probe LSH)."""
+    home = int(bits_to_keys((margins > 0)[None, :])[0])
+    for _, subset in flip_sets(np.abs(margins)):
+        key = home
+        for i in subset:
+            key ^= 1 << i
+        yield key
+
+
+def sign_soft_cost_scores(z: np.ndarray) -> np.ndarray:
+    """Minus the soft cost of every sign bucket (Q, 2**bits): ``-sum |z_i|`` over the bits
+    where the bucket's key differs from ``z > 0`` (higher = probed earlier)."""
+    bits = z.shape[1]
+    codes = ((np.arange(2**bits)[:, None] >> np.arange(bits)[None, :]) & 1).astype(np.float32)
+    h = (z > 0).astype(np.float32)
+    a = np.abs(z).astype(np.float32)
+    return -((a * h).sum(1, keepdims=True) + (a * (1 - 2 * h)) @ codes.T)
+
+
+def sign_consistent(z: np.ndarray, keys: np.ndarray, *, tol: float) -> np.ndarray:
+    """Whether each key's bits equal ``z > 0`` wherever ``|z| > tol`` (float rounding)."""
+    bits = ((np.asarray(keys, dtype=np.uint64)[:, None] >> np.arange(z.shape[1], dtype=np.uint64)) & 1).astype(bool)
+    return ((bits == (z > 0)) | (np.abs(z) <= tol)).all(axis=1)
+
+
 class SignHasher:
     """Baseline router: a seeded random orthogonal projection and sign bits (plain LSH).
 
@@ -123,21 +150,14 @@ class SignHasher:
         return bits_to_keys(self.margins(x) > 0)
 
     def consistent(self, x: np.ndarray, keys: np.ndarray, *, tol: float = 1e-4) -> np.ndarray:
-        z = self.margins(x)
-        bits = ((np.asarray(keys, dtype=np.uint64)[:, None] >> np.arange(self.bits, dtype=np.uint64)) & 1).astype(bool)
-        return ((bits == (z > 0)) | (np.abs(z) <= tol)).all(axis=1)
+        return sign_consistent(self.margins(x), keys, tol=tol)
 
     def probe_input(self, queries: np.ndarray) -> np.ndarray:
         return self.margins(queries)
 
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
         """Bucket keys of one query in probe order: home bucket, then cheapest bit flips."""
-        home = int(bits_to_keys((margins > 0)[None, :])[0])
-        for _, subset in flip_sets(np.abs(margins)):
-            key = home
-            for i in subset:
-                key ^= 1 << i
-            yield key
+        return sign_probe_keys(margins)
 
     def config(self) -> dict:
         return {"kind": self.kind, "bits": self.bits, "dim": self.dim, "seed": self.seed}

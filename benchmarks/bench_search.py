@@ -1,0 +1,138 @@
+"""Search speed and recall of a store: batch and one-query QPS, latency, recall@1/10/100.
+
+    python benchmarks/bench_search.py --build ../shared/datasets/wordnet-minilm/base.f16.npy \\
+        --store /tmp/asteria-bench/wordnet-store \\
+        --queries ../shared/datasets/wordnet-minilm/queries_examples.f16.npy \\
+        --gt ../shared/datasets/wordnet-minilm/gt_examples_ids.npy --nq 2000 --probes 4,8,16,32,64
+
+``--build FILE.npy`` (re)creates the store from FILE (default learned router, trained at
+ingest) unless it exists. For each probe budget: batch QPS (one ``search`` call over all
+queries), one-query QPS and p50/p99 latency (``query`` per vector), recall@1/10/100 against
+``--gt`` (ids into the base, best first) or, without it, an internal brute force, and
+bytes read per query (``explain``). Exact numpy brute force over the same float32 base runs
+in the same process as the reference (QPS ratio). Threads are pinned (``--threads``,
+default 1) before numpy is imported. One JSON line per row goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_threads = "1"
+for _i, _a in enumerate(sys.argv):
+    if _a == "--threads" and _i + 1 < len(sys.argv):
+        _threads = sys.argv[_i + 1]
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = _threads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    k = min(k, found.shape[1], truth.shape[1])
+    return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--build", default=None, help="base .npy to build the store from if missing")
+    ap.add_argument("--queries", required=True)
+    ap.add_argument("--gt", default=None)
+    ap.add_argument("--nq", type=int, default=2000)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--probes", default="4,8,16,32,64")
+    ap.add_argument("--single", type=int, default=300, help="queries timed one by one")
+    ap.add_argument("--threads", default="1")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "search.jsonl"))
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(int(args.threads))
+    import asteria_store
+    from asteria_store.testing import brute_force_topk
+
+    if not Path(args.store).exists():
+        if args.build is None:
+            sys.exit(f"no store at {args.store!r}; pass --build BASE.npy")
+        t = time.perf_counter()
+        with asteria_store.create(args.store, dim=int(np.load(args.build, mmap_mode="r").shape[1]),
+                                  expected_size=len(np.load(args.build, mmap_mode="r"))) as s:
+            res = s.ingest(args.build, progress=True)
+        print(f"built {args.store} in {time.perf_counter() - t:.1f} s (training {res.train_seconds:.1f} s)",
+              file=sys.stderr)
+    q = np.load(args.queries)[: args.nq].astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    store = asteria_store.open(args.store, readonly=True)
+    info = store.info()
+    k = args.k
+    if args.gt is not None:
+        truth = np.load(args.gt)[: args.nq].astype(np.int64)
+    else:
+        truth = store.search(q, k, probes="all")[0]
+    rows = []
+    meta = {"store": args.store, "n": info["count"], "buckets": 2 ** info["router"]["bits"],
+            "router": info["router"]["kind"], "nq": len(q), "k": k, "threads": int(args.threads),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+
+    # Reference: exact numpy brute force over the same vectors, in RAM.
+    base = np.concatenate([store.get(np.arange(s, min(s + 65536, info["count"])))
+                           for s in range(0, info["count"], 65536)])
+    t = time.perf_counter()
+    bf_ids, _ = brute_force_topk(base, q, k)
+    bf_s = time.perf_counter() - t
+    rows.append({"system": "numpy brute force (RAM)", "probes": "-", "batch_qps": len(q) / bf_s,
+                 "recall@1": recall(bf_ids, truth, 1), "recall@10": recall(bf_ids, truth, 10),
+                 "recall@100": recall(bf_ids, truth, 100)})
+    del base
+
+    for probes in [p if p == "all" else int(p) for p in args.probes.split(",")]:
+        store.search(q[:50], k, probes=probes)  # warm the page cache and the catalog
+        t = time.perf_counter()
+        ids, _, stats = store.search(q, k, probes=probes, explain=True)
+        batch_s = time.perf_counter() - t
+        lat = []
+        for v in q[: args.single]:
+            t0 = time.perf_counter()
+            store.query(v, 10, probes=probes)
+            lat.append(time.perf_counter() - t0)
+        lat = np.array(lat) * 1000
+        rows.append({
+            "system": "asteria-store", "probes": probes, "batch_qps": len(q) / batch_s,
+            "single_qps": 1000 / lat.mean(), "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "recall@1": recall(ids, truth, 1), "recall@10": recall(ids, truth, 10),
+            "recall@100": recall(ids, truth, 100),
+            "scanned_per_query": float(stats.scanned.mean()),
+            "kib_read_per_query": float(stats.bytes_read.mean() / 1024),
+        })
+    store.close()
+    print(f"\n{meta['n']:,} vectors, {meta['buckets']} buckets ({meta['router']}), {len(q)} queries, "
+          f"k={k}, {args.threads} thread(s)\n")
+    print("| system | probes | batch QPS | vs brute force | 1-query QPS | p50 ms | p99 ms | "
+          "recall@1 | recall@10 | recall@100 | rows scanned/q | KiB read/q |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    bf = rows[0]["batch_qps"]
+    for r in rows:
+        print(f"| {r['system']} | {r['probes']} | {r['batch_qps']:,.0f} | {r['batch_qps'] / bf:.2f}x | "
+              f"{r.get('single_qps', float('nan')):,.0f} | {r.get('p50_ms', float('nan')):.2f} | "
+              f"{r.get('p99_ms', float('nan')):.2f} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | "
+              f"{r['recall@100']:.3f} | {r.get('scanned_per_query', float('nan')):,.0f} | "
+              f"{r.get('kib_read_per_query', float('nan')):,.0f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        for r in rows:
+            fh.write(json.dumps({**meta, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
