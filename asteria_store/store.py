@@ -379,6 +379,7 @@ class Store:
                 r = seglib.SegmentReader(
                     self._segments_root, segment_name(seg), n=rec["rows"], dim=self.config.dim,
                     dtype=self.config.dtype, chunk_rows=rec.get("chunk_rows", self.config.chunk_rows),
+                    lrsq=rec.get("lrsq"),
                 )
                 self._readers[seg] = r
             readers[seg] = r
@@ -392,7 +393,7 @@ class Store:
                 return cat.extents(t, bucket)
 
         self._view = View(generation=generation, count=count, segments=readers,
-                          deleted=deleted, lookup_extents=lookup)
+                          deleted=deleted, lookup_extents=lookup, router_digest=self._router_digest)
         return self._view
 
     # -- writes --------------------------------------------------------------------------
@@ -448,9 +449,10 @@ class Store:
                 seg_ids = id_arr[order]
                 # Small segments get small chunks: Zarr pads the edge chunk to full size.
                 chunk_rows = min(self.config.chunk_rows, max(256, 1 << (n - 1).bit_length()))
-                self._write_segment(seg, source, order, seg_ids, chunk_rows, progress)
+                lrsq = self._write_segment(seg, source, order, seg_ids, chunk_rows, progress, router,
+                                           (model_rec or {"digest": self._router_digest})["digest"])
                 self._publish_segment(seg, sorted_keys, seg_ids, chunk_rows,
-                                      next_id=max(next_id, int(id_arr.max()) + 1), model=model_rec)
+                                      next_id=max(next_id, int(id_arr.max()) + 1), model=model_rec, lrsq=lrsq)
                 published = True
             finally:
                 if not published:
@@ -531,9 +533,10 @@ class Store:
                     del keys
                     seg_ids = stored.ids()[order]
                     chunk_rows = min(self.config.chunk_rows, max(256, 1 << (stored.n - 1).bit_length()))
-                    self._write_segment(seg, stored, order, seg_ids, chunk_rows, progress)
+                    lrsq = self._write_segment(seg, stored, order, seg_ids, chunk_rows, progress, router,
+                                               model_rec["digest"])
                 self._publish_retrained(seg, model_rec, view,
-                                        (sorted_keys, seg_ids, chunk_rows) if stored.n else None)
+                                        (sorted_keys, seg_ids, chunk_rows, lrsq) if stored.n else None)
                 published = True
             finally:
                 if not published:
@@ -556,12 +559,12 @@ class Store:
                 raise CorruptStoreError("The catalog changed during training despite the writer lock.")
             cat.clear_rows(txn)
             if rows is not None:
-                sorted_keys, seg_ids, chunk_rows = rows
+                sorted_keys, seg_ids, chunk_rows, lrsq = rows
                 n = len(seg_ids)
                 bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
                 starts = np.concatenate([[0], bounds]).astype(np.int64)
                 counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
-                cat.put_segment(txn, seg, {"rows": n, "chunk_rows": chunk_rows, "created": time.time()})
+                cat.put_segment(txn, seg, _segment_record(n, chunk_rows, lrsq))
                 cat.put_extents(txn, seg, sorted_keys[starts], starts, counts)
                 cat.put_ids(txn, seg, seg_ids)
                 cat.put_meta(txn, "next_segment", seg + 1)
@@ -641,12 +644,20 @@ class Store:
         return x.astype(np.float16).astype(np.float32)
 
     def _write_segment(self, seg: int, source: VectorSource | _StoredRows, order: np.ndarray,
-                       seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike) -> None:
-        """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync."""
+                       seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
+                       router: Router, model_digest: str) -> dict | None:
+        """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync.
+
+        With a learned router, every row's LRSQ codes (of its stored form) are written too;
+        returns the segment record's ``lrsq`` entry (None without)."""
         n, dim = source.n, self.config.dim
         window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
+        quantizer = getattr(router, "lrsq", None)
+        lrsq = None if quantizer is None else {"rank": quantizer.rank, "aux": quantizer.aux_width,
+                                               "block": quantizer.block, "model": model_digest}
         writer = seglib.SegmentWriter(self._segments_root, segment_name(seg), n=n, dim=dim,
-                                      dtype=self.config.dtype, chunk_rows=chunk_rows)
+                                      dtype=self.config.dtype, chunk_rows=chunk_rows,
+                                      lrsq_widths=None if lrsq is None else (lrsq["rank"], lrsq["aux"]))
         bar = make_progress(progress, total=n, desc="writing")
         try:
             for start in range(0, n, window):
@@ -656,14 +667,19 @@ class Store:
                 block[inv] = source.take(rows[inv])  # ascending reads, then back to key order
                 if not isinstance(source, _StoredRows):
                     block = _normalise(block, self.config.metric, what="vectors")
-                writer.write(start, block, seg_ids[start : start + len(rows)])
+                codes = None
+                if quantizer is not None:  # bounds must hold for the rows as stored
+                    codes = quantizer.encode(router.rotate(self._as_stored(block)))
+                writer.write(start, block, seg_ids[start : start + len(rows)], codes)
                 bar.update(len(rows))
             writer.finish()
         finally:
             bar.close()
+        return lrsq
 
     def _publish_segment(self, seg: int, sorted_keys: np.ndarray, seg_ids: np.ndarray,
-                         chunk_rows: int, *, next_id: int, model: dict | None = None) -> None:
+                         chunk_rows: int, *, next_id: int, model: dict | None = None,
+                         lrsq: dict | None = None) -> None:
         """Make a written segment visible: extents, ids, counters in ONE transaction."""
         n = len(seg_ids)
         bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
@@ -675,7 +691,7 @@ class Store:
             cat = self._catalog
             if cat.get_meta(txn, "next_segment") != seg:
                 raise CorruptStoreError("The catalog changed during ingest despite the writer lock.")
-            cat.put_segment(txn, seg, {"rows": n, "chunk_rows": chunk_rows, "created": time.time()})
+            cat.put_segment(txn, seg, _segment_record(n, chunk_rows, lrsq))
             cat.put_extents(txn, seg, bucket_keys, starts, counts)
             cat.put_ids(txn, seg, seg_ids)
             cat.put_meta(txn, "next_segment", seg + 1)
@@ -921,10 +937,13 @@ class Store:
         cr = rec.get("chunk_rows", self.config.chunk_rows)
         item = np.dtype(self.config.dtype).itemsize
         seg_dir = self._segments_root / name
-        for array, row_bytes in (("vectors", self.config.dim * item), ("ids", 8)):
+        arrays = [("vectors", self.config.dim * item), ("ids", 8)]
+        if rec.get("lrsq"):
+            arrays += [("lrsq", rec["lrsq"]["rank"]), ("lrsq_aux", 2 * rec["lrsq"]["aux"])]
+        for array, row_bytes in arrays:
             for c in range((n + cr - 1) // cr):
                 f = seg_dir / array / "c" / str(c)
-                if array == "vectors":
+                if array != "ids":  # 2-D arrays: chunk key c/<i>/0
                     f = f / "0"
                 if not f.is_file():
                     problems.append(f"{name}: chunk {f.relative_to(self.path)} is missing")
@@ -1062,6 +1081,13 @@ def _check_sample_size(x: np.ndarray) -> np.ndarray:
             "sample (or ingest more first)."
         )
     return x
+
+
+def _segment_record(n: int, chunk_rows: int, lrsq: dict | None) -> dict:
+    record = {"rows": n, "chunk_rows": chunk_rows, "created": time.time()}
+    if lrsq is not None:  # {"rank", "aux", "block", "model": digest of the encoding model}
+        record["lrsq"] = lrsq
+    return record
 
 
 class _StoredRows:

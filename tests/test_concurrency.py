@@ -196,7 +196,7 @@ def test_second_writer_waits_or_raises_locked(tmp_path, python_child, monkeypatc
     writer2 = []
     original_write = segments.SegmentWriter.write
 
-    def write_with_rival(self, start, vectors, ids):
+    def write_with_rival(self, start, vectors, ids, lrsq=None):
         if not writer2:  # first window of C: start writer 2 while we hold the lock
             proc = python_child(WRITER, path, data, lock_timeout)
             writer2.append(proc)
@@ -205,7 +205,7 @@ def test_second_writer_waits_or_raises_locked(tmp_path, python_child, monkeypatc
                 time.sleep(0.3)  # let it block on the lock
             else:
                 proc.wait(timeout=60)  # it gives up while we still hold the lock
-        return original_write(self, start, vectors, ids)
+        return original_write(self, start, vectors, ids, lrsq)
 
     monkeypatch.setattr(segments.SegmentWriter, "write", write_with_rival)
     store.ingest(c, ids=c_ids)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import asteria_store
-from asteria_store.query.engine import probed_buckets
+from asteria_store.query.engine import probed_buckets, search_batch
 from asteria_store.testing import brute_force_topk
 
 DATA = Path(__file__).parent / "data"
@@ -92,13 +92,21 @@ def test_explain_reports_what_was_read(store, wordnet) -> None:
         cand = probed_rows(store, qn[qi], 8)
         assert stats.scanned[qi] == len(cand)
         assert 1 <= stats.buckets[qi] <= 8
-        assert stats.bytes_read[qi] >= len(cand) * row_bytes  # deleted rows are read too
+        # without LRSQ pruning every candidate's vector and id is read (deleted rows too)
+        read = len(cand) - stats.pruned[qi]
+        assert stats.bytes_read[qi] >= read * row_bytes
+    if store.router.kind == "sign":
+        assert stats.pruned.sum() == 0
+    else:  # the learned router's LRSQ bounds rule out most candidates
+        assert stats.pruned.sum() > 0.5 * stats.scanned.sum()
     # Each bucket is read once for the batch, however many queries probe it.
     assert 0 < stats.batch_bytes < stats.bytes_read.sum()
     one_ids, one_scores, one = store.query(queries[3], K, probes=8, explain=True)
-    assert one == stats.rows()[3]
+    # Same buckets and candidates alone or in a batch; how many are pruned depends on the
+    # order thresholds tighten in, so pruned counts and bytes may differ.
+    assert (one["buckets"], one["scanned"]) == (stats.buckets[3], stats.scanned[3])
     exact_ids, _, exact = store.search(queries[:2], K, probes="all", explain=True)
-    assert exact.rows()[0] == {"buckets": -1, "scanned": len(store),
+    assert exact.rows()[0] == {"buckets": -1, "scanned": len(store), "pruned": 0,
                                "bytes_read": 3000 * row_bytes}
 
 
@@ -110,3 +118,31 @@ def test_equal_scores_are_ordered_by_id(tmp_path) -> None:
             ids, scores = s.search(x[:1], 5, probes=probes)
             assert ids[0].tolist() == [100, 101, 102, 103, 104]
             np.testing.assert_allclose(scores[0], 1.0)
+
+
+@pytest.mark.parametrize("probes", [2, 8, 32])
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_lrsq_pruning_is_lossless(store, wordnet, probes, k) -> None:
+    """Pruning by certified bounds returns exactly what scoring every probed candidate does."""
+    _, queries = wordnet
+    view = store._current_view()
+    qn = normalise(queries)
+    got_i, got_s, stats = search_batch(view, store.router, qn, k, probes, None, explain=True, prune=True)
+    exp_i, exp_s = search_batch(view, store.router, qn, k, probes, None, prune=False)
+    np.testing.assert_array_equal(got_i, exp_i)
+    # exact scores; BLAS may round a product over fewer columns differently (~1e-7)
+    np.testing.assert_allclose(got_s, exp_s, rtol=0, atol=1e-6)
+    if store.router.kind == "ecvh":
+        assert stats.pruned.sum() > 0
+
+
+def test_verify_checks_lrsq_chunks(tmp_path, wordnet) -> None:
+    base, _ = wordnet
+    with asteria_store.create(tmp_path / "s", dim=384, bits=5) as s:
+        s.ingest(base[:1500])
+        assert s.info()["router"]["kind"] == "ecvh" and s.verify().ok
+    chunk = next((tmp_path / "s" / "segments.zarr").glob("seg-*/lrsq/c/0/0"))
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    with asteria_store.open(tmp_path / "s", readonly=True) as s:
+        problems = s.verify().problems
+    assert len(problems) == 1 and "lrsq/c/0/0" in problems[0] and "bytes, expected" in problems[0]

@@ -41,6 +41,8 @@ class View:
     segments: dict[int, SegmentReader]
     deleted: dict[int, np.ndarray]
     lookup_extents: Callable[[int], list[tuple[int, int, int]]]
+    #: Digest of the router that routed this state: LRSQ codes encoded by it are usable.
+    router_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
 
     def extents(self, bucket: int) -> list[tuple[int, int, int]]:
@@ -150,63 +152,89 @@ class SearchStats:
     scanned: np.ndarray
     bytes_read: np.ndarray
     batch_bytes: int = 0
+    #: Candidates whose LRSQ upper bound ruled them out: their full vector was not scored.
+    pruned: np.ndarray | None = None
 
     def rows(self) -> list[dict]:
-        return [{"buckets": int(b), "scanned": int(c), "bytes_read": int(r)}
-                for b, c, r in zip(self.buckets, self.scanned, self.bytes_read)]
-
-
-def _bucket_rows(view: View, key: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Live rows of one bucket across segments: (vectors float32 (n, d), ids int64, bytes)."""
-    vec_parts, id_parts, nbytes = [], [], 0
-    for seg, first, n in view.extents(key):
-        reader = view.segments[seg]
-        vecs = reader.vectors(first, first + n)
-        ids = reader.ids(first, first + n)
-        nbytes += vecs.nbytes + ids.nbytes
-        mask = view.live_mask(seg, first, n)
-        if mask is not None:
-            vecs, ids = vecs[mask], ids[mask]
-        vec_parts.append(vecs)
-        id_parts.append(ids)
-    if not vec_parts:
-        return np.empty((0, 0), np.float32), np.empty(0, np.int64), 0
-    return (np.concatenate(vec_parts).astype(np.float32, copy=False),
-            np.concatenate(id_parts).astype(np.int64), nbytes)
+        pruned = self.pruned if self.pruned is not None else np.zeros(len(self.buckets), dtype=np.int64)
+        return [{"buckets": int(b), "scanned": int(c), "pruned": int(p), "bytes_read": int(r)}
+                for b, c, p, r in zip(self.buckets, self.scanned, pruned, self.bytes_read)]
 
 
 def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
-                 candidates: int | None, *, explain: bool = False):
+                 candidates: int | None, *, explain: bool = False, prune: bool = True):
     """Probed search of a batch, bucket by bucket: each probed bucket is read ONCE and
     scored against all the queries that probe it with one matrix product; per-query top-k
-    are merged as buckets arrive. Same candidates, hence the same results, as searching
-    each query alone. Returns ``(ids, scores)``, plus :class:`SearchStats` with ``explain``.
+    are merged as buckets arrive (in order of first probe, so thresholds tighten early).
+    Same candidates, hence the same results, as searching each query alone.
+
+    With ``prune`` and LRSQ codes encoded by the view's router, a bucket's codes are read
+    first: candidates whose certified upper bound is below the query's threshold (its
+    current k-th best exact score, or the bucket's k-th best lower bound) are dropped
+    without reading their full vector; the others are rescored exactly. Lossless: the
+    result equals exact scoring of every probed candidate.
+
+    Returns ``(ids, scores)``, plus :class:`SearchStats` with ``explain``.
     """
     nq = len(queries)
     best_s, best_i = _empty(nq, k)
     probe_rows = router.probe_input(queries)
     groups: dict[int, list[int]] = {}
+    first_probe: dict[int, int] = {}
     n_buckets = np.zeros(nq, dtype=np.int64)
     for qi in range(nq):
         keys = probed_buckets(view, router.probe_keys(probe_rows[qi]), probes, candidates)
         n_buckets[qi] = len(keys)
-        for key in keys:
+        for pos, key in enumerate(keys):
             groups.setdefault(key, []).append(qi)
+            first_probe[key] = min(pos, first_probe.get(key, pos))
+    lrsq = getattr(router, "lrsq", None) if prune else None
+    qy = router.rotate(queries) if lrsq is not None else None
     scanned = np.zeros(nq, dtype=np.int64)
+    pruned = np.zeros(nq, dtype=np.int64)
     bytes_read = np.zeros(nq, dtype=np.int64)
     batch_bytes = 0
-    for key, members in groups.items():
-        vecs, ids, nbytes = _bucket_rows(view, key)
-        batch_bytes += nbytes
-        qs = np.asarray(members)
-        bytes_read[qs] += nbytes
-        if len(ids) == 0:
-            continue
-        scanned[qs] += len(ids)
-        s = queries[qs] @ vecs.T
-        best_s[qs], best_i[qs] = _merge(best_s[qs], best_i[qs], s, np.broadcast_to(ids, s.shape), k)
+    for key in sorted(groups, key=first_probe.__getitem__):
+        qs = np.asarray(groups[key])
+        for seg, first, n in view.extents(key):
+            reader = view.segments[seg]
+            ids = np.asarray(reader.ids(first, first + n)).astype(np.int64)
+            nbytes = ids.nbytes
+            live = view.live_mask(seg, first, n)
+            local = np.arange(n) if live is None else np.flatnonzero(live)
+            if len(local) == 0:
+                continue
+            meta = reader.lrsq_meta
+            usable = lrsq is not None and meta is not None and meta["model"] == view.router_digest
+            if usable:
+                codes, aux = reader.lrsq(first, first + n)
+                nbytes += codes.nbytes + aux.nbytes
+                _, lo, hi = lrsq.estimate(qy[qs], np.asarray(codes)[local], np.asarray(aux)[local])
+                thr = best_s[qs, k - 1]
+                if len(local) >= k:
+                    thr = np.maximum(thr, np.partition(lo, len(local) - k, axis=1)[:, len(local) - k])
+                survive = hi >= thr[:, None]
+                keep = survive.any(axis=0)
+                pruned[qs] += (~survive).sum(axis=1)
+                rows = local[keep]
+                survive = survive[:, keep]
+            else:
+                rows, survive = local, None
+            vecs = np.asarray(reader.vectors(first, first + n)[rows], dtype=np.float32)
+            nbytes += vecs.nbytes // 4 * reader.dtype.itemsize
+            batch_bytes += nbytes
+            bytes_read[qs] += nbytes
+            scanned[qs] += len(local)
+            if len(rows) == 0:
+                continue
+            s = queries[qs] @ vecs.T
+            cand = np.broadcast_to(ids[rows], s.shape)
+            if survive is not None:  # a query's pruned candidates cannot be in its top k
+                s = np.where(survive, s, -np.inf).astype(np.float32)
+                cand = np.where(survive, cand, -1)
+            best_s[qs], best_i[qs] = _merge(best_s[qs], best_i[qs], s, cand, k)
     if explain:
-        return best_i, best_s, SearchStats(n_buckets, scanned, bytes_read, batch_bytes)
+        return best_i, best_s, SearchStats(n_buckets, scanned, bytes_read, batch_bytes, pruned)
     return best_i, best_s
 
 

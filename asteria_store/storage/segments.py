@@ -4,6 +4,8 @@ Layout under ``segments.zarr/`` (a Zarr v3 group), one sub-group per segment::
 
     seg-00000001/vectors   (n, d) float32 or float16, little-endian, chunks (chunk_rows, d)
     seg-00000001/ids       (n,)   uint64, little-endian, chunks (chunk_rows,)
+    seg-00000001/lrsq      (n, r) uint8 LRSQ codes, chunks (chunk_rows, r)      [learned router]
+    seg-00000001/lrsq_aux  (n, a) float16 LRSQ bound data, chunks (chunk_rows, a) [learned router]
 
 Every array uses the single ``bytes`` codec (no compression, no filters), the default
 chunk key encoding (``c/<i>/<j>``), and ``write_empty_chunks=True``, so each chunk file is
@@ -59,7 +61,7 @@ class SegmentWriter:
     """Writes one segment, chunk-aligned window by window."""
 
     def __init__(self, root: str | os.PathLike[str], name: str, *, n: int, dim: int,
-                 dtype: str, chunk_rows: int):
+                 dtype: str, chunk_rows: int, lrsq_widths: tuple[int, int] | None = None):
         self.root = Path(root)
         self.name = name
         self.n = n
@@ -78,11 +80,23 @@ class SegmentWriter:
             store, name=f"{name}/ids", shape=(n,), chunks=(chunk_rows,),
             dtype="<u8", fill_value=0, **common,
         )
+        self.lrsq = self.lrsq_aux = None
+        if lrsq_widths is not None:
+            rank, aux = lrsq_widths
+            self.lrsq = zarr.create_array(store, name=f"{name}/lrsq", shape=(n, rank), chunks=(chunk_rows, rank),
+                                          dtype="|u1", fill_value=0, **common)
+            self.lrsq_aux = zarr.create_array(store, name=f"{name}/lrsq_aux", shape=(n, aux),
+                                              chunks=(chunk_rows, aux), dtype="<f2", fill_value=0.0, **common)
 
-    def write(self, start: int, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def write(self, start: int, vectors: np.ndarray, ids: np.ndarray,
+              lrsq: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         stop = start + len(vectors)
         self.vectors[start:stop] = vectors.astype(self.dtype, copy=False)
         self.ids[start:stop] = ids.astype("<u8", copy=False)
+        if self.lrsq is not None:
+            codes, aux = lrsq
+            self.lrsq[start:stop] = codes
+            self.lrsq_aux[start:stop] = aux.astype("<f2", copy=False)
 
     def finish(self) -> None:
         """Make the segment durable (all files and directories fsynced)."""
@@ -94,22 +108,30 @@ class SegmentReader:
     """Row access to one published segment through memory-mapped chunk files."""
 
     def __init__(self, root: str | os.PathLike[str], name: str, *, n: int, dim: int,
-                 dtype: str, chunk_rows: int):
+                 dtype: str, chunk_rows: int, lrsq: dict | None = None):
         self.dir = Path(root) / name
         self.n = n
         self.dim = dim
         self.chunk_rows = chunk_rows
         self.dtype = np.dtype(dtype).newbyteorder("<")
+        #: The segment record's LRSQ entry ({"rank", "aux", "model"}), None without codes.
+        self.lrsq_meta = lrsq
+        self._arrays: dict[str, tuple[np.dtype, int | None]] = {
+            "vectors": (self.dtype, dim), "ids": (np.dtype("<u8"), None)}
+        if lrsq is not None:
+            self._arrays["lrsq"] = (np.dtype("u1"), lrsq["rank"])
+            self._arrays["lrsq_aux"] = (np.dtype("<f2"), lrsq["aux"])
         self._maps: dict[tuple[str, int], np.memmap] = {}
 
     def _chunk(self, array: str, index: int) -> np.memmap:
         key = (array, index)
         m = self._maps.get(key)
         if m is None:
-            if array == "vectors":
-                path, dtype, shape = self.dir / "vectors" / "c" / str(index) / "0", self.dtype, (self.chunk_rows, self.dim)
+            dtype, width = self._arrays[array]
+            if width is not None:
+                path, shape = self.dir / array / "c" / str(index) / "0", (self.chunk_rows, width)
             else:
-                path, dtype, shape = self.dir / "ids" / "c" / str(index), np.dtype("<u8"), (self.chunk_rows,)
+                path, shape = self.dir / array / "c" / str(index), (self.chunk_rows,)
             try:
                 m = np.memmap(path, dtype=dtype, mode="r", shape=shape)
             except (OSError, ValueError) as exc:
@@ -138,6 +160,10 @@ class SegmentReader:
 
     def ids(self, start: int, stop: int) -> np.ndarray:
         return self._rows("ids", start, stop)
+
+    def lrsq(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """LRSQ codes (uint8) and bound data (float16) of rows ``[start, stop)``."""
+        return self._rows("lrsq", start, stop), self._rows("lrsq_aux", start, stop)
 
     def take_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Rows by index as float32 (for ``Store.get``)."""
