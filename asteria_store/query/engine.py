@@ -206,6 +206,7 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
                 continue
             meta = reader.lrsq_meta
             usable = lrsq is not None and meta is not None and meta["model"] == view.router_digest
+            row_bytes = reader.dim * reader.dtype.itemsize
             if usable:
                 codes, aux = reader.lrsq(first, first + n)
                 nbytes += codes.nbytes + aux.nbytes
@@ -221,9 +222,10 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
             else:
                 rows, survive = local, None
             vecs = np.asarray(reader.vectors(first, first + n)[rows], dtype=np.float32)
-            nbytes += vecs.nbytes // 4 * reader.dtype.itemsize
-            batch_bytes += nbytes
-            bytes_read[qs] += nbytes
+            # the batch reads the union of the group's survivors; one query, its own
+            batch_bytes += nbytes + len(rows) * row_bytes
+            own = len(rows) if survive is None else survive.sum(axis=1)
+            bytes_read[qs] += nbytes + own * row_bytes
             scanned[qs] += len(local)
             if len(rows) == 0:
                 continue
