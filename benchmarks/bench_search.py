@@ -40,6 +40,49 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
 
 
+def run_faiss(base: np.ndarray, q: np.ndarray, truth: np.ndarray, k: int, nlist: int, nprobes: str,
+              threads: int, single: int) -> list[dict]:
+    """faiss-cpu in RAM on the same vectors: exact flat index, then IVF-Flat by nprobe."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    out = []
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    quant = faiss.IndexFlatIP(base.shape[1])
+    ivf = faiss.IndexIVFFlat(quant, base.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    t = time.perf_counter()
+    ivf.train(base)
+    ivf.add(base)
+    print(f"faiss IVF-Flat ({nlist} lists) built in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    for name, index, probes in [("faiss Flat (RAM)", flat, ["-"])] + [
+            ("faiss IVF-Flat (RAM)", ivf, [int(p) for p in nprobes.split(",")])]:
+        for p in probes:
+            if p != "-":
+                index.nprobe = p
+            t = time.perf_counter()
+            _, ids = index.search(q, k)
+            batch_s = time.perf_counter() - t
+            lat = []
+            for v in q[:single]:
+                t0 = time.perf_counter()
+                index.search(v[None, :], 10)
+                lat.append(time.perf_counter() - t0)
+            lat = np.array(lat) * 1000
+            row = {"system": name, "probes": p, "batch_qps": len(q) / batch_s, "single_qps": 1000 / lat.mean(),
+                   "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                   "recall@1": recall(ids, truth, 1), "recall@10": recall(ids, truth, 10),
+                   "recall@100": recall(ids, truth, 100)}
+            if p != "-":  # IVF-Flat reads every vector of the probed lists
+                sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)])
+                cq = quant.search(q, p)[1]
+                scanned = sizes[cq].sum(axis=1)
+                row["scanned_per_query"] = float(scanned.mean())
+                row["kib_read_per_query"] = float(scanned.mean() * (base.shape[1] * 4 + 8) / 1024)
+            out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True)
@@ -51,6 +94,10 @@ def main() -> None:
     ap.add_argument("--probes", default="4,8,16,32,64")
     ap.add_argument("--single", type=int, default=300, help="queries timed one by one")
     ap.add_argument("--threads", default="1")
+    ap.add_argument("--faiss", default=None, metavar="NPROBES",
+                    help="also run faiss-cpu (the `peers` extra) in this process on the same vectors: "
+                         "IndexFlatIP and IndexIVFFlat with as many lists as the store has buckets, "
+                         "at these nprobe values (e.g. 8,16,32,64,128)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "search.jsonl"))
     args = ap.parse_args()
 
@@ -92,6 +139,8 @@ def main() -> None:
     rows.append({"system": "numpy brute force (RAM)", "probes": "-", "batch_qps": len(q) / bf_s,
                  "recall@1": recall(bf_ids, truth, 1), "recall@10": recall(bf_ids, truth, 10),
                  "recall@100": recall(bf_ids, truth, 100)})
+    if args.faiss:
+        rows.extend(run_faiss(base, q, truth, k, meta["buckets"], args.faiss, int(args.threads), args.single))
     del base
 
     for probes in [p if p == "all" else int(p) for p in args.probes.split(",")]:
