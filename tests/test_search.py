@@ -146,3 +146,13 @@ def test_verify_checks_lrsq_chunks(tmp_path, wordnet) -> None:
     with asteria_store.open(tmp_path / "s", readonly=True) as s:
         problems = s.verify().problems
     assert len(problems) == 1 and "lrsq/c/0/0" in problems[0] and "bytes, expected" in problems[0]
+
+
+def test_store_search_without_pruning_gives_the_same_results(store, wordnet) -> None:
+    _, queries = wordnet
+    ids, scores, stats = store.search(queries, K, probes=8, explain=True)
+    ids_np, scores_np, stats_np = store.search(queries, K, probes=8, prune=False, explain=True)
+    np.testing.assert_array_equal(ids, ids_np)
+    np.testing.assert_allclose(scores, scores_np, rtol=0, atol=1e-6)
+    assert stats_np.pruned.sum() == 0
+    np.testing.assert_array_equal(stats.scanned, stats_np.scanned)
