@@ -828,6 +828,7 @@ class Store:
         *,
         probes: Probes = DEFAULT_PROBES,
         candidates: int | None = None,
+        prune: bool = True,
         explain: bool = False,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
         """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,);
@@ -835,7 +836,7 @@ class Store:
         arr = np.asarray(vector) if not isinstance(vector, (str, os.PathLike)) else vector
         if isinstance(arr, np.ndarray) and arr.ndim == 1:
             arr = arr[None, :]
-        out = self.search(arr, k, probes=probes, candidates=candidates, explain=explain)
+        out = self.search(arr, k, probes=probes, candidates=candidates, prune=prune, explain=explain)
         if len(out[0]) != 1:
             raise InvalidInputError(f"query takes one vector, got {len(out[0])}; use search() for a batch.")
         if explain:

@@ -156,3 +156,17 @@ def test_store_search_without_pruning_gives_the_same_results(store, wordnet) -> 
     np.testing.assert_allclose(scores, scores_np, rtol=0, atol=1e-6)
     assert stats_np.pruned.sum() == 0
     np.testing.assert_array_equal(stats.scanned, stats_np.scanned)
+
+
+@pytest.mark.parametrize("probes", [1, 8, 32])
+def test_one_query_pruning_is_lossless(store, wordnet, probes) -> None:
+    """A single query takes the all-buckets-at-once pruning path; it must equal exact
+    scoring of every probed candidate."""
+    _, queries = wordnet
+    for qi in range(0, len(queries), 9):
+        ids, scores, stats = store.query(queries[qi], K, probes=probes, explain=True)
+        exp_ids, exp_scores = store.query(queries[qi], K, probes=probes, prune=False)
+        np.testing.assert_array_equal(ids, exp_ids)
+        np.testing.assert_allclose(scores, exp_scores, rtol=0, atol=1e-6)
+        if store.router.kind == "ecvh" and probes > 1:
+            assert stats["pruned"] > 0
