@@ -99,15 +99,25 @@ class LRSQ:
             ``(est, lower, upper)``, each (Q, n) float32, with ``lower <= <q, x> <= upper``.
         """
         qy = np.atleast_2d(np.asarray(qy, dtype=np.float32))
-        nb = self.n_blocks
-        recon = self.decode(codes, aux)  # (n, rank)
-        est = qy[:, : self.rank] @ recon.T
-        q_l1 = np.abs(qy[:, : self.rank]).reshape(len(qy), nb, self.block).sum(axis=2)  # (Q, nb)
+        nb, bl = self.n_blocks, self.block
+        lo = aux[:, :nb].astype(np.float32)  # (n, nb)
+        scale = aux[:, nb : 2 * nb].astype(np.float32)
+        # <q_b, lo_b + scale_b * c_b> summed over blocks, without materialising the
+        # reconstruction: one (Q x bl) @ (bl x n) product per block on the raw codes.
+        qh = qy[:, : self.rank].reshape(len(qy), nb, bl)
+        c = np.asarray(codes, dtype=np.float32)
+        est = qh.sum(axis=2) @ lo.T
+        for b in range(nb):
+            est += (qh[:, b, :] @ c[:, b * bl : (b + 1) * bl].T) * scale[:, b]
+        q_l1 = np.abs(qh).sum(axis=2)  # (Q, nb)
         err = aux[:, 2 * nb : 3 * nb].astype(np.float32)  # (n, nb)
         rho = aux[:, 3 * nb].astype(np.float32)  # (n,)
         q_tail = np.sqrt(np.maximum((qy[:, self.rank :] ** 2).sum(axis=1), 0.0))  # (Q,)
         q_norm = np.sqrt((qy * qy).sum(axis=1))
-        x_norm = np.sqrt((recon * recon).sum(axis=1)) + np.sqrt(self.block) * err.sum(axis=1) + rho
+        # ||recon|| <= sqrt(bl * sum_b max(|lo_b|, |lo_b + 255 scale_b|)**2): only the
+        # rounding slack uses it
+        peak = np.maximum(np.abs(lo), np.abs(lo + 255 * scale))
+        x_norm = np.sqrt(bl * (peak * peak).sum(axis=1)) + np.sqrt(bl) * err.sum(axis=1) + rho
         width = q_l1 @ err.T + q_tail[:, None] * rho[None, :]
         width += _SLACK_REL * q_norm[:, None] * x_norm[None, :] + _SLACK_ABS
         return est, est - width, est + width
