@@ -1,14 +1,18 @@
-"""Query path: probe buckets in soft-cost order, score candidates exactly, keep the top k.
+"""Query path: probe buckets in the router's order, prune with LRSQ bounds, rescore exactly.
 
 The engine works on a :class:`View`: one consistent catalog snapshot (a generation) with
-its live segments, tombstones and bucket extents. Scores are exact inner products of the
-(normalised) query with the stored vectors, read from memory-mapped chunks.
+its live segments, tombstones and bucket extents. Final scores are exact inner products of
+the (normalised) query with the stored vectors, read from memory-mapped chunks; LRSQ codes
+(when the segment was encoded by the live router) only decide which rows need reading.
+
+* :func:`search_batch`: a batch, bucket by bucket (each probed bucket read once for all its
+  queries, one matrix product); a single query prunes over all its probed rows at once.
+* :func:`search_exact`: brute force over every live row (``probes="all"``).
 
 Budgets (per query):
 
-* ``probes``: buckets visited, home bucket first, then the next-cheapest bit flips. More
-  probes raise recall and latency and bytes read; ``"all"`` scans every live row and is
-  exactly brute force.
+* ``probes``: buckets visited, in the router's probe order. More probes raise recall and
+  latency and bytes read; ``"all"`` scans every live row and is exactly brute force.
 * ``candidates``: stop probing once this many rows are gathered. Caps latency on skewed
   buckets; ``None`` means no cap.
 """
@@ -118,11 +122,6 @@ def search_exact(view: View, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
                     best_s[q0 : q0 + len(q)], best_i[q0 : q0 + len(q)], s, tile_i, k
                 )
     return best_i, best_s
-
-
-def probe_extents(view: View, probe_keys, probes: int, candidates: int | None) -> list[tuple[int, int, int]]:
-    """Extents of the first ``probes`` buckets of ``probe_keys`` (within the candidate cap)."""
-    return [ext for key in probed_buckets(view, probe_keys, probes, candidates) for ext in view.extents(key)]
 
 
 def probed_buckets(view: View, probe_keys, probes: int, candidates: int | None) -> list[int]:
@@ -243,43 +242,6 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     if explain:
         return best_i, best_s, SearchStats(n_buckets, scanned, bytes_read, batch_bytes, pruned)
     return best_i, best_s
-
-
-def score_extents(view: View, query: np.ndarray, extents: list[tuple[int, int, int]], k: int):
-    """Exact top-k of one query over the rows of ``extents`` (skipping deleted rows)."""
-    vec_parts, id_parts = [], []
-    for seg, first, n in extents:
-        reader = view.segments[seg]
-        vecs = reader.vectors(first, first + n)
-        ids = reader.ids(first, first + n)
-        mask = view.live_mask(seg, first, n)
-        if mask is not None:
-            vecs, ids = vecs[mask], ids[mask]
-        vec_parts.append(vecs)
-        id_parts.append(ids)
-    best_s, best_i = _empty(1, k)
-    if not vec_parts:
-        return best_i[0], best_s[0]
-    vecs = np.concatenate(vec_parts).astype(np.float32, copy=False)
-    ids = np.concatenate(id_parts).astype(np.int64)
-    if len(ids) == 0:
-        return best_i[0], best_s[0]
-    s = (vecs @ query)[None, :]
-    best_s, best_i = _merge(best_s, best_i, s, ids[None, :], k)
-    return best_i[0], best_s[0]
-
-
-def search_probed(view: View, router, queries: np.ndarray, k: int, probes: int,
-                  candidates: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate search: each query scans only its first ``probes`` buckets."""
-    nq = len(queries)
-    out_i = np.full((nq, k), -1, dtype=np.int64)
-    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
-    probe_rows = router.probe_input(queries)
-    for qi in range(nq):
-        extents = probe_extents(view, router.probe_keys(probe_rows[qi]), probes, candidates)
-        out_i[qi], out_s[qi] = score_extents(view, queries[qi], extents, k)
-    return out_i, out_s
 
 
 def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, probes: int,
