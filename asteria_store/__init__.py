@@ -24,7 +24,8 @@ from .errors import (
     StoreNotFoundError,
     UnsupportedFormatError,
 )
-from .store import DeleteResult, IngestResult, Store, TrainResult, VerifyReport, create, open, train_model
+from .model.fit import train_model
+from .store import DeleteResult, IngestResult, Store, TrainResult, VerifyReport, create, open
 
 __version__ = "0.1.0"
 

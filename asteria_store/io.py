@@ -154,6 +154,22 @@ class VectorSource:
         self._advise("MADV_DONTNEED")
 
 
+def normalise_rows(x: np.ndarray, metric: str, *, what: str, offset: int = 0) -> np.ndarray:
+    """Rows L2-normalised for ``metric="cosine"`` (as given for ``"ip"``); an all-zero row
+    is refused, named by its row number (``offset`` + its index in ``x``)."""
+    if metric != "cosine":
+        return x
+    # float64: squares of finite float32 values neither overflow nor underflow there.
+    x64 = x.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))[:, None]
+    if (norms == 0).any():
+        bad = offset + int(np.argwhere(norms[:, 0] == 0)[0][0])
+        raise InvalidInputError(
+            f"Expected non-zero {what} for metric 'cosine', got an all-zero vector in row {bad}."
+        )
+    return (x64 / norms).astype(np.float32)
+
+
 def read_array(data: ArrayLike, what: str) -> np.ndarray:
     """An array as given, or loaded from a ``.npy`` path with a clear error if unreadable."""
     if isinstance(data, (str, os.PathLike)):

@@ -39,7 +39,8 @@ from .errors import (
     StoreNotFoundError,
     UnsupportedFormatError,
 )
-from .io import ArrayLike, VectorSource, load_ids, read_array
+from .io import ArrayLike, VectorSource, load_ids, normalise_rows, read_array
+from .model.fit import TRAIN_SAMPLE_ROWS, check_sample_size, sample_indices, train_config, training_sample
 from .model.router import Router, SignHasher, bits_for_size, load_model_file, load_router, save_router
 from .progress import ProgressLike, make_progress
 from .query.engine import DEFAULT_PROBES, Probes, SearchStats, View, search_batch, search_exact
@@ -54,11 +55,10 @@ MODEL_DIR = "model"
 #: Largest external id: ids are returned as int64, with -1 marking "no result".
 MAX_ID = 2**63 - 1
 
-#: A first ingest into a store waiting for its learned model trains it when the batch has
-#: at least MIN_TRAIN_ROWS vectors (smaller batches keep the baseline router; call
-#: :meth:`Store.train` later), on a uniform sample of at most TRAIN_SAMPLE_ROWS of them.
+#: A learned store trains once it holds at least MIN_TRAIN_ROWS vectors (at the first
+#: ingest that big, or the ingest that brings it there), on a uniform sample of at most
+#: TRAIN_SAMPLE_ROWS (model/fit.py) of them.
 MIN_TRAIN_ROWS = 1_000
-TRAIN_SAMPLE_ROWS = 100_000
 
 RouterChoice = Literal["learned", "sign"]
 
@@ -115,20 +115,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _normalise(x: np.ndarray, metric: str, *, what: str, offset: int = 0) -> np.ndarray:
-    if metric != "cosine":
-        return x
-    # float64: squares of finite float32 values neither overflow nor underflow there.
-    x64 = x.astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))[:, None]
-    if (norms == 0).any():
-        bad = offset + int(np.argwhere(norms[:, 0] == 0)[0][0])
-        raise InvalidInputError(
-            f"Expected non-zero {what} for metric 'cosine', got an all-zero vector in row {bad}."
-        )
-    return (x64 / norms).astype(np.float32)
 
 
 # --- create / open ------------------------------------------------------------------------
@@ -507,7 +493,7 @@ class Store:
         started = time.perf_counter()
         settings = dict(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank,
                         seed=seed, device=device)
-        _train_config(**settings, expected_size=1)  # validate before any work
+        train_config(**settings, expected_size=1)  # validate before any work
         src = VectorSource(sample, dim=self.config.dim, what="training vectors") if sample is not None else None
         with WriterLock(self.path):
             view = self._current_view()
@@ -519,8 +505,8 @@ class Store:
             x = self._sample_rows(src if src is not None else stored, TRAIN_SAMPLE_ROWS, seed)
             from .model.train import train  # torch: imported only to train
 
-            cfg = _train_config(**settings, expected_size=max(stored.n, len(x)))
-            router, history = train(_check_sample_size(x), cfg, progress=progress)
+            cfg = train_config(**settings, expected_size=max(stored.n, len(x)))
+            router, history = train(check_sample_size(x), cfg, progress=progress)
             with self._catalog.read() as txn:
                 seg = int(self._catalog.get_meta(txn, "next_segment"))
             model_rec, published = None, False
@@ -577,14 +563,14 @@ class Store:
     def _sample_rows(self, source: VectorSource | _StoredRows, size: int, seed: int) -> np.ndarray:
         """A seeded uniform sample of at most ``size`` rows, in stored form."""
         if isinstance(source, _StoredRows):
-            return source.take(_sample_indices(source.n, size, seed))
-        return self._as_stored(_training_sample(source, size, seed, self.config.metric))
+            return source.take(sample_indices(source.n, size, seed))
+        return self._as_stored(training_sample(source, size, seed, self.config.metric))
 
     def _train_router(self, sample: np.ndarray, settings: dict, *, expected: int,
                       progress: ProgressLike) -> Router:
         from .model.train import train  # torch: imported only to train
 
-        cfg = _train_config(bits=settings.get("bits"), ecc=True, epochs=5, batch_size=1024, rank=None,
+        cfg = train_config(bits=settings.get("bits"), ecc=True, epochs=5, batch_size=1024, rank=None,
                             seed=settings.get("seed", 0), device="auto", expected_size=expected)
         router, _ = train(sample, cfg, progress=progress)
         return router
@@ -621,7 +607,7 @@ class Store:
             for start, block in source.blocks(_HASH_BLOCK_ROWS):
                 x = block
                 if not isinstance(source, _StoredRows):  # stored rows are in stored form
-                    x = _normalise(block, self.config.metric, what="vectors", offset=start)
+                    x = normalise_rows(block, self.config.metric, what="vectors", offset=start)
                     x = self._as_stored(x, offset=start)
                 keys[start : start + len(block)] = router.keys(x)
                 bar.update(len(block))
@@ -666,7 +652,7 @@ class Store:
                 block = np.empty((len(rows), dim), dtype=np.float32)
                 block[inv] = source.take(rows[inv])  # ascending reads, then back to key order
                 if not isinstance(source, _StoredRows):
-                    block = _normalise(block, self.config.metric, what="vectors")
+                    block = normalise_rows(block, self.config.metric, what="vectors")
                 codes = None
                 if quantizer is not None:  # bounds must hold for the rows as stored
                     codes = quantizer.encode(router.rotate(self._as_stored(block)))
@@ -803,7 +789,7 @@ class Store:
         q = VectorSource(queries, dim=self.config.dim, what="queries")
         qs = np.concatenate([b for _, b in q.blocks(_HASH_BLOCK_ROWS)]) if q.n > _HASH_BLOCK_ROWS \
             else next(q.blocks(_HASH_BLOCK_ROWS))[1]
-        qs = np.ascontiguousarray(_normalise(qs, self.config.metric, what="queries"))
+        qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))
         view = self._current_view()
         if probes == "all":
             ids, scores = search_exact(view, qs, k)
@@ -992,104 +978,6 @@ class Store:
         return problems
 
 
-def train_model(
-    vectors: ArrayLike,
-    *,
-    save: str | os.PathLike[str] | None = None,
-    dim: int | None = None,
-    metric: Metric = "cosine",
-    bits: int | None = None,
-    expected_size: int | None = None,
-    ecc: bool = True,
-    epochs: int = 5,
-    batch_size: int = 1024,
-    rank: int | None = None,
-    seed: int = 0,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    progress: ProgressLike = None,
-) -> tuple[Router, list[dict]]:
-    """Train a standalone learned model on ``vectors`` (array or ``.npy`` path), without a
-    store; ``save`` writes it as a model file that ``create(path, model=...)`` uses.
-
-    ``dim`` checks the vectors' dimension; ``metric`` must be the future store's (cosine
-    normalises the sample). ``expected_size`` (default: the number of vectors) sizes the
-    buckets when ``bits`` is None. Returns the router and the per-epoch history.
-    """
-    if metric not in ("cosine", "ip"):
-        raise InvalidArgumentError(f"metric must be 'cosine' or 'ip', got {metric!r}.")
-    source = VectorSource(vectors, dim=dim, what="training vectors",
-                          dim_hint="Pass vectors of dimension {dim}, or --dim {got} for these.")
-    cfg = _train_config(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank, seed=seed,
-                        device=device, expected_size=expected_size or source.n)
-    x = _check_sample_size(_training_sample(source, TRAIN_SAMPLE_ROWS, seed, metric))
-    from .model.train import train  # torch: imported only to train
-
-    router, history = train(x, cfg, progress=progress)
-    if save is not None:
-        from .model.router import save_model_file
-
-        save_model_file(router, save)
-    return router, history
-
-
-def _train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_size):
-    """A validated :class:`~asteria_store.model.train.TrainConfig` (one-line errors)."""
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 20):
-        raise InvalidArgumentError(f"bits must be an integer in [1, 20], got {bits!r}.")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 32 or rank % 32):
-        raise InvalidArgumentError(f"rank must be a positive multiple of 32, got {rank!r}.")
-    if device not in ("auto", "cpu", "cuda"):
-        raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InvalidArgumentError("device 'cuda' was asked for, but torch sees no CUDA device. Use 'auto'.")
-    from .model.train import TrainConfig
-
-    return TrainConfig(bits=bits, ecc=bool(ecc), epochs=epochs, batch_size=batch_size, rank=rank,
-                       seed=seed, device=device, expected_size=expected_size)
-
-
-def _sample_indices(n: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.arange(n) if n <= size else np.sort(rng.choice(n, size, replace=False))
-
-
-def _training_sample(source: VectorSource, size: int, seed: int, metric: str) -> np.ndarray:
-    """A seeded uniform sample of at most ``size`` rows of ``source``, validated and
-    normalised for ``metric`` (rows are checked again, with row numbers, when hashed)."""
-    rows = _sample_indices(source.n, size, seed)
-    x = source.take(rows)
-    if not np.isfinite(x).all():
-        bad = int(rows[np.argwhere(~np.isfinite(x))[0][0]])
-        raise InvalidInputError(f"Expected finite {source.what}, got NaN or inf (first in row {bad}). "
-                                "Clean or drop those rows and retry.")
-    try:
-        return _normalise(x, metric, what=source.what)
-    except InvalidInputError:  # name the row of the input, not of the sample
-        bad = int(rows[np.flatnonzero(~x.any(axis=1))[0]])
-        raise InvalidInputError(
-            f"Expected non-zero {source.what} for metric 'cosine', got an all-zero vector in row {bad}."
-        ) from None
-
-
-#: Fewest vectors a model is trained on (a held-out tenth must still hold neighbours).
-MIN_SAMPLE_ROWS = 100
-
-
-def _check_sample_size(x: np.ndarray) -> np.ndarray:
-    if len(x) < MIN_SAMPLE_ROWS:
-        raise InvalidInputError(
-            f"Expected at least {MIN_SAMPLE_ROWS} training vectors, got {len(x)}. Pass a bigger "
-            "sample (or ingest more first)."
-        )
-    return x
-
-
 def _segment_record(n: int, chunk_rows: int, lrsq: dict | None) -> dict:
     record = {"rows": n, "chunk_rows": chunk_rows, "created": time.time()}
     if lrsq is not None:  # {"rank", "aux", "block", "model": digest of the encoding model}
@@ -1146,4 +1034,4 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-__all__ = ["DeleteResult", "IngestResult", "Store", "TrainResult", "VerifyReport", "create", "open", "train_model"]
+__all__ = ["DeleteResult", "IngestResult", "Store", "TrainResult", "VerifyReport", "create", "open"]

@@ -44,11 +44,6 @@ from asteria_store.model.train import TrainConfig, itq, spherical_kmeans, train
 FRACTIONS = (0.01, 0.02, 0.05, 0.10)
 
 
-def sign_scores(z: np.ndarray, bits: int) -> np.ndarray:
-    """Probe score of every bucket (Q, 2**bits): minus the soft cost of its differing bits."""
-    return sign_soft_cost_scores(z)
-
-
 def sign_keys(z: np.ndarray) -> np.ndarray:
     return ((z > 0).astype(np.int64) << np.arange(z.shape[1])).sum(1)
 
@@ -102,7 +97,7 @@ def main(argv=None) -> int:
         r = SignHasher.random(base.shape[1], bits, seed=args.seed)
         keys = sign_keys(r.margins(base))
         secs = time.perf_counter() - t
-        rows.append(evaluate("sign-random", keys, {k: (sign_scores(r.margins(q), bits), gt)
+        rows.append(evaluate("sign-random", keys, {k: (sign_soft_cost_scores(r.margins(q)), gt)
                                                    for k, (q, gt) in sets.items()}, nb, secs))
     if "sign-pca-itq" in wanted:
         t = time.perf_counter()
@@ -113,7 +108,7 @@ def main(argv=None) -> int:
         w = (pca @ directions[:, : pca.shape[1]].T).numpy()  # (d, bits)
         secs = time.perf_counter() - t
         rows.append(evaluate("sign-pca-itq", sign_keys(base @ w),
-                             {k: (sign_scores(q @ w, bits), gt) for k, (q, gt) in sets.items()}, nb, secs))
+                             {k: (sign_soft_cost_scores(q @ w), gt) for k, (q, gt) in sets.items()}, nb, secs))
     for name, ecc in (("ecvh-noecc", False), ("ecvh-ecc", True)):
         if name not in wanted:
             continue

@@ -23,6 +23,7 @@ from asteria_store import (
 from asteria_store.storage import catalog as catalog_mod
 from asteria_store.storage import segments
 from asteria_store.testing import clustered_vectors
+from asteria_store.testing.faults import fail_on_call
 
 DIM = 8
 N = 500
@@ -45,21 +46,6 @@ def store(tmp_path):
 
 def new_vectors(n: int = 2000) -> np.ndarray:
     return clustered_vectors(n, DIM, clusters=10, seed=3)
-
-
-def fail_on_call(monkeypatch, owner, name: str, nth: int, exc: BaseException) -> list[int]:
-    """Make the ``nth`` call of ``owner.name`` raise ``exc``; return the call counter."""
-    original = getattr(owner, name)
-    calls = [0]
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == nth:
-            raise exc
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
 
 
 def count_calls(monkeypatch, owner, name: str) -> list[int]:

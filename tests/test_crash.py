@@ -38,30 +38,9 @@ import numpy as np
 import asteria_store
 import asteria_store.store as store_mod
 from asteria_store.storage import catalog, segments
+from asteria_store.testing.faults import kill_on_call
 
 path, data, point, k = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-
-
-def die():
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def kill_on_call(owner, name, nth, *, after=False):
-    # Replace owner.name so that its nth call SIGKILLs this process (before or after it runs).
-    original = getattr(owner, name)
-    calls = [0]
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == nth and not after:
-            die()
-        result = original(*args, **kwargs)
-        if calls[0] == nth and after:
-            die()
-        return result
-
-    setattr(owner, name, wrapper)
 
 
 store = asteria_store.open(path)

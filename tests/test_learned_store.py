@@ -29,12 +29,14 @@ from asteria_store import (
     InvalidInputError,
     ModelFileError,
 )
+from asteria_store.model import fit as fit_mod
 from asteria_store.model import train as train_mod
 from asteria_store.storage import catalog as catalog_mod
 from asteria_store.storage import segments as seglib
 from asteria_store.storage.catalog import Catalog
 from asteria_store.store import MIN_TRAIN_ROWS
 from asteria_store.testing import brute_force_topk, clustered_vectors, recall_at_k
+from asteria_store.testing.faults import fail_on_call
 from asteria_store_cli.main import cli
 
 DIM = 16
@@ -95,21 +97,6 @@ def live_model(path: Path) -> str:
 
 def segment_dirs(path: Path) -> list[str]:
     return seglib.list_segment_dirs(path / "segments.zarr")
-
-
-def fail_on_call(monkeypatch, owner, name: str, nth: int, exc: BaseException) -> list[int]:
-    """Make the ``nth`` call of ``owner.name`` raise ``exc``; return the call counter."""
-    original = getattr(owner, name)
-    calls = [0]
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == nth:
-            raise exc
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
 
 
 def assert_rows_in_their_buckets(store: asteria_store.Store) -> None:
@@ -475,26 +462,10 @@ import asteria_store
 import asteria_store.store as store_mod
 from asteria_store.model import train as train_mod
 from asteria_store.storage import segments
+from asteria_store.testing.faults import kill_on_call
 
 torch.set_num_threads(1)
 path, vectors, action, point = sys.argv[1:5]
-
-
-def kill_on_call(owner, name, nth, *, after=False):
-    # Replace owner.name so that its nth call SIGKILLs this process (before or after it runs).
-    original = getattr(owner, name)
-    calls = [0]
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == nth and not after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(*args, **kwargs)
-        if calls[0] == nth and after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    setattr(owner, name, wrapper)
 
 
 if point == "training":  # after the first epoch, nothing written yet
@@ -856,7 +827,7 @@ def test_zero_vector_in_a_sampled_first_ingest_names_its_row(tmp_path, disk_snap
     there is named by its row in the batch, not its position in the sample."""
     n = store_mod.TRAIN_SAMPLE_ROWS + 1000
     x = clustered_vectors(n, 4, clusters=20, seed=1)
-    sampled = store_mod._sample_indices(n, store_mod.TRAIN_SAMPLE_ROWS, 0)
+    sampled = fit_mod.sample_indices(n, store_mod.TRAIN_SAMPLE_ROWS, 0)
     row = int(sampled[50_000])  # in the training sample, at another position
     assert row != 50_000
     x[row] = 0

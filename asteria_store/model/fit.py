@@ -1,0 +1,124 @@
+"""Fitting a model to data, outside the torch code: the training sample (seeded, validated,
+normalised), validated training settings, and :func:`train_model`, which trains a
+standalone model file. ``Store.ingest`` and ``Store.train`` use the same pieces.
+
+torch is imported only when a model is actually trained.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+
+from ..config import Metric
+from ..errors import InvalidArgumentError, InvalidInputError
+from ..io import ArrayLike, VectorSource, normalise_rows
+from ..progress import ProgressLike
+from .router import Router
+
+#: Training uses a uniform sample of at most this many vectors.
+TRAIN_SAMPLE_ROWS = 100_000
+
+
+def train_model(
+    vectors: ArrayLike,
+    *,
+    save: str | os.PathLike[str] | None = None,
+    dim: int | None = None,
+    metric: Metric = "cosine",
+    bits: int | None = None,
+    expected_size: int | None = None,
+    ecc: bool = True,
+    epochs: int = 5,
+    batch_size: int = 1024,
+    rank: int | None = None,
+    seed: int = 0,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    progress: ProgressLike = None,
+) -> tuple[Router, list[dict]]:
+    """Train a standalone learned model on ``vectors`` (array or ``.npy`` path), without a
+    store; ``save`` writes it as a model file that ``create(path, model=...)`` uses.
+
+    ``dim`` checks the vectors' dimension; ``metric`` must be the future store's (cosine
+    normalises the sample). ``expected_size`` (default: the number of vectors) sizes the
+    buckets when ``bits`` is None. Returns the router and the per-epoch history.
+    """
+    if metric not in ("cosine", "ip"):
+        raise InvalidArgumentError(f"metric must be 'cosine' or 'ip', got {metric!r}.")
+    source = VectorSource(vectors, dim=dim, what="training vectors",
+                          dim_hint="Pass vectors of dimension {dim}, or --dim {got} for these.")
+    cfg = train_config(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank, seed=seed,
+                        device=device, expected_size=expected_size or source.n)
+    x = check_sample_size(training_sample(source, TRAIN_SAMPLE_ROWS, seed, metric))
+    from .train import train  # torch: imported only to train
+
+    router, history = train(x, cfg, progress=progress)
+    if save is not None:
+        from .router import save_model_file
+
+        save_model_file(router, save)
+    return router, history
+
+
+def train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_size):
+    """A validated :class:`~asteria_store.model.train.TrainConfig` (one-line errors)."""
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 20):
+        raise InvalidArgumentError(f"bits must be an integer in [1, 20], got {bits!r}.")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 32 or rank % 32):
+        raise InvalidArgumentError(f"rank must be a positive multiple of 32, got {rank!r}.")
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("device 'cuda' was asked for, but torch sees no CUDA device. Use 'auto'.")
+    from .train import TrainConfig
+
+    return TrainConfig(bits=bits, ecc=bool(ecc), epochs=epochs, batch_size=batch_size, rank=rank,
+                       seed=seed, device=device, expected_size=expected_size)
+
+
+def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.arange(n) if n <= size else np.sort(rng.choice(n, size, replace=False))
+
+
+def training_sample(source: VectorSource, size: int, seed: int, metric: str) -> np.ndarray:
+    """A seeded uniform sample of at most ``size`` rows of ``source``, validated and
+    normalised for ``metric`` (rows are checked again, with row numbers, when hashed)."""
+    rows = sample_indices(source.n, size, seed)
+    x = source.take(rows)
+    if not np.isfinite(x).all():
+        bad = int(rows[np.argwhere(~np.isfinite(x))[0][0]])
+        raise InvalidInputError(f"Expected finite {source.what}, got NaN or inf (first in row {bad}). "
+                                "Clean or drop those rows and retry.")
+    try:
+        return normalise_rows(x, metric, what=source.what)
+    except InvalidInputError:  # name the row of the input, not of the sample
+        bad = int(rows[np.flatnonzero(~x.any(axis=1))[0]])
+        raise InvalidInputError(
+            f"Expected non-zero {source.what} for metric 'cosine', got an all-zero vector in row {bad}."
+        ) from None
+
+
+#: Fewest vectors a model is trained on (a held-out tenth must still hold neighbours).
+MIN_SAMPLE_ROWS = 100
+
+
+def check_sample_size(x: np.ndarray) -> np.ndarray:
+    if len(x) < MIN_SAMPLE_ROWS:
+        raise InvalidInputError(
+            f"Expected at least {MIN_SAMPLE_ROWS} training vectors, got {len(x)}. Pass a bigger "
+            "sample (or ingest more first)."
+        )
+    return x
+
+
+__all__ = ["MIN_SAMPLE_ROWS", "TRAIN_SAMPLE_ROWS", "check_sample_size", "sample_indices", "train_config",
+           "train_model", "training_sample"]
