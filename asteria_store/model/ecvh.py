@@ -21,12 +21,13 @@ equal ``x @ centroids`` for the implied bucket centroids, which is how they are 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 
 import numpy as np
 
 from .codes import HadamardCode
 from .lrsq import LRSQ
-from .router import bits_to_keys, sign_consistent, sign_probe_keys, sign_soft_cost_scores
+from .router import bits_to_keys, sign_consistent, sign_probe_keys, sign_soft_cost_scores, top_order
 
 
 class ECVHRouter:
@@ -136,6 +137,15 @@ class ECVHRouter:
         return ECVHRouter(self.rotation, self.vantages, self.offsets, bits=self.bits, ecc=self.ecc,
                           positions=None if self.code is None else self.code.positions,
                           lrsq=self.lrsq, info=self.info, probe_centroids=cents)
+
+    def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
+        """The first ``probes`` keys of each query's probe sequence (Q, P) int64, as
+        :meth:`probe_keys` yields them, for a whole batch at once."""
+        if self.probe_centroids is None and self.code is None:
+            rows = self.margins(queries)
+            return np.array([list(islice(sign_probe_keys(r), probes)) for r in rows],
+                            dtype=np.int64).reshape(len(queries), -1)
+        return top_order(self.probe_scores(queries), probes)
 
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
         """Bucket keys of one query (its row of :meth:`probe_input`) in probe order."""

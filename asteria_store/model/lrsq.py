@@ -22,12 +22,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import numpy as np
+import torch
 
 _F16 = np.float16
 #: Relative allowance for float32 rounding in the rotation and the dot products.
 _SLACK_REL = 1e-4
 _SLACK_ABS = 1e-6
+#: Rows of codes converted to float32 at a time in :meth:`LRSQ.estimate` (~1 MiB).
+_TILE_ROWS = 1024
 
 
 def _round_up_f16(x: np.ndarray) -> np.ndarray:
@@ -100,24 +105,51 @@ class LRSQ:
         """
         qy = np.atleast_2d(np.asarray(qy, dtype=np.float32))
         nb, bl = self.n_blocks, self.block
-        lo = aux[:, :nb].astype(np.float32)  # (n, nb)
-        scale = aux[:, nb : 2 * nb].astype(np.float32)
-        # <q_b, lo_b + scale_b * c_b> summed over blocks, without materialising the
-        # reconstruction: one (Q x bl) @ (bl x n) product per block on the raw codes.
+        a = _to_f32(aux)  # (n, aux_width): lo | scale | err | rho
         qh = qy[:, : self.rank].reshape(len(qy), nb, bl)
-        c = np.asarray(codes, dtype=np.float32)
-        est = qh.sum(axis=2) @ lo.T
-        for b in range(nb):
-            est += (qh[:, b, :] @ c[:, b * bl : (b + 1) * bl].T) * scale[:, b]
-        q_l1 = np.abs(qh).sum(axis=2)  # (Q, nb)
-        err = aux[:, 2 * nb : 3 * nb].astype(np.float32)  # (n, nb)
-        rho = aux[:, 3 * nb].astype(np.float32)  # (n,)
-        q_tail = np.sqrt(np.maximum((qy[:, self.rank :] ** 2).sum(axis=1), 0.0))  # (Q,)
-        q_norm = np.sqrt((qy * qy).sum(axis=1))
-        # ||recon|| <= sqrt(bl * sum_b max(|lo_b|, |lo_b + 255 scale_b|)**2): only the
-        # rounding slack uses it
-        peak = np.maximum(np.abs(lo), np.abs(lo + 255 * scale))
-        x_norm = np.sqrt(bl * (peak * peak).sum(axis=1)) + np.sqrt(bl) * err.sum(axis=1) + rho
-        width = q_l1 @ err.T + q_tail[:, None] * rho[None, :]
-        width += _SLACK_REL * q_norm[:, None] * x_norm[None, :] + _SLACK_ABS
+        # <q_b, lo_b + scale_b * c_b> summed over blocks, without materialising the
+        # reconstruction: one (rows x bl) @ (bl x Q) product per block on the raw codes,
+        # computed as (n, Q) (BLAS is several times faster this way round), over tiles of
+        # rows whose float32 codes stay in cache.
+        est = a[:, :nb] @ qh.sum(axis=2).T
+        for t in range(0, len(codes), _TILE_ROWS):
+            c = _to_f32(codes[t : t + _TILE_ROWS])
+            e, sc = est[t : t + _TILE_ROWS], a[t : t + _TILE_ROWS, nb : 2 * nb]
+            for b in range(nb):
+                e += (c[:, b * bl : (b + 1) * bl] @ qh[:, b, :].T) * sc[:, b, None]
+        width = np.abs(a) @ self._width_weights(qy).T + _SLACK_ABS  # (n, Q)
+        est, width = est.T, width.T
         return est, est - width, est + width
+
+    def _width_weights(self, qy: np.ndarray) -> np.ndarray:
+        """Per query, weights w (Q, aux_width) with half-width = |aux| @ w (+ a constant):
+
+            sum_b ||q_b||_1 * err_b + ||q_tail|| * rho + SLACK_REL * ||q|| * ||x||max
+
+        where ``||x||max = sqrt(block) * sum_b (|lo_b| + 255 scale_b + err_b) + rho`` bounds
+        the stored vector's norm (each coordinate of block b lies within err_b of
+        [lo_b, lo_b + 255 scale_b]); scale, err and rho are non-negative, so every term is
+        linear in |aux|: one product for the whole interval.
+        """
+        nb, bl = self.n_blocks, self.block
+        qh = qy[:, : self.rank].reshape(len(qy), nb, bl)
+        q_l1 = np.abs(qh).sum(axis=2)  # (Q, nb)
+        q_tail = np.sqrt((qy[:, self.rank :] ** 2).sum(axis=1))
+        slack = _SLACK_REL * np.sqrt((qy * qy).sum(axis=1))  # (Q,)
+        root = np.float32(np.sqrt(bl))
+        w = np.empty((len(qy), self.aux_width), dtype=np.float32)
+        w[:, :nb] = (slack * root)[:, None]
+        w[:, nb : 2 * nb] = (slack * 255 * root)[:, None]
+        w[:, 2 * nb : 3 * nb] = q_l1 + (slack * root)[:, None]
+        w[:, 3 * nb] = q_tail + slack
+        return w
+
+
+def _to_f32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32: uint8 codes or float16 aux are converted by torch (~15x faster
+    than numpy for float16). Read-only input (memory-mapped chunks) is only read."""
+    if x.dtype == np.float32:
+        return x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we never write it
+        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()

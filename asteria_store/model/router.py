@@ -61,6 +61,23 @@ def bits_to_keys(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
 
 
+def top_order(scores: np.ndarray, p: int) -> np.ndarray:
+    """Column indices (Q, p) of the p highest scores of each row, highest first, equal
+    scores by index: the first p of a stable descending argsort, without sorting it all."""
+    n = scores.shape[1]
+    p = min(p, n)
+    if p >= n // 2:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :p]
+    part = np.argpartition(-scores, p - 1, axis=1)[:, :p]
+    vals = np.take_along_axis(scores, part, axis=1)
+    out = np.take_along_axis(part, np.lexsort((part, -vals), axis=-1), axis=1)
+    # a tie at the p-th score: argpartition may have kept a higher index than the argsort
+    kth = vals.min(axis=1)
+    for r in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > p).tolist():
+        out[r] = np.argsort(-scores[r], kind="stable")[:p]
+    return out.astype(np.int64, copy=False)
+
+
 def flip_sets(cost: np.ndarray) -> Iterator[tuple[float, tuple[int, ...]]]:
     """All subsets of bit positions in increasing total cost (multi-probe LSH order).
 

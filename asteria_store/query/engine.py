@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Literal, Union
 
 import numpy as np
@@ -74,20 +75,13 @@ def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray,
     Equal scores are ordered by id (``-1``, "no result", last), so the result does not
     depend on the order in which rows arrive: batch and one-query searches agree.
     """
-    all_s = np.concatenate([best_s, s], axis=1)
-    all_i = np.concatenate([best_i, i], axis=1)
-    if all_s.shape[1] > k:
-        part = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
-        kth = np.take_along_axis(all_s, part, axis=1).min(axis=1)
-        ties = np.flatnonzero((all_s >= kth[:, None]).sum(axis=1) > k)
-        sel_s = np.take_along_axis(all_s, part, axis=1)
-        sel_i = np.take_along_axis(all_i, part, axis=1)
-        for r in ties:  # more rows tie with the k-th score than fit: the smallest ids win
-            o = np.lexsort((_id_key(all_i[r]), -all_s[r]))[:k]
-            sel_s[r], sel_i[r] = all_s[r, o], all_i[r, o]
-        all_s, all_i = sel_s, sel_i
-    order = np.lexsort((_id_key(all_i), -all_s), axis=-1)
-    return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+    return _sorted(*_select(np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1), k))
+
+
+def _sorted(s: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of (scores, ids) sorted best first, equal scores by id."""
+    order = np.lexsort((_id_key(i), -s), axis=-1)
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
 def _id_key(ids: np.ndarray) -> np.ndarray:
@@ -160,18 +154,146 @@ class SearchStats:
                 for b, c, p, r in zip(self.buckets, self.scanned, pruned, self.bytes_read)]
 
 
-def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
-                 candidates: int | None, *, explain: bool = False, prune: bool = True):
-    """Probed search of a batch, bucket by bucket: each probed bucket is read ONCE and
-    scored against all the queries that probe it with one matrix product; per-query top-k
-    are merged as buckets arrive (in order of first probe, so thresholds tighten early).
-    Same candidates, hence the same results, as searching each query alone.
 
-    With ``prune`` and LRSQ codes encoded by the view's router, a bucket's codes are read
-    first: candidates whose certified upper bound is below the query's threshold (its
-    current k-th best exact score, or the bucket's k-th best lower bound) are dropped
+def probe_order(router, queries: np.ndarray, probes: int) -> np.ndarray:
+    """Bucket keys (Q, P) int64 each query probes first, in its probe order
+    (``P = min(probes, buckets)``): vectorised where the router scores every bucket."""
+    order = getattr(router, "probe_order", None)
+    if order is not None:
+        return order(queries, probes)
+    return np.array([list(islice(router.probe_keys(row), probes)) for row in router.probe_input(queries)],
+                    dtype=np.int64).reshape(len(queries), -1)
+
+
+def _visits(view: View, keys: np.ndarray, candidates: int | None) -> np.ndarray:
+    """Which of each query's probe keys (Q, P) are visited under the ``candidates`` budget:
+    a bucket is visited while fewer than ``candidates`` rows (stored, deleted ones
+    included) have been gathered before it, as :func:`probed_buckets` does."""
+    if candidates is None:
+        return np.ones(keys.shape, dtype=bool)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    sizes = np.array([sum(e[2] for e in view.extents(int(key))) for key in uniq.tolist()], dtype=np.int64)
+    sz = sizes[inv.reshape(keys.shape)]
+    return np.cumsum(sz, axis=1) - sz < candidates
+
+
+#: In a batch, a bucket probed by more queries than this is read and scored whole, without
+#: LRSQ pruning: the survivors of that many queries cover most of its rows, so bounds would
+#: save little reading and cost as much CPU as the exact product (docs/benchmarks.md).
+PRUNE_GROUP_MAX = 4
+
+#: Probe scores and per-query candidates held at once: a batch is searched in blocks of queries.
+_BLOCK_CELLS = 1 << 22
+
+
+@dataclass
+class _Rows:
+    """The live rows of one or more probed buckets, as slices of memory-mapped chunks."""
+
+    parts: list[tuple[SegmentReader, int, int, np.ndarray | None]]  # reader, first, n, live rows
+    ids: np.ndarray  # (m,) int64
+    stored_bytes: int  # ids of every stored row (deleted ones too): read to find the live ones
+
+    @classmethod
+    def gather(cls, view: View, keys) -> _Rows:
+        parts, ids, nbytes = [], [], 0
+        for key in keys:
+            for seg, first, n in view.extents(key):
+                reader = view.segments[seg]
+                i = reader.read("ids", first, first + n)
+                nbytes += i.nbytes
+                live = view.live_mask(seg, first, n)
+                if live is not None:
+                    live = np.flatnonzero(live)
+                    if len(live) == 0:
+                        continue
+                    i = i[live]
+                parts.append((reader, first, n, live))
+                ids.append(i)
+        ids = np.concatenate(ids).astype(np.int64) if ids else np.empty(0, dtype=np.int64)
+        return cls(parts, ids, nbytes)
+
+    def usable_codes(self, digest: str) -> bool:
+        """Whether every part has LRSQ codes encoded by the router with this digest."""
+        return all(r.lrsq_meta is not None and r.lrsq_meta["model"] == digest for r, _, _, _ in self.parts)
+
+    def _cat(self, array: str, dtype=None) -> np.ndarray:
+        """``array``'s live rows of every part in one array (of ``dtype``: a copy)."""
+        out = [r.read(array, first, first + n) if live is None else r.read(array, first, first + n)[live]
+               for r, first, n, live in self.parts]
+        if len(out) == 1:
+            return out[0] if dtype is None else out[0].astype(dtype)
+        return np.concatenate(out, dtype=dtype)
+
+    def vectors(self, sel: np.ndarray | None = None) -> np.ndarray:
+        """float32 vectors of all live rows, or of the rows ``sel`` (indices into ``ids``),
+        gathered with one indexing per segment chunk."""
+        if sel is None:
+            return np.asarray(self._cat("vectors"), dtype=np.float32)
+        sizes = np.array([n if live is None else len(live) for _, _, n, live in self.parts])
+        offsets = np.cumsum(sizes) - sizes
+        part = np.searchsorted(offsets, sel, side="right") - 1
+        local = sel - offsets[part]
+        firsts = np.array([first for _, first, _, _ in self.parts])
+        rows = firsts[part] + local
+        for p, (_, first, _, live) in enumerate(self.parts):
+            if live is not None:  # deleted rows in this extent: map past them
+                mine = part == p
+                rows[mine] = first + live[local[mine]]
+        readers = [r for r, _, _, _ in self.parts]
+        if all(r is readers[0] for r in readers):
+            return readers[0].take_vectors(rows)
+        out = np.empty((len(sel), readers[0].dim), dtype=np.float32)
+        which = np.array([id(r) for r in readers])[part]
+        for r in {id(r): r for r in readers}.values():
+            mine = which == id(r)
+            out[mine] = r.take_vectors(rows[mine])
+        return out
+
+    def codes(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """LRSQ codes and aux of the live rows, and the bytes stored for all rows."""
+        codes = self._cat("lrsq")
+        aux = self._cat("lrsq_aux")
+        nbytes = sum(n * (r.lrsq_meta["rank"] + 2 * r.lrsq_meta["aux"]) for r, _, n, _ in self.parts)
+        return codes, aux, nbytes
+
+
+def _select(s: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of ``s`` (Q, m) by score, equal scores by id (``ids``: (m,)
+    or (Q, m); -1 only with score -inf): (Q, k) scores and ids, in no particular order,
+    padded with -inf / -1. The order is total, so selecting from parts and then from the
+    selections gives the same set as selecting from everything at once."""
+    nq, m = s.shape
+    ids = np.broadcast_to(ids, s.shape)
+    if m <= k:
+        out_s, out_i = _empty(nq, k)
+        out_s[:, :m], out_i[:, :m] = s, ids
+        return out_s, out_i
+    part = np.argpartition(s, m - k, axis=1)[:, m - k :]
+    sel_s = np.take_along_axis(s, part, axis=1)
+    sel_i = np.take_along_axis(ids, part, axis=1)
+    kth = sel_s.min(axis=1)
+    ties = np.flatnonzero(((s >= kth[:, None]).sum(axis=1) > k) & np.isfinite(kth))
+    for r in ties.tolist():  # more rows tie with the k-th score than fit: the smallest ids win
+        o = np.lexsort((_id_key(ids[r]), -s[r]))[:k]
+        sel_s[r], sel_i[r] = s[r, o], ids[r, o]
+    return sel_s, sel_i
+
+
+def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
+                 candidates: int | None, *, explain: bool = False, prune: bool | str = "auto"):
+    """Probed search of a batch, bucket by bucket: each probed bucket is read ONCE and
+    scored against all the queries that probe it with one matrix product; each query keeps
+    the k best of every bucket it probed, and its top k are selected from those at the
+    end. Same candidates, hence the same results, as searching each query alone.
+
+    ``prune`` (with LRSQ codes encoded by the view's router): a bucket's codes are read
+    first; candidates whose certified upper bound is below the query's threshold (the
+    best k-th score it has seen, or the bucket's k-th best lower bound) are dropped
     without reading their full vector; the others are rescored exactly. Lossless: the
-    result equals exact scoring of every probed candidate.
+    result equals exact scoring of every probed candidate. ``True`` prunes every bucket;
+    ``"auto"`` a single query's buckets and, in a batch, buckets probed by at most
+    :data:`PRUNE_GROUP_MAX` of its queries; ``False`` none.
 
     Returns ``(ids, scores)``, plus :class:`SearchStats` with ``explain``.
     """
@@ -182,66 +304,77 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
         if fast is not None:
             ids, scores, stats = fast
             return (ids, scores, stats) if explain else (ids, scores)
-    best_s, best_i = _empty(nq, k)
-    probe_rows = router.probe_input(queries)
-    groups: dict[int, list[int]] = {}
-    first_probe: dict[int, int] = {}
-    n_buckets = np.zeros(nq, dtype=np.int64)
-    for qi in range(nq):
-        keys = probed_buckets(view, router.probe_keys(probe_rows[qi]), probes, candidates)
-        n_buckets[qi] = len(keys)
-        for pos, key in enumerate(keys):
-            groups.setdefault(key, []).append(qi)
-            first_probe[key] = min(pos, first_probe.get(key, pos))
+    group_max = nq if prune is True else PRUNE_GROUP_MAX
+    stats = SearchStats(np.zeros(nq, dtype=np.int64), np.zeros(nq, dtype=np.int64),
+                        np.zeros(nq, dtype=np.int64), 0, np.zeros(nq, dtype=np.int64))
+    best_i = np.empty((nq, k), dtype=np.int64)
+    best_s = np.empty((nq, k), dtype=np.float32)
+    n_buckets = 2 ** int(getattr(router, "bits", 0)) or 1
+    block = max(1, min(nq, _BLOCK_CELLS // max(n_buckets, min(probes, n_buckets) * k)))
+    for q0 in range(0, nq, block):
+        q1 = min(nq, q0 + block)
+        best_i[q0:q1], best_s[q0:q1] = _search_block(view, router, lrsq, queries[q0:q1], k, probes,
+                                                     candidates, group_max, stats, q0)
+    return (best_i, best_s, stats) if explain else (best_i, best_s)
+
+
+def _search_block(view: View, router, lrsq, queries: np.ndarray, k: int, probes: int,
+                  candidates: int | None, group_max: int, stats: SearchStats, q0: int):
+    nq = len(queries)
+    keys = probe_order(router, queries, probes)
+    visit = _visits(view, keys, candidates)
+    stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
+    qi, pos = np.nonzero(visit)
+    bk = keys[qi, pos]
+    order = np.argsort(bk, kind="stable")
+    qi, pos, bk = qi[order], pos[order], bk[order]
+    uniq, start, count = np.unique(bk, return_index=True, return_counts=True)
+    # buckets in order of first probe: thresholds tighten early for the pruned ones
+    first = np.minimum.reduceat(pos, start) if len(pos) else pos
+    cand_s = np.full((nq, keys.shape[1], k), -np.inf, dtype=np.float32)
+    cand_i = np.full((nq, keys.shape[1], k), -1, dtype=np.int64)
+    thr = np.full(nq, -np.inf, dtype=np.float32)  # a k-th best score each query has seen
     qy = router.rotate(queries) if lrsq is not None else None
-    scanned = np.zeros(nq, dtype=np.int64)
-    pruned = np.zeros(nq, dtype=np.int64)
-    bytes_read = np.zeros(nq, dtype=np.int64)
-    batch_bytes = 0
-    for key in sorted(groups, key=first_probe.__getitem__):
-        qs = np.asarray(groups[key])
-        for seg, first, n in view.extents(key):
-            reader = view.segments[seg]
-            ids = np.asarray(reader.ids(first, first + n)).astype(np.int64)
-            nbytes = ids.nbytes
-            live = view.live_mask(seg, first, n)
-            local = np.arange(n) if live is None else np.flatnonzero(live)
-            if len(local) == 0:
-                continue
-            meta = reader.lrsq_meta
-            usable = lrsq is not None and meta is not None and meta["model"] == view.router_digest
-            row_bytes = reader.dim * reader.dtype.itemsize
-            if usable:
-                codes, aux = reader.lrsq(first, first + n)
-                nbytes += codes.nbytes + aux.nbytes
-                _, lo, hi = lrsq.estimate(qy[qs], np.asarray(codes)[local], np.asarray(aux)[local])
-                thr = best_s[qs, k - 1]
-                if len(local) >= k:
-                    thr = np.maximum(thr, np.partition(lo, len(local) - k, axis=1)[:, len(local) - k])
-                survive = hi >= thr[:, None]
-                keep = survive.any(axis=0)
-                pruned[qs] += (~survive).sum(axis=1)
-                rows = local[keep]
-                survive = survive[:, keep]
-            else:
-                rows, survive = local, None
-            vecs = np.asarray(reader.vectors(first, first + n)[rows], dtype=np.float32)
-            # the batch reads the union of the group's survivors; one query, its own
-            batch_bytes += nbytes + len(rows) * row_bytes
-            own = len(rows) if survive is None else survive.sum(axis=1)
-            bytes_read[qs] += nbytes + own * row_bytes
-            scanned[qs] += len(local)
-            if len(rows) == 0:
-                continue
-            s = queries[qs] @ vecs.T
-            cand = np.broadcast_to(ids[rows], s.shape)
-            if survive is not None:  # a query's pruned candidates cannot be in its top k
-                s = np.where(survive, s, -np.inf).astype(np.float32)
-                cand = np.where(survive, cand, -1)
-            best_s[qs], best_i[qs] = _merge(best_s[qs], best_i[qs], s, cand, k)
-    if explain:
-        return best_i, best_s, SearchStats(n_buckets, scanned, bytes_read, batch_bytes, pruned)
-    return best_i, best_s
+    scanned, pruned, nbytes = (x[q0 : q0 + nq] for x in (stats.scanned, stats.pruned, stats.bytes_read))
+    for j in np.argsort(first, kind="stable").tolist():
+        sl = slice(start[j], start[j] + count[j])
+        qs, ps = qi[sl], pos[sl]
+        rows = _Rows.gather(view, [int(uniq[j])])
+        m = len(rows.ids)
+        scanned[qs] += m
+        if m == 0:
+            nbytes[qs] += rows.stored_bytes
+            stats.batch_bytes += rows.stored_bytes
+            continue
+        row_bytes = rows.parts[0][0].dim * rows.parts[0][0].dtype.itemsize
+        if lrsq is not None and len(qs) <= group_max and rows.usable_codes(view.router_digest):
+            codes, aux, code_bytes = rows.codes()
+            _, lo, hi = lrsq.estimate(qy[qs], codes, aux)
+            t = thr[qs] if m < k else np.maximum(thr[qs], np.partition(lo, m - k, axis=1)[:, m - k])
+            survive = hi >= t[:, None]
+            keep = np.flatnonzero(survive.any(axis=0))
+            own = survive.sum(axis=1)
+            pruned[qs] += m - own
+            read = rows.stored_bytes + code_bytes
+            nbytes[qs] += read + own * row_bytes
+            stats.batch_bytes += read + len(keep) * row_bytes
+            s = queries[qs] @ rows.vectors(keep).T
+            cid = np.broadcast_to(rows.ids[keep], s.shape)
+            if len(keep) < m or not survive.all():  # a query's pruned rows cannot be in its top k
+                hit = survive[:, keep]
+                s = np.where(hit, s, np.float32(-np.inf))
+                cid = np.where(hit, cid, -1)
+        else:
+            read = rows.stored_bytes + m * row_bytes
+            nbytes[qs] += read
+            stats.batch_bytes += read
+            s = queries[qs] @ rows.vectors().T
+            cid = rows.ids
+        top_s, top_i = _select(s, cid, k)
+        cand_s[qs, ps], cand_i[qs, ps] = top_s, top_i
+        thr[qs] = np.maximum(thr[qs], top_s.min(axis=1))  # qs are distinct
+    s, i = _sorted(*_select(cand_s.reshape(nq, -1), cand_i.reshape(nq, -1), k))
+    return i, s
 
 
 def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, probes: int,
@@ -250,44 +383,25 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
     one threshold (the k-th best lower bound), one exact rescoring of the survivors.
     Same result as the bucket-by-bucket path (both lossless), far fewer numpy calls.
     None when a probed segment has no usable codes (the caller falls back)."""
-    keys = probed_buckets(view, router.probe_keys(router.probe_input(query[None, :])[0]), probes, candidates)
-    parts, codes, aux, ids = [], [], [], []
-    nbytes = 0
-    for key in keys:
-        for seg, first, n in view.extents(key):
-            reader = view.segments[seg]
-            meta = reader.lrsq_meta
-            if meta is None or meta["model"] != view.router_digest:
-                return None
-            live = view.live_mask(seg, first, n)
-            local = np.arange(n) if live is None else np.flatnonzero(live)
-            c, a = reader.lrsq(first, first + n)
-            i = reader.ids(first, first + n)
-            nbytes += c.nbytes + a.nbytes + i.nbytes
-            if len(local) == 0:
-                continue
-            parts.append((reader, first, n, local))
-            codes.append(np.asarray(c)[local])
-            aux.append(np.asarray(a)[local])
-            ids.append(np.asarray(i)[local].astype(np.int64))
+    keys = probe_order(router, query[None, :], probes)
+    keys = keys[_visits(view, keys, candidates)].tolist()
+    rows = _Rows.gather(view, keys)
+    if not rows.usable_codes(view.router_digest):
+        return None
     best_s, best_i = _empty(1, k)
-    total = sum(len(p[3]) for p in parts)
-    if total == 0:
-        return best_i, best_s, SearchStats(np.array([len(keys)]), np.array([0]), np.array([nbytes]),
-                                           nbytes, np.array([0]))
-    _, lo, hi = lrsq.estimate(router.rotate(query[None, :]), np.concatenate(codes), np.concatenate(aux))
-    thr = np.partition(lo[0], total - k)[total - k] if total >= k else -np.inf
-    survive = hi[0] >= thr
-    vec_parts, start = [], 0
-    for reader, first, n, local in parts:
-        mine = local[survive[start : start + len(local)]]
-        start += len(local)
-        if len(mine):
-            vec_parts.append(np.asarray(reader.vectors(first, first + n)[mine], dtype=np.float32))
-            nbytes += len(mine) * reader.dim * reader.dtype.itemsize
-    vecs = np.concatenate(vec_parts)
-    s = (vecs @ query)[None, :]
-    best_s, best_i = _merge(best_s, best_i, s, np.concatenate(ids)[survive][None, :], k)
-    stats = SearchStats(np.array([len(keys)]), np.array([total]), np.array([nbytes]), nbytes,
-                        np.array([int((~survive).sum())]))
+    m = len(rows.ids)
+    if m == 0:
+        stats = SearchStats(np.array([len(keys)]), np.array([0]), np.array([rows.stored_bytes]),
+                            rows.stored_bytes, np.array([0]))
+        return best_i, best_s, stats
+    codes, aux, code_bytes = rows.codes()
+    _, lo, hi = lrsq.estimate(router.rotate(query[None, :]), codes, aux)
+    thr = np.partition(lo[0], m - k)[m - k] if m >= k else -np.inf
+    keep = np.flatnonzero(hi[0] >= thr)
+    s = (rows.vectors(keep) @ query)[None, :]
+    best_s, best_i = _sorted(*_select(s, rows.ids[keep], k))
+    row_bytes = rows.parts[0][0].dim * rows.parts[0][0].dtype.itemsize
+    nbytes = rows.stored_bytes + code_bytes + len(keep) * row_bytes
+    stats = SearchStats(np.array([len(keys)]), np.array([m]), np.array([nbytes]), nbytes,
+                        np.array([m - len(keep)]))
     return best_i, best_s, stats

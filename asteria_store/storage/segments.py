@@ -121,9 +121,11 @@ class SegmentReader:
         if lrsq is not None:
             self._arrays["lrsq"] = (np.dtype("u1"), lrsq["rank"])
             self._arrays["lrsq_aux"] = (np.dtype("<f2"), lrsq["aux"])
-        self._maps: dict[tuple[str, int], np.memmap] = {}
+        self._maps: dict[tuple[str, int], np.ndarray] = {}
 
-    def _chunk(self, array: str, index: int) -> np.memmap:
+    def _chunk(self, array: str, index: int) -> np.ndarray:
+        """Chunk ``index`` of ``array``, memory-mapped (a plain ndarray view of the map:
+        slicing a ``np.memmap`` subclass costs several times more per call)."""
         key = (array, index)
         m = self._maps.get(key)
         if m is None:
@@ -139,10 +141,12 @@ class SegmentReader:
                     f"Segment chunk {str(path)!r} is missing or truncated ({exc}); "
                     "run `asteria-store verify`."
                 ) from None
-            self._maps[key] = m
+            m = self._maps[key] = m.view(np.ndarray)
         return m
 
-    def _rows(self, array: str, start: int, stop: int) -> np.ndarray:
+    def read(self, array: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``array`` ("vectors", "ids", "lrsq", "lrsq_aux"): a
+        view of the memory-mapped chunk, or a copy where the range spans chunks."""
         c = self.chunk_rows
         first, last = start // c, (stop - 1) // c
         if first == last:
@@ -156,22 +160,36 @@ class SegmentReader:
 
     def vectors(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as a (possibly memory-mapped) array of the storage dtype."""
-        return self._rows("vectors", start, stop)
+        return self.read("vectors", start, stop)
 
     def ids(self, start: int, stop: int) -> np.ndarray:
-        return self._rows("ids", start, stop)
+        return self.read("ids", start, stop)
 
     def lrsq(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """LRSQ codes (uint8) and bound data (float16) of rows ``[start, stop)``."""
-        return self._rows("lrsq", start, stop), self._rows("lrsq_aux", start, stop)
+        return self.read("lrsq", start, stop), self.read("lrsq_aux", start, stop)
+
+    def take(self, array: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of ``array`` by index (any order), one gather per chunk touched."""
+        rows = np.asarray(rows, dtype=np.int64)
+        c = self.chunk_rows
+        dtype, width = self._arrays[array]
+        out = np.empty((len(rows),) if width is None else (len(rows), width), dtype=dtype)
+        if len(rows) == 0:
+            return out
+        chunk = rows // c
+        first, last = int(chunk.min()), int(chunk.max())
+        if first == last:
+            out[:] = self._chunk(array, first)[rows - first * c]
+            return out
+        for i in np.unique(chunk).tolist():
+            sel = chunk == i
+            out[sel] = self._chunk(array, i)[rows[sel] - i * c]
+        return out
 
     def take_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Rows by index as float32 (for ``Store.get``)."""
-        c = self.chunk_rows
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for j, r in enumerate(rows.tolist()):
-            out[j] = self._chunk("vectors", r // c)[r % c]
-        return out
+        """Rows by index as float32 (for ``Store.get`` and exact rescoring)."""
+        return self.take("vectors", rows).astype(np.float32, copy=False)
 
     def close(self) -> None:
         self._maps.clear()
