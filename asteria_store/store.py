@@ -760,7 +760,7 @@ class Store:
         *,
         probes: Probes = DEFAULT_PROBES,
         candidates: int | None = None,
-        prune: bool = True,
+        prune: bool | Literal["auto"] = "auto",
         explain: bool = False,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
@@ -776,10 +776,14 @@ class Store:
                 higher recall, more latency and bytes read. ``"all"`` is exact brute force.
             candidates: stop probing once this many rows are gathered (caps latency on
                 large buckets at some cost in recall); ``None``: no cap.
-            prune: with the learned router, read each probed row's LRSQ codes first and skip
-                the full vector of rows whose certified upper bound cannot reach the top k
-                (lossless). Cuts bytes read ~4x (what matters when the data is on disk and
-                not in the page cache); costs CPU when it is cached (docs/benchmarks.md).
+            prune: with the learned router, read a probed row's LRSQ codes first and skip
+                its full vector when its certified upper bound cannot reach the top k
+                (lossless: same results). ``True``: for every probed bucket (fewest bytes
+                read, ~4x fewer: what matters when the store is not in the page cache);
+                ``False``: never (least CPU when it is cached); ``"auto"``: for a single
+                query, and in a batch for buckets that at most ``PRUNE_GROUP_MAX`` of its
+                queries probe (a bucket many queries share is read whole once, as their
+                survivors cover most of it). Trade-offs measured in docs/benchmarks.md.
             explain: also return a :class:`~asteria_store.query.engine.SearchStats`
                 (buckets probed, rows scanned, bytes read per query); for ``probes="all"``
                 buckets are reported as -1 (no routing).
@@ -804,8 +808,10 @@ class Store:
             raise InvalidArgumentError(f"probes must be a positive integer or 'all', got {probes!r}.")
         if candidates is not None and (not isinstance(candidates, (int, np.integer)) or candidates < 1):
             raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
+        if prune not in (True, False, "auto"):
+            raise InvalidArgumentError(f"prune must be True, False or 'auto', got {prune!r}.")
         return search_batch(view, self._router, qs, k, int(probes), candidates, explain=bool(explain),
-                            prune=bool(prune))
+                            prune=prune)
 
     def query(
         self,
@@ -814,7 +820,7 @@ class Store:
         *,
         probes: Probes = DEFAULT_PROBES,
         candidates: int | None = None,
-        prune: bool = True,
+        prune: bool | Literal["auto"] = "auto",
         explain: bool = False,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
         """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,);

@@ -144,14 +144,15 @@ def ingest(path: Path, vectors: Path, ids: Path | None, quiet: bool) -> None:
 @click.option("--candidates", type=int, default=None, metavar="N",
               help="Stop probing once N rows are gathered: caps latency at some cost in "
                    "recall. [default: no cap]")
-@click.option("--prune/--no-prune", default=library_default(Store.search, "prune"), show_default=True,
-              help="Skip rows whose LRSQ bound rules them out (fewer bytes read; lossless). "
-                   "--no-prune is faster when the store is in the page cache.")
+@click.option("--prune/--no-prune", default=None,
+              help="LRSQ bound pruning (lossless) on every probed bucket: fewest bytes read / "
+                   "on none: least CPU when the store is in the page cache. [default: "
+                   "single queries, and buckets shared by few queries of a batch]")
 @click.option("--explain", is_flag=True,
               help="Also report, per query, buckets probed, rows scanned and bytes read.")
 @json_option
 def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | None,
-          prune: bool, explain: bool, as_json: bool) -> None:
+          prune: bool | None, explain: bool, as_json: bool) -> None:
     """Find the k nearest neighbours of each query.
 
     QUERIES.npy holds a (q, d) array. Prints one line per query: its row number, then
@@ -165,7 +166,8 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
         asteria-store query mystore queries.npy --explain
     """
     with asteria_store.open(path, readonly=True) as store:
-        out = store.search(queries, k, probes=probes, candidates=candidates, prune=prune, explain=explain)
+        out = store.search(queries, k, probes=probes, candidates=candidates,
+                           prune="auto" if prune is None else prune, explain=explain)
     ids, scores = out[0], out[1]
     stats = out[2].rows() if explain else None
     for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):

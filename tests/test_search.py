@@ -84,7 +84,7 @@ def test_probed_search_is_exact_over_the_probed_candidates(store, wordnet, probe
 def test_explain_reports_what_was_read(store, wordnet) -> None:
     _, queries = wordnet
     qn = normalise(queries)
-    ids, scores, stats = store.search(queries, K, probes=8, explain=True)
+    ids, scores, stats = store.search(queries, K, probes=8, explain=True, prune=True)
     plain_ids, _ = store.search(queries, K, probes=8)
     np.testing.assert_array_equal(ids, plain_ids)
     row_bytes = 384 * 4 + 8
