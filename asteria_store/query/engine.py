@@ -329,8 +329,9 @@ def _search_block(view: View, router, lrsq, queries: np.ndarray, k: int, probes:
     order = np.argsort(bk, kind="stable")
     qi, pos, bk = qi[order], pos[order], bk[order]
     uniq, start, count = np.unique(bk, return_index=True, return_counts=True)
-    # buckets in order of first probe: thresholds tighten early for the pruned ones
-    first = np.minimum.reduceat(pos, start) if len(pos) else pos
+    # buckets in order of their mean probe position: each query tends to see its best
+    # buckets first, so its threshold tightens early
+    first = np.add.reduceat(pos, start) / count if len(pos) else pos
     cand_s = np.full((nq, keys.shape[1], k), -np.inf, dtype=np.float32)
     cand_i = np.full((nq, keys.shape[1], k), -1, dtype=np.int64)
     thr = np.full(nq, -np.inf, dtype=np.float32)  # a k-th best score each query has seen
@@ -370,9 +371,24 @@ def _search_block(view: View, router, lrsq, queries: np.ndarray, k: int, probes:
             stats.batch_bytes += read
             s = queries[qs] @ rows.vectors().T
             cid = rows.ids
-        top_s, top_i = _select(s, cid, k)
-        cand_s[qs, ps], cand_i[qs, ps] = top_s, top_i
-        thr[qs] = np.maximum(thr[qs], top_s.min(axis=1))  # qs are distinct
+        # Only rows at or above a query's k-th best so far can enter its top k: most
+        # queries have few or none in a bucket, and those need no partial sort.
+        hit = s >= thr[qs, None]
+        cnt = hit.sum(axis=1)
+        few = np.flatnonzero((cnt > 0) & (cnt <= k))
+        if len(few):
+            r, c = np.nonzero(hit[few])
+            slot = np.arange(len(r)) - (np.cumsum(cnt[few]) - cnt[few])[r]
+            q, p = qs[few][r], ps[few][r]
+            cand_s[q, p, slot] = s[few[r], c]
+            cand_i[q, p, slot] = cid[c] if cid.ndim == 1 else cid[few[r], c]
+            full = few[cnt[few] == k]  # exactly k new rows: the k-th of them is a threshold
+            thr[qs[full]] = np.maximum(thr[qs[full]], np.where(hit[full], s[full], np.inf).min(axis=1))
+        many = np.flatnonzero(cnt > k)
+        if len(many):
+            top_s, top_i = _select(s[many], cid if cid.ndim == 1 else cid[many], k)
+            cand_s[qs[many], ps[many]], cand_i[qs[many], ps[many]] = top_s, top_i
+            thr[qs[many]] = np.maximum(thr[qs[many]], top_s.min(axis=1))  # qs are distinct
     s, i = _sorted(*_select(cand_s.reshape(nq, -1), cand_i.reshape(nq, -1), k))
     return i, s
 
