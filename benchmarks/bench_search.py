@@ -9,7 +9,8 @@
 ingest) unless it exists. For each probe budget: batch QPS (one ``search`` call over all
 queries), one-query QPS and p50/p99 latency (``query`` per vector), recall@1/10/100 against
 ``--gt`` (ids into the base, best first) or, without it, an internal brute force, and
-bytes read per query (``explain``). Exact numpy brute force over the same float32 base runs
+bytes read per query: alone (``query(..., explain=True)``) and as its share of the batch
+(``SearchStats.batch_bytes``: each probed bucket is read once for all its queries). Exact numpy brute force over the same float32 base runs
 in the same process as the reference (QPS ratio). Threads are pinned (``--threads``,
 default 1) before numpy is imported. One JSON line per row goes to ``--out``.
 """
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--probes", default="4,8,16,32,64")
     ap.add_argument("--single", type=int, default=300, help="queries timed one by one")
     ap.add_argument("--threads", default="1")
+    ap.add_argument("--prune", choices=["auto", "on", "off"], default="auto",
+                    help="asteria's LRSQ pruning (search/query prune=): auto (default), on, off")
     ap.add_argument("--faiss", default=None, metavar="NPROBES",
                     help="also run faiss-cpu (the `peers` extra) in this process on the same vectors: "
                          "IndexFlatIP and IndexIVFFlat with as many lists as the store has buckets, "
@@ -143,39 +146,45 @@ def main() -> None:
         rows.extend(run_faiss(base, q, truth, k, meta["buckets"], args.faiss, int(args.threads), args.single))
     del base
 
+    prune = {"auto": "auto", "on": True, "off": False}[args.prune]
     for probes in [p if p == "all" else int(p) for p in args.probes.split(",")]:
-        store.search(q[:50], k, probes=probes)  # warm the page cache and the catalog
+        store.search(q[:50], k, probes=probes, prune=prune)  # warm the page cache and the catalog
         t = time.perf_counter()
-        ids, _, stats = store.search(q, k, probes=probes, explain=True)
+        ids, _, stats = store.search(q, k, probes=probes, prune=prune, explain=True)
         batch_s = time.perf_counter() - t
         lat = []
         for v in q[: args.single]:
             t0 = time.perf_counter()
-            store.query(v, 10, probes=probes)
+            store.query(v, 10, probes=probes, prune=prune)
             lat.append(time.perf_counter() - t0)
         lat = np.array(lat) * 1000
+        # what one query reads on its own (untimed): LRSQ codes and ids of every probed
+        # row, plus the full vectors of the rows its bounds could not rule out
+        one = [store.query(v, 10, probes=probes, prune=prune, explain=True)[2] for v in q[: args.single]]
         rows.append({
-            "system": "asteria-store", "probes": probes, "batch_qps": len(q) / batch_s,
+            "system": "asteria-store", "probes": probes, "prune": args.prune, "batch_qps": len(q) / batch_s,
             "single_qps": 1000 / lat.mean(), "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)),
             "recall@1": recall(ids, truth, 1), "recall@10": recall(ids, truth, 10),
             "recall@100": recall(ids, truth, 100),
             "scanned_per_query": float(stats.scanned.mean()),
-            "kib_read_per_query": float(stats.bytes_read.mean() / 1024),
+            "kib_read_per_query": float(np.mean([o["bytes_read"] for o in one]) / 1024),
+            "batch_kib_per_query": float(stats.batch_bytes / len(q) / 1024),
         })
     store.close()
     print(f"\n{meta['n']:,} vectors, {meta['buckets']} buckets ({meta['router']}), {len(q)} queries, "
           f"k={k}, {args.threads} thread(s)\n")
     print("| system | probes | batch QPS | vs brute force | 1-query QPS | p50 ms | p99 ms | "
-          "recall@1 | recall@10 | recall@100 | rows scanned/q | KiB read/q |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "recall@1 | recall@10 | recall@100 | rows scanned/q | KiB read/q (1 query) | KiB read/q (batch) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bf = rows[0]["batch_qps"]
     for r in rows:
         print(f"| {r['system']} | {r['probes']} | {r['batch_qps']:,.0f} | {r['batch_qps'] / bf:.2f}x | "
               f"{r.get('single_qps', float('nan')):,.0f} | {r.get('p50_ms', float('nan')):.2f} | "
               f"{r.get('p99_ms', float('nan')):.2f} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | "
               f"{r['recall@100']:.3f} | {r.get('scanned_per_query', float('nan')):,.0f} | "
-              f"{r.get('kib_read_per_query', float('nan')):,.0f} |")
+              f"{r.get('kib_read_per_query', float('nan')):,.0f} | "
+              f"{r.get('batch_kib_per_query', r.get('kib_read_per_query', float('nan'))):,.0f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as fh:

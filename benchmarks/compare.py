@@ -1,0 +1,542 @@
+"""asteria-store against peer ANN systems on the same vectors, one subprocess per system.
+
+WordNet (MiniLM, 106,697 x 384), example-sentence queries and held-out queries:
+
+    python benchmarks/compare.py --base ../shared/datasets/wordnet-minilm/base.f16.npy \\
+        --queries ../shared/datasets/wordnet-minilm/queries_examples.f16.npy \\
+        --gt ../shared/datasets/wordnet-minilm/gt_examples_ids.npy \\
+        --store /tmp/asteria-bench/wordnet-store --nq 2000 --k 10 --threads 1 \\
+        --systems asteria,faiss-flat,faiss-ivf,faiss-ivfpq,faiss-hnsw,hnswlib,lancedb \\
+        --out benchmarks/results/compare_wordnet_examples.jsonl \\
+        --plot docs/img/compare_wordnet_examples.png --workdir /tmp/asteria-bench/compare
+
+    python benchmarks/compare.py ... --queries .../queries_heldout.f16.npy \\
+        --gt .../gt_heldout_ids.npy --out benchmarks/results/compare_wordnet_heldout.jsonl \\
+        --plot docs/img/compare_wordnet_heldout.png   (other flags as above)
+
+Peers need the ``peers`` extra (faiss-cpu, hnswlib, lancedb); one that is not installed is
+reported as skipped. Without ``--gt`` the exact top-k (inner product of L2-normalised float32
+vectors, numpy) is computed here and saved in ``--workdir``. ``--threads 1,2`` runs every
+system at each thread count.
+
+Each system runs in its own ``python compare.py --child SYSTEM`` process, so ``peak_rss_mib``
+(the child's VmHWM) is its own; ``rss_mib`` is the resident size once the index is
+built and the input array dropped. Per setting: ``batch_qps`` (one search call over all nq
+queries, after a 50-query warm-up), ``single_qps`` and p50/p99 latency of k=10 queries issued
+one at a time (``--single`` of them), recall@1/10(/100 if k >= 100) as top-k id set overlap.
+
+Fairness: every system gets the same float32 L2-normalised vectors and queries and the same
+thread count (OMP/OpenBLAS/MKL/LANCE_CPU_THREADS set before import, plus faiss/torch/hnswlib
+thread setters). The faiss and hnswlib peers hold the base in RAM ("(RAM)"); asteria and
+lancedb serve from disk (warm page cache after the warm-up; drop caches for cold numbers).
+Disk indexes are built once (asteria at ``--store``, lancedb in ``--workdir``; with the
+largest ``--threads``) and reused; their build time is kept in ``workdir/builds.json``. IVF
+indexes (faiss, lancedb) get ``--nlist`` lists, by default the asteria store's bucket count.
+``kib_read_per_query`` for RAM indexes counts vectors/codes touched x their size (centroids,
+graph links not counted); lancedb does not expose it. lancedb's batch is one multi-vector
+query (rows tagged ``query_index``); its sample_rate is lowered so it trains all nlist lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROW = "@@ROW "  # child stdout lines carrying a JSON row; anything else is passed to stderr
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    k = min(k, found.shape[1], truth.shape[1])
+    return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
+
+
+def load_unit(path: str, limit: int | None = None) -> np.ndarray:
+    x = np.load(path, mmap_mode="r")
+    x = np.array(x[:limit], dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def ints(s: str) -> list[int]:
+    return [int(v) for v in str(s).split(",")]
+
+
+# ----------------------------------------------------------------------------- systems
+class System:
+    """One index. Disk systems: ``prepare()`` builds it once if missing (in its own process).
+    ``build()`` builds it in RAM or opens it; then for each ``sweep`` value p: ``set(p)``,
+    ``batch(q, k) -> (ids (nq, k), extra row fields)`` and ``one(v)`` (a k=10 query)."""
+    label, params, on_disk, sweep = "", "", False, ("-",)
+
+    def __init__(self, a: argparse.Namespace):
+        self.a, self.k_single = a, a.single
+
+    def set(self, p) -> None:
+        self.p = p
+
+    def one(self, v: np.ndarray) -> None:
+        self.batch(v[None, :], 10)
+
+    def after(self, q: np.ndarray) -> dict:
+        """Extra row fields measured after the timed runs (untimed)."""
+        return {}
+
+
+class Asteria(System):
+    label, params, on_disk = "asteria-store (disk)", "probes", True
+
+    def __init__(self, a):
+        super().__init__(a)
+        import torch
+
+        import asteria_store
+        torch.set_num_threads(a.threads_n)
+        self.lib, self.sweep = asteria_store, ints(a.asteria_probes)
+        self.version = f"asteria-store {asteria_store.__version__}, torch {torch.__version__}"
+
+    def prepare(self):
+        built, t = False, time.perf_counter()
+        if not Path(self.a.store).exists():
+            if not self.a.build_ok:
+                return {"skipped": f"no store at {self.a.store}"}
+            with self.lib.create(self.a.store, dim=self.a.dim, expected_size=self.a.n) as s:
+                s.ingest(self.a.base, progress=True)
+            built = True
+        with self.lib.open(self.a.store, readonly=True) as s:
+            info = s.info()
+        return {"built": built, "build_s": time.perf_counter() - t if built else None,
+                "path": str(Path(self.a.store).resolve()), "buckets": 2 ** info["router"]["bits"], "count": info["count"]}
+
+    def build(self):
+        self.store = self.lib.open(self.a.store, readonly=True)
+
+    def batch(self, q, k):
+        ids, _, st = self.store.search(q, k, probes=self.p, explain=True)
+        return ids, {"scanned_per_query": float(st.scanned.mean()),
+                     "batch_kib_per_query": float(st.batch_bytes / len(q) / 1024)}
+
+    def after(self, q):
+        """Untimed: what one query reads on its own (LRSQ codes and ids of every probed row,
+        full vectors of the rows its bounds could not rule out)."""
+        one = [self.store.query(v, 10, probes=self.p, explain=True)[2]["bytes_read"] for v in q[: self.k_single]]
+        return {"kib_read_per_query": float(np.mean(one) / 1024)}
+
+    def one(self, v):
+        self.store.query(v, 10, probes=self.p)
+
+
+class Faiss(System):
+    label = "faiss Flat (RAM)"
+
+    def __init__(self, a):
+        super().__init__(a)
+        import faiss
+        faiss.omp_set_num_threads(a.threads_n)
+        self.faiss, self.version = faiss, f"faiss-cpu {faiss.__version__}"
+
+    def make(self, d: int):
+        return self.faiss.IndexFlatIP(d)
+
+    def build(self):
+        base = load_unit(self.a.base)
+        self.index = self.make(base.shape[1])
+        self.index.train(base)
+        self.index.add(base)
+
+    def batch(self, q, k):
+        return self.index.search(q, k)[1], self.stats(q, k)
+
+    def one(self, v):
+        self.index.search(v[None, :], 10)
+
+    def stats(self, q, k) -> dict:
+        return {"scanned_per_query": self.a.n, "kib_read_per_query": self.a.n * self.a.dim * 4 / 1024}
+
+
+class FaissIVF(Faiss):
+    label, params = "faiss IVF-Flat (RAM)", "nprobe"
+
+    def __init__(self, a):
+        super().__init__(a)
+        self.sweep = ints(a.ivf_nprobe)
+
+    def make(self, d):
+        self.quant = self.faiss.IndexFlatIP(d)
+        return self.faiss.IndexIVFFlat(self.quant, d, self.a.nlist, self.faiss.METRIC_INNER_PRODUCT)
+
+    def set(self, p):
+        self.ivf = self.faiss.extract_index_ivf(self.index)
+        self.ivf.nprobe = self.p = p
+        self.sizes = np.array([self.ivf.invlists.list_size(i) for i in range(self.ivf.nlist)])
+
+    def scanned(self, q) -> np.ndarray:  # rows in the probed lists, per query
+        return self.sizes[self.quant.search(q, self.p)[1]].sum(axis=1)
+
+    def stats(self, q, k):
+        s = float(self.scanned(q).mean())
+        return {"scanned_per_query": s, "kib_read_per_query": s * (self.a.dim * 4 + 8) / 1024}
+
+
+class FaissIVFPQ(FaissIVF):
+    label, params = "faiss IVF-PQ+refine (RAM)", "nprobe"
+
+    def make(self, d):
+        self.quant, self.m = self.faiss.IndexFlatIP(d), d // 8
+        self.pq = self.faiss.IndexIVFPQ(self.quant, d, self.a.nlist, self.m, 8, self.faiss.METRIC_INNER_PRODUCT)
+        return self.faiss.IndexRefineFlat(self.pq)
+
+    def set(self, p):
+        super().set(p)
+        self.index.k_factor = self.a.refine
+
+    def stats(self, q, k):
+        s = float(self.scanned(q).mean())
+        return {"scanned_per_query": s,
+                "kib_read_per_query": (s * (self.m + 8) + k * self.a.refine * self.a.dim * 4) / 1024}
+
+
+class FaissHNSW(Faiss):
+    label, params = "faiss HNSW32 (RAM)", "ef"
+
+    def __init__(self, a):
+        super().__init__(a)
+        self.sweep = ints(a.ef)
+
+    def make(self, d):
+        index = self.faiss.IndexHNSWFlat(d, 32, self.faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 200
+        return index
+
+    def set(self, p):
+        self.index.hnsw.efSearch = p
+
+    def batch(self, q, k):
+        self.faiss.cvar.hnsw_stats.reset()
+        ids = self.index.search(q, k)[1]
+        s = self.faiss.cvar.hnsw_stats.ndis / len(q)  # distance computations per query
+        return ids, {"scanned_per_query": s, "kib_read_per_query": s * self.a.dim * 4 / 1024}
+
+
+class HnswLib(System):
+    label, params = "hnswlib M32 (RAM)", "ef"
+
+    def __init__(self, a):
+        super().__init__(a)
+        import hnswlib
+        self.hnswlib, self.sweep = hnswlib, ints(a.ef)
+        self.version = f"hnswlib {metadata.version('hnswlib')}"
+
+    def build(self):
+        base = load_unit(self.a.base)
+        self.index = self.hnswlib.Index(space="ip", dim=base.shape[1])
+        self.index.init_index(max_elements=len(base), ef_construction=200, M=32)
+        self.index.set_num_threads(self.a.threads_n)
+        self.index.add_items(base, np.arange(len(base)))
+
+    def set(self, p):
+        self.index.set_ef(p)
+
+    def batch(self, q, k):
+        return self.index.knn_query(q, k=k)[0].astype(np.int64), {}
+
+
+class Lance(System):
+    label, params, on_disk = "lancedb IVF-PQ+refine (disk)", "nprobes", True
+
+    def __init__(self, a):
+        super().__init__(a)
+        import lancedb
+        self.lancedb, self.sweep = lancedb, ints(a.lance_nprobe)
+        self.k_single = min(a.single, a.lance_nq)
+        self.version = f"lancedb {lancedb.__version__}"
+        # lance trains at most n / sample_rate partitions (default 256): lower it to get nlist
+        self.sample_rate = max(16, min(256, a.n // a.nlist))
+        stem = f"{Path(a.base).parent.name}-{Path(a.base).stem}-n{a.n}-ivfpq{a.nlist}x{a.dim // 8}-s{self.sample_rate}"
+        self.name, self.uri = re.sub(r"[^A-Za-z0-9_-]", "_", stem), str(Path(a.workdir) / "lancedb")
+
+    def prepare(self):
+        import pyarrow as pa
+        from lancedb.index import IvfPq
+        db, path = self.lancedb.connect(self.uri), str(Path(self.uri, self.name).resolve())
+        try:
+            if db.open_table(self.name).list_indices():
+                return {"built": False, "path": path}
+        except ValueError:  # no such table
+            pass
+        t = time.perf_counter()
+        base = load_unit(self.a.base)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(base.ravel()), base.shape[1])
+        tbl = db.create_table(self.name, pa.table({"id": np.arange(len(base)), "vector": vec}), mode="overwrite")
+        tbl.create_index("vector", config=IvfPq(distance_type="dot", num_partitions=self.a.nlist,
+                                                num_sub_vectors=base.shape[1] // 8, sample_rate=self.sample_rate))
+        return {"built": True, "build_s": time.perf_counter() - t, "path": path}
+
+    def build(self):
+        self.tbl = self.lancedb.connect(self.uri).open_table(self.name)
+
+    def search(self, v, k):
+        return (self.tbl.search(v).nprobes(self.p).refine_factor(self.a.refine).limit(k)
+                .select(["id", "_distance"]).to_arrow())
+
+    def batch(self, q, k):  # one multi-vector query; rows come back with a query_index column
+        r = self.search(q, k)
+        ids, dist = r["id"].to_numpy(), r["_distance"].to_numpy()
+        qi = r["query_index"].to_numpy() if "query_index" in r.column_names else np.zeros(len(ids), int)
+        order = np.lexsort((dist, qi))
+        qi, ids = qi[order], ids[order]
+        rank = np.arange(len(qi)) - np.searchsorted(qi, qi)
+        out = np.full((len(q), k), -1, np.int64)
+        out[qi, rank] = ids
+        return out, {}
+
+    def one(self, v):
+        self.search(v, 10)
+
+
+SYSTEMS = {"asteria": Asteria, "faiss-flat": Faiss, "faiss-ivf": FaissIVF, "faiss-ivfpq": FaissIVFPQ,
+           "faiss-hnsw": FaissHNSW, "hnswlib": HnswLib, "lancedb": Lance}
+
+
+# ----------------------------------------------------------------------------- child
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries that over
+    from the parent across fork+exec, so every child would report at least the parent's peak."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 1024
+
+
+def child(a: argparse.Namespace) -> None:
+    def emit(row: dict) -> None:
+        print(ROW + json.dumps(row), flush=True)
+
+    try:
+        s = SYSTEMS[a.child](a)
+    except ImportError as e:
+        return emit({"skipped": f"not installed: {e}"})
+    if a.prepare:
+        return emit(s.prepare())
+    q, truth = load_unit(a.queries, a.nq), np.load(a.gt)[: a.nq]
+    t = time.perf_counter()
+    s.build()
+    head = {"label": s.label, "version": s.version, ("load_s" if s.on_disk else "build_s"): time.perf_counter() - t,
+            "rss_mib": rss_mib("VmRSS")}
+    rows = []
+    for p in s.sweep:
+        s.set(p)
+        s.batch(q[:50], a.k)  # warm-up
+        t = time.perf_counter()
+        ids, extra = s.batch(q, a.k)
+        batch_s = time.perf_counter() - t
+        lat = []
+        for v in q[: s.k_single]:
+            t = time.perf_counter()
+            s.one(v)
+            lat.append(time.perf_counter() - t)
+        lat = np.array(lat) * 1000
+        extra.update(s.after(q))
+        params = "exact" if p == "-" else f"{s.params}={p}" + (
+            f",refine={a.refine}" if isinstance(s, (FaissIVFPQ, Lance)) else "")
+        row = {**head, "params": params, "batch_qps": len(q) / batch_s, "single_qps": 1000 / lat.mean(),
+               "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+               "single_n": len(lat), "recall@1": recall(ids, truth, 1), "recall@10": recall(ids, truth, 10)}
+        if a.k >= 100:
+            row["recall@100"] = recall(ids, truth, 100)
+        rows.append({**row, "scanned_per_query": None, "kib_read_per_query": None, **extra})
+    peak = rss_mib("VmHWM")
+    for row in rows:
+        emit({**row, "peak_rss_mib": peak})
+
+
+# ----------------------------------------------------------------------------- parent
+def run_child(name: str, threads: int, extra: list[str]) -> list[dict]:
+    env = {**os.environ, **{v: str(threads) for v in
+                            ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LANCE_CPU_THREADS")}}
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", name, "--threads", str(threads), *extra]
+    p = subprocess.run(cmd, check=False, env=env, stdout=subprocess.PIPE, text=True)
+    rows = [json.loads(line[len(ROW):]) for line in p.stdout.splitlines() if line.startswith(ROW)]
+    sys.stderr.write("".join(line + "\n" for line in p.stdout.splitlines() if not line.startswith(ROW)))
+    if p.returncode != 0:
+        rows.append({"skipped": f"child exited with code {p.returncode} (see stderr)"})
+    return [{"system": name, "threads": threads, **r} for r in rows]
+
+
+def exact_topk(base: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    out = np.empty((len(q), k), np.int64)
+    for s in range(0, len(q), 256):
+        sims = q[s: s + 256] @ base.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1, kind="stable")
+        out[s: s + 256] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def fmt(v, spec: str = ",.0f") -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def report(rows: list[dict], target: float) -> str:
+    head = ("| system | params | threads | batch QPS | 1-query QPS | p50 ms | p99 ms | recall@10 | "
+            "KiB read/q | peak RSS MiB | build s |")
+    lines = [head, "|---" * 11 + "|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['params']} | {r['threads']} | {fmt(r['batch_qps'])} | "
+                     f"{fmt(r['single_qps'])} | {fmt(r['p50_ms'], '.2f')} | {fmt(r['p99_ms'], '.2f')} | "
+                     f"{r['recall@10']:.3f} | {fmt(r['kib_read_per_query'], ',.1f')} | "
+                     f"{fmt(r['peak_rss_mib'])} | {fmt(r.get('build_s'), '.1f')} |")
+    lines.append(f"\nBest batch QPS at recall@10 >= {target} (ratio to faiss IVF-Flat's best there):")
+    for t in sorted({r["threads"] for r in rows}):
+        best: dict[str, dict] = {}
+        for r in (r for r in rows if r["threads"] == t):
+            b = best.setdefault(r["label"], {})
+            if r["recall@10"] >= target and r["batch_qps"] > b.get("batch_qps", -1):
+                best[r["label"]] = r
+        ref = next((b["batch_qps"] for b in best.values() if b.get("system") == "faiss-ivf"), None)
+        for label, b in best.items():
+            if not b:
+                lines.append(f"- {label}, {t} thread(s): recall@10 {target} not reached")
+            else:
+                lines.append(f"- {label}, {t} thread(s): {b['batch_qps']:,.0f} QPS at {b['params']} "
+                             f"(recall@10 {b['recall@10']:.3f}) = "
+                             + (f"{b['batch_qps'] / ref:.2f}x faiss IVF-Flat" if ref else "n/a vs faiss IVF-Flat"))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str, target: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    several = len({r["threads"] for r in rows}) > 1
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for key in dict.fromkeys((r["label"], r["threads"]) for r in rows):
+        pts = sorted((r["recall@10"], r["batch_qps"]) for r in rows if (r["label"], r["threads"]) == key)
+        ax.plot(*zip(*pts), marker="o", label=f"{key[0]}, {key[1]} thr" if several else key[0])
+    ax.axvline(target, color="grey", ls=":", lw=1)
+    ax.set(yscale="log", xlabel="recall@10", ylabel="batch QPS (log)", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parent(a: argparse.Namespace) -> None:
+    names = a.systems.split(",")
+    if unknown := [s for s in names if s not in SYSTEMS]:
+        sys.exit(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    if "asteria" in names and not a.store:
+        sys.exit("--store is required for asteria")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    threads, extra = ints(a.threads), []
+    dataset, queries = Path(a.base).resolve().parent.name, Path(a.queries).name
+    if a.gt is None:
+        q, base = load_unit(a.queries, a.nq), load_unit(a.base)
+        gt = work / f"gt_{dataset}_{Path(a.queries).stem}_n{len(base)}_q{len(q)}_k{a.k}.npy"
+        np.save(gt, exact_topk(base, q, a.k))
+        print(f"exact top-{a.k} of {len(q)} queries saved to {gt}", file=sys.stderr)
+        extra += ["--gt", str(gt)]
+        del base
+    nq = min(a.nq, len(np.load(a.queries, mmap_mode="r")))
+    builds_path = work / "builds.json"
+    builds = json.loads(builds_path.read_text()) if builds_path.exists() else {}
+    disk: dict[str, dict] = {}
+
+    def prepare(name: str, more: list[str]) -> None:  # build time is kept per artifact path
+        info = run_child(name, max(threads), extra + more + ["--prepare"])[-1]
+        if info.get("built"):
+            builds[info["path"]] = info["build_s"]
+            builds_path.write_text(json.dumps(builds, indent=1))
+        disk[name] = {**info, "build_s": builds.get(info.get("path"))}
+
+    if "asteria" in names or (a.store and Path(a.store).exists()):
+        prepare("asteria", ["--build-ok"] if "asteria" in names else [])
+    if disk.get("asteria", {}).get("count", a.n) != a.n:
+        print(f"WARNING: {a.store} holds {disk['asteria']['count']:,} vectors, --base {a.n:,}", file=sys.stderr)
+    nlist = a.nlist or disk.get("asteria", {}).get("buckets") or int(4 * math.sqrt(a.n))
+    extra += ["--nlist", str(nlist)]
+    print(f"{a.n:,} x {a.dim} base, {nq} queries, k={a.k}, IVF lists (faiss, lancedb): {nlist}", file=sys.stderr)
+    if "lancedb" in names:
+        prepare("lancedb", [])
+    rows = []
+    for t in threads:
+        for name in names:
+            if "skipped" in disk.get(name, {}):
+                out = [{"system": name, "skipped": disk[name]["skipped"]}]
+            else:
+                print(f"--- {name}, {t} thread(s)", file=sys.stderr)
+                out = run_child(name, t, extra)
+            for r in out:
+                if "skipped" in r:
+                    print(f"skipped {name}: {r['skipped']}", file=sys.stderr)
+                else:
+                    if name in disk:
+                        r["build_s"] = disk[name]["build_s"]
+                    rows.append(r)
+    meta = {"n": a.n, "dim": a.dim, "nq": nq, "k": a.k, "dataset": dataset, "queries": queries,
+            "gt": Path(a.gt).name if a.gt else "numpy brute force", "nlist": nlist,
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores"}
+    rows = [{**r, **meta} for r in rows]
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    if not rows:
+        sys.exit("no system produced results")
+    text = report(rows, a.target_recall)
+    print(f"\n{dataset} / {queries}: {a.n:,} x {a.dim}, {nq} queries, k={a.k}, threads {a.threads}\n\n{text}")
+    if a.table:
+        Path(a.table).write_text(text + "\n")
+    if a.plot:
+        plot(rows, a.plot, f"{dataset} / {queries}: n={a.n:,}, nq={nq}, k={a.k}, threads={a.threads}",
+             a.target_recall)
+        print(f"\nplot: {a.plot}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help=".npy base vectors (ids = row numbers)")
+    ap.add_argument("--queries", required=True)
+    ap.add_argument("--gt", default=None, help="exact top-k ids .npy (default: numpy brute force)")
+    ap.add_argument("--store", default=None, help="asteria store (built from --base if missing)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--nq", type=int, default=2000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--single", type=int, default=300, help="queries timed one by one")
+    ap.add_argument("--threads", default="1", help="thread count(s), e.g. 1 or 1,2")
+    ap.add_argument("--asteria-probes", default="16,32,48,64,96")
+    ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default: asteria buckets or 4 sqrt(n))")
+    ap.add_argument("--ivf-nprobe", default="16,32,64,128")
+    ap.add_argument("--refine", type=int, default=4, help="k_factor / refine_factor of the PQ indexes")
+    ap.add_argument("--ef", default="16,32,64,128", help="HNSW efSearch sweep")
+    ap.add_argument("--lance-nprobe", default="16,32,64")
+    ap.add_argument("--lance-nq", type=int, default=300, help="cap on lancedb queries timed one by one")
+    ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--table", default=None, help="also write the markdown table here")
+    ap.add_argument("--plot", default=None, help="recall@10 vs batch QPS PNG")
+    ap.add_argument("--workdir", default="/tmp/asteria-bench/compare")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--build-ok", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.n, a.dim = np.load(a.base, mmap_mode="r").shape
+    if a.child:
+        a.threads_n = int(a.threads)
+        child(a)
+    else:
+        parent(a)
+
+
+if __name__ == "__main__":
+    main()
