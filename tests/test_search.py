@@ -170,3 +170,94 @@ def test_one_query_pruning_is_lossless(store, wordnet, probes) -> None:
         np.testing.assert_allclose(scores, exp_scores, rtol=0, atol=1e-6)
         if store.router.kind == "ecvh" and probes > 1:
             assert stats["pruned"] > 0
+
+
+# --- the batch engine's building blocks ---------------------------------------------------
+
+
+def test_probe_order_is_the_start_of_probe_keys(store, wordnet) -> None:
+    """The vectorised batch probe order equals each query's lazy probe sequence."""
+    from asteria_store.query.engine import probe_order
+
+    _, queries = wordnet
+    qn = normalise(queries[:40])
+    router = store.router
+    got = probe_order(router, qn, 12)
+    rows = router.probe_input(qn)
+    for qi in range(len(qn)):
+        expected = [key for _, key in zip(range(12), router.probe_keys(rows[qi]))]
+        assert got[qi].tolist() == expected
+
+
+def test_top_order_breaks_ties_by_index_like_a_stable_sort() -> None:
+    from asteria_store.model.router import top_order
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(50, 40)).astype(np.float32)  # many ties
+    scores[:, 5] = np.inf
+    for p in (1, 3, 7, 19, 40):
+        np.testing.assert_array_equal(top_order(scores, p), np.argsort(-scores, axis=1, kind="stable")[:, :p])
+
+
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_select_then_select_equals_one_selection(k) -> None:
+    """Top-k by (score desc, id asc) is a total order: selecting per part, then from the
+    parts' selections, gives what one selection over everything gives (ties included)."""
+    from asteria_store.query.engine import _select, _sorted
+
+    rng = np.random.default_rng(k)
+    s = rng.integers(0, 6, size=(20, 90)).astype(np.float32)  # heavy ties
+    ids = rng.permutation(1000)[:90].astype(np.int64)
+    whole = _sorted(*_select(s, ids, k))
+    parts = [_select(s[:, a:b], ids[a:b], k) for a, b in ((0, 10), (10, 55), (55, 90))]
+    merged = _sorted(*_select(np.concatenate([p[0] for p in parts], axis=1),
+                              np.concatenate([p[1] for p in parts], axis=1), k))
+    for a, b in zip(whole, merged):
+        np.testing.assert_array_equal(a, b)
+    order = np.lexsort((np.broadcast_to(ids, s.shape), -s), axis=-1)[:, :k]
+    np.testing.assert_array_equal(whole[1], ids[order])
+
+
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_every_prune_mode_gives_the_same_results(store, wordnet, k) -> None:
+    """prune=True (every bucket), "auto" (small bucket groups only) and False agree."""
+    _, queries = wordnet
+    ref_i, ref_s = store.search(queries, k, probes=8, prune=False)
+    for mode in (True, "auto"):
+        ids, scores = store.search(queries, k, probes=8, prune=mode)
+        np.testing.assert_array_equal(ids, ref_i)
+        np.testing.assert_allclose(scores, ref_s, rtol=0, atol=1e-6)
+
+
+def test_batch_in_several_query_blocks_equals_one_block(store, wordnet, monkeypatch) -> None:
+    """A batch split into query blocks (bounded memory) gives the same results."""
+    from asteria_store.query import engine
+
+    _, queries = wordnet
+    ids, scores = store.search(queries, K, probes=4)
+    monkeypatch.setattr(engine, "_BLOCK_CELLS", 7 * 64)  # blocks of 7 queries (64 buckets)
+    ids2, scores2 = store.search(queries, K, probes=4)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(scores, scores2, rtol=0, atol=1e-6)
+
+
+def test_prune_must_be_a_known_mode(store, wordnet) -> None:
+    _, queries = wordnet
+    with pytest.raises(asteria_store.InvalidArgumentError, match="prune must be"):
+        store.search(queries[:2], K, prune="sometimes")
+
+
+def test_auto_batch_prunes_only_small_bucket_groups(store, wordnet) -> None:
+    """In a big batch most buckets are shared by many queries and read whole; alone, a
+    query prunes (learned router)."""
+    from asteria_store.query.engine import PRUNE_GROUP_MAX
+
+    _, queries = wordnet
+    _, _, forced = store.search(queries, K, probes=8, prune=True, explain=True)
+    _, _, auto = store.search(queries, K, probes=8, explain=True)
+    assert auto.pruned.sum() <= forced.pruned.sum()
+    if store.router.kind == "ecvh":
+        assert forced.pruned.sum() > 0
+        one = store.query(queries[0], K, probes=8, explain=True)[2]
+        assert one["pruned"] > 0
+    assert PRUNE_GROUP_MAX >= 1
