@@ -22,7 +22,7 @@ system at each thread count.
 Each system runs in its own ``python compare.py --child SYSTEM`` process, so ``peak_rss_mib``
 (the child's VmHWM) is its own; ``rss_mib`` is the resident size once the index is
 built and the input array dropped. Per setting: ``batch_qps`` (one search call over all nq
-queries, after a 50-query warm-up), ``single_qps`` and p50/p99 latency of k=10 queries issued
+queries, after the same batch once untimed as a warm-up), ``single_qps`` and p50/p99 latency of k=10 queries issued
 one at a time (``--single`` of them), recall@1/10(/100 if k >= 100) as top-k id set overlap.
 
 Fairness: every system gets the same float32 L2-normalised vectors and queries and the same
@@ -334,7 +334,7 @@ def child(a: argparse.Namespace) -> None:
     rows = []
     for p in s.sweep:
         s.set(p)
-        s.batch(q[:50], a.k)  # warm-up
+        s.batch(q, a.k)  # warm-up: the same batch, untimed (page cache, memory maps, lazy init)
         t = time.perf_counter()
         ids, extra = s.batch(q, a.k)
         batch_s = time.perf_counter() - t
@@ -412,15 +412,31 @@ def report(rows: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
+def plot_title(dataset: str, queries: str, n: int, k: int, threads: str) -> str:
+    styles = ", ".join(f"{t} thr {ls}" for t, ls in zip(threads.split(","), ("solid", "dashed", "dotted")))
+    return f"{dataset} / {queries}: n={n:,}, k={k}; {styles}"
+
+
+def replot(jsonl: str, path: str, target: float) -> None:
+    """Redraw the plot of a finished run from its JSON lines (skipped systems left out)."""
+    rows = [r for r in map(json.loads, Path(jsonl).read_text().splitlines()) if r.get("batch_qps")]
+    threads = ",".join(str(t) for t in sorted({r["threads"] for r in rows}))
+    plot(rows, path, plot_title(rows[0]["dataset"], rows[0]["queries"], rows[0]["n"], rows[0]["k"], threads), target)
+
+
 def plot(rows: list[dict], path: str, title: str, target: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     several = len({r["threads"] for r in rows}) > 1
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    colour = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
+    styles = {t: ls for t, ls in zip(sorted({r["threads"] for r in rows}), ("-", "--", ":", "-."))}
     for key in dict.fromkeys((r["label"], r["threads"]) for r in rows):
         pts = sorted((r["recall@10"], r["batch_qps"]) for r in rows if (r["label"], r["threads"]) == key)
-        ax.plot(*zip(*pts), marker="o", label=f"{key[0]}, {key[1]} thr" if several else key[0])
+        ax.plot(*zip(*pts), marker="o", color=colour[key[0]], ls=styles[key[1]],
+                label=f"{key[0]}, {key[1]} thr" if several else key[0])
     ax.axvline(target, color="grey", ls=":", lw=1)
     ax.set(yscale="log", xlabel="recall@10", ylabel="batch QPS (log)", title=title)
     ax.grid(True, which="both", alpha=0.3)
@@ -498,8 +514,7 @@ def parent(a: argparse.Namespace) -> None:
     if a.table:
         Path(a.table).write_text(text + "\n")
     if a.plot:
-        plot(rows, a.plot, f"{dataset} / {queries}: n={a.n:,}, nq={nq}, k={a.k}, threads={a.threads}",
-             a.target_recall)
+        plot(rows, a.plot, plot_title(dataset, queries, a.n, a.k, a.threads), a.target_recall)
         print(f"\nplot: {a.plot}", file=sys.stderr)
 
 
@@ -526,10 +541,15 @@ def main() -> None:
     ap.add_argument("--table", default=None, help="also write the markdown table here")
     ap.add_argument("--plot", default=None, help="recall@10 vs batch QPS PNG")
     ap.add_argument("--workdir", default="/tmp/asteria-bench/compare")
+    ap.add_argument("--replot", default=None, metavar="JSONL",
+                    help="only redraw --plot from the JSON lines of a finished run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--build-ok", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.replot:
+        replot(a.replot, a.plot, a.target_recall)
+        return
     a.n, a.dim = np.load(a.base, mmap_mode="r").shape
     if a.child:
         a.threads_n = int(a.threads)
