@@ -428,23 +428,15 @@ class Store:
                                                 progress=progress)
                     model_rec = self._save_model(router)
                     train_s = time.perf_counter() - t0
-                keys = self._hash_rows(source, progress, router)
-                order = np.argsort(keys, kind="stable")
-                sorted_keys = keys[order]
-                del keys
-                seg_ids = id_arr[order]
-                # Small segments get small chunks: Zarr pads the edge chunk to full size.
-                chunk_rows = min(self.config.chunk_rows, max(256, 1 << (n - 1).bit_length()))
-                lrsq = self._write_segment(seg, source, order, seg_ids, chunk_rows, progress, router,
-                                           (model_rec or {"digest": self._router_digest})["digest"])
+                sorted_keys, seg_ids, chunk_rows, lrsq = self._write_bucketed(
+                    seg, source, id_arr, router, (model_rec or {"digest": self._router_digest})["digest"],
+                    progress)
                 self._publish_segment(seg, sorted_keys, seg_ids, chunk_rows,
                                       next_id=max(next_id, int(id_arr.max()) + 1), model=model_rec, lrsq=lrsq)
                 published = True
             finally:
                 if not published:
-                    self._discard_unpublished(seg)
-                    if model_rec is not None:
-                        shutil.rmtree(self.path / model_rec["dir"], ignore_errors=True)
+                    self._discard_unpublished(seg, model_rec)
         trained = model_rec is not None
         if pending is not None and not trained and not empty and len(self) >= MIN_TRAIN_ROWS:
             # Earlier small batches went to the baseline router: now that the store holds
@@ -512,23 +504,13 @@ class Store:
             model_rec, published = None, False
             try:
                 model_rec = self._save_model(router)
-                if stored.n:
-                    keys = self._hash_rows(stored, progress, router)
-                    order = np.argsort(keys, kind="stable")
-                    sorted_keys = keys[order]
-                    del keys
-                    seg_ids = stored.ids()[order]
-                    chunk_rows = min(self.config.chunk_rows, max(256, 1 << (stored.n - 1).bit_length()))
-                    lrsq = self._write_segment(seg, stored, order, seg_ids, chunk_rows, progress, router,
-                                               model_rec["digest"])
-                self._publish_retrained(seg, model_rec, view,
-                                        (sorted_keys, seg_ids, chunk_rows, lrsq) if stored.n else None)
+                rows = self._write_bucketed(seg, stored, stored.ids(), router, model_rec["digest"],
+                                            progress) if stored.n else None
+                self._publish_retrained(seg, model_rec, view, rows)
                 published = True
             finally:
                 if not published:
-                    self._discard_unpublished(seg)
-                    if model_rec is not None:
-                        shutil.rmtree(self.path / model_rec["dir"], ignore_errors=True)
+                    self._discard_unpublished(seg, model_rec)
             for old in view.segments:  # retired: no catalog record points at them any more
                 self._readers.pop(old).close()
                 seglib.remove_segment(self._segments_root, segment_name(old))
@@ -591,13 +573,31 @@ class Store:
         seglib.fsync_dir(model_dir.parent)
         return {"dir": f"{MODEL_DIR}/{name}", "digest": digest}
 
-    def _discard_unpublished(self, seg: int) -> None:
-        """Remove the directory of segment ``seg`` unless the catalog has published it."""
+    def _write_bucketed(self, seg: int, rows, ids: np.ndarray, router: Router, digest: str,
+                        progress: ProgressLike):
+        """Hash ``rows`` with ``router``, sort them by bucket and write them as segment
+        ``seg`` (not yet published). Returns ``(sorted keys, ids in segment order,
+        chunk_rows, LRSQ record)``: what publishing the segment needs."""
+        keys = self._hash_rows(rows, progress, router)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        del keys
+        seg_ids = ids[order]
+        # Small segments get small chunks: Zarr pads the edge chunk to full size.
+        chunk_rows = min(self.config.chunk_rows, max(256, 1 << (len(ids) - 1).bit_length()))
+        lrsq = self._write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, digest)
+        return sorted_keys, seg_ids, chunk_rows, lrsq
+
+    def _discard_unpublished(self, seg: int, model: dict | None = None) -> None:
+        """Remove the directory of segment ``seg`` unless the catalog has published it, and
+        the directory of the newly saved ``model`` record, if any, with it."""
         with self._catalog.read() as txn:
             if seg in self._catalog.segments(txn):
                 return
         if (self._segments_root / segment_name(seg)).exists():
             seglib.remove_segment(self._segments_root, segment_name(seg))
+        if model is not None:
+            shutil.rmtree(self.path / model["dir"], ignore_errors=True)
 
     def _hash_rows(self, source: VectorSource | _StoredRows, progress: ProgressLike, router: Router) -> np.ndarray:
         """Pass 1: validate every row (finite, non-zero for cosine) and compute its bucket key."""

@@ -37,8 +37,10 @@ import numpy as np  # noqa: E402
 
 
 def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    k = min(k, found.shape[1], truth.shape[1])
-    return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
+    """``recall_at_k`` at k capped by the columns found and known."""
+    from asteria_store.testing import recall_at_k
+
+    return recall_at_k(found, truth, min(k, found.shape[1], truth.shape[1]))
 
 
 def run_faiss(base: np.ndarray, q: np.ndarray, truth: np.ndarray, k: int, nlist: int, nprobes: str,

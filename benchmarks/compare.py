@@ -57,6 +57,8 @@ ROW = "@@ROW "  # child stdout lines carrying a JSON row; anything else is passe
 
 
 def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    # asteria_store.testing.recall_at_k, not imported: the peers' child processes must not
+    # load asteria_store (and torch), or their peak RSS would include it.
     k = min(k, found.shape[1], truth.shape[1])
     return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
 

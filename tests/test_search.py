@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import asteria_store
-from asteria_store.query.engine import probed_buckets, search_batch
+from asteria_store.query.engine import search_batch
 from asteria_store.testing import brute_force_topk
 
 DATA = Path(__file__).parent / "data"
@@ -39,6 +39,21 @@ def store(request, wordnet, tmp_path_factory):
     s.delete(np.arange(0, 3000, 37))
     yield s
     s.close()
+
+
+def probed_buckets(view, probe_keys, probes: int, candidates: int | None) -> list[int]:
+    """The first ``probes`` bucket keys of ``probe_keys``, stopping once ``candidates``
+    rows (stored, deleted ones included) have been gathered: the budget rule, written
+    independently of the engine's vectorised one."""
+    out: list[int] = []
+    total = 0
+    for visited, key in enumerate(probe_keys):
+        if visited >= probes or (candidates is not None and total >= candidates):
+            break
+        out.append(key)
+        if candidates is not None:
+            total += sum(ext[2] for ext in view.extents(key))
+    return out
 
 
 def probed_rows(store, query: np.ndarray, probes: int, candidates=None) -> np.ndarray:

@@ -21,13 +21,19 @@ equal ``x @ centroids`` for the implied bucket centroids, which is how they are 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import islice
 
 import numpy as np
 
 from .codes import HadamardCode
 from .lrsq import LRSQ
-from .router import bits_to_keys, sign_consistent, sign_probe_keys, sign_soft_cost_scores, top_order
+from .router import (
+    bits_to_keys,
+    lazy_probe_order,
+    sign_consistent,
+    sign_probe_keys,
+    sign_soft_cost_scores,
+    top_order,
+)
 
 
 class ECVHRouter:
@@ -141,10 +147,8 @@ class ECVHRouter:
     def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
         """The first ``probes`` keys of each query's probe sequence (Q, P) int64, as
         :meth:`probe_keys` yields them, for a whole batch at once."""
-        if self.probe_centroids is None and self.code is None:
-            rows = self.margins(queries)
-            return np.array([list(islice(sign_probe_keys(r), probes)) for r in rows],
-                            dtype=np.int64).reshape(len(queries), -1)
+        if self.probe_centroids is None and self.code is None:  # learned sign bits
+            return lazy_probe_order(self, queries, probes)
         return top_order(self.probe_scores(queries), probes)
 
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:

@@ -20,9 +20,8 @@ errors it uses are measured on the stored values, not modelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -13,6 +13,7 @@ import heapq
 import json
 import os
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +60,14 @@ def bits_to_keys(bits: np.ndarray) -> np.ndarray:
     """Pack boolean bits (n, m), m <= 63, into uint64 keys; bit i has weight 2**i."""
     weights = np.left_shift(np.uint64(1), np.arange(bits.shape[1], dtype=np.uint64))
     return (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+
+
+def lazy_probe_order(router: Router, queries: np.ndarray, probes: int) -> np.ndarray:
+    """The first ``probes`` keys (Q, P) int64 of each query's :meth:`Router.probe_keys`
+    sequence, one query at a time: for probe orders not computed from bucket scores."""
+    rows = router.probe_input(queries)
+    return np.array([list(islice(router.probe_keys(r), probes)) for r in rows],
+                    dtype=np.int64).reshape(len(queries), -1)
 
 
 def top_order(scores: np.ndarray, p: int) -> np.ndarray:

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Literal, Union
 
 import numpy as np
 
+from ..model.router import lazy_probe_order
 from ..storage.segments import SegmentReader
 
 Probes = Union[int, Literal["all"]]
@@ -118,20 +118,6 @@ def search_exact(view: View, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
     return best_i, best_s
 
 
-def probed_buckets(view: View, probe_keys, probes: int, candidates: int | None) -> list[int]:
-    """The first ``probes`` bucket keys of ``probe_keys``, stopping once ``candidates``
-    rows (stored, deleted ones included) have been gathered."""
-    out: list[int] = []
-    total = 0
-    for visited, key in enumerate(probe_keys):
-        if visited >= probes or (candidates is not None and total >= candidates):
-            break
-        out.append(key)
-        if candidates is not None:
-            total += sum(ext[2] for ext in view.extents(key))
-    return out
-
-
 @dataclass
 class SearchStats:
     """What a probed search did, per query (``explain=True``).
@@ -159,16 +145,13 @@ def probe_order(router, queries: np.ndarray, probes: int) -> np.ndarray:
     """Bucket keys (Q, P) int64 each query probes first, in its probe order
     (``P = min(probes, buckets)``): vectorised where the router scores every bucket."""
     order = getattr(router, "probe_order", None)
-    if order is not None:
-        return order(queries, probes)
-    return np.array([list(islice(router.probe_keys(row), probes)) for row in router.probe_input(queries)],
-                    dtype=np.int64).reshape(len(queries), -1)
+    return order(queries, probes) if order is not None else lazy_probe_order(router, queries, probes)
 
 
 def _visits(view: View, keys: np.ndarray, candidates: int | None) -> np.ndarray:
     """Which of each query's probe keys (Q, P) are visited under the ``candidates`` budget:
     a bucket is visited while fewer than ``candidates`` rows (stored, deleted ones
-    included) have been gathered before it, as :func:`probed_buckets` does."""
+    included) have been gathered before it."""
     if candidates is None:
         return np.ones(keys.shape, dtype=bool)
     uniq, inv = np.unique(keys, return_inverse=True)
@@ -212,6 +195,12 @@ class _Rows:
                 ids.append(i)
         ids = np.concatenate(ids).astype(np.int64) if ids else np.empty(0, dtype=np.int64)
         return cls(parts, ids, nbytes)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored vector."""
+        reader = self.parts[0][0]
+        return reader.dim * reader.dtype.itemsize
 
     def usable_codes(self, digest: str) -> bool:
         """Whether every part has LRSQ codes encoded by the router with this digest."""
@@ -347,7 +336,7 @@ def _search_block(view: View, router, lrsq, queries: np.ndarray, k: int, probes:
             nbytes[qs] += rows.stored_bytes
             stats.batch_bytes += rows.stored_bytes
             continue
-        row_bytes = rows.parts[0][0].dim * rows.parts[0][0].dtype.itemsize
+        row_bytes = rows.row_bytes
         if lrsq is not None and len(qs) <= group_max and rows.usable_codes(view.router_digest):
             codes, aux, code_bytes = rows.codes()
             _, lo, hi = lrsq.estimate(qy[qs], codes, aux)
@@ -416,7 +405,7 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
     keep = np.flatnonzero(hi[0] >= thr)
     s = (rows.vectors(keep) @ query)[None, :]
     best_s, best_i = _sorted(*_select(s, rows.ids[keep], k))
-    row_bytes = rows.parts[0][0].dim * rows.parts[0][0].dtype.itemsize
+    row_bytes = rows.row_bytes
     nbytes = rows.stored_bytes + code_bytes + len(keep) * row_bytes
     stats = SearchStats(np.array([len(keys)]), np.array([m]), np.array([nbytes]), nbytes,
                         np.array([m - len(keep)]))

@@ -165,10 +165,6 @@ class SegmentReader:
     def ids(self, start: int, stop: int) -> np.ndarray:
         return self.read("ids", start, stop)
 
-    def lrsq(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """LRSQ codes (uint8) and bound data (float16) of rows ``[start, stop)``."""
-        return self.read("lrsq", start, stop), self.read("lrsq_aux", start, stop)
-
     def take(self, array: str, rows: np.ndarray) -> np.ndarray:
         """Rows of ``array`` by index (any order), one gather per chunk touched."""
         rows = np.asarray(rows, dtype=np.int64)
