@@ -12,6 +12,7 @@ from .errors import (
     AsteriaError,
     CorruptStoreError,
     DimensionMismatchError,
+    DiskFullError,
     DuplicateIdError,
     IdNotFoundError,
     InvalidArgumentError,
@@ -22,6 +23,7 @@ from .errors import (
     StoreExistsError,
     StoreLockedError,
     StoreNotFoundError,
+    StorageError,
     UnsupportedFormatError,
 )
 from .model.fit import train_model
@@ -35,6 +37,7 @@ __all__ = [
     "CorruptStoreError",
     "DeleteResult",
     "DimensionMismatchError",
+    "DiskFullError",
     "DuplicateIdError",
     "IdNotFoundError",
     "IngestResult",
@@ -48,6 +51,7 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StorageError",
     "TrainResult",
     "UnsupportedFormatError",
     "VerifyReport",

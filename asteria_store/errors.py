@@ -65,6 +65,14 @@ class IdNotFoundError(AsteriaError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class StorageError(AsteriaError, OSError):
+    """The file system failed under the store (an I/O error); the message names the path."""
+
+
+class DiskFullError(StorageError):
+    """No space left on the device (or quota exceeded) while writing; nothing was committed."""
+
+
 class ModelFileError(AsteriaError, ValueError):
     """A standalone model file is missing, unreadable, or not an asteria-store model."""
 
@@ -73,6 +81,7 @@ __all__ = [
     "AsteriaError",
     "CorruptStoreError",
     "DimensionMismatchError",
+    "DiskFullError",
     "DuplicateIdError",
     "IdNotFoundError",
     "InvalidArgumentError",
@@ -83,5 +92,6 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StorageError",
     "UnsupportedFormatError",
 ]

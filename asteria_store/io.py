@@ -13,6 +13,7 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from tokenize import TokenError
 from typing import Union
 
 import numpy as np
@@ -31,6 +32,8 @@ def _load_npy(path: str | os.PathLike[str], what: str) -> np.ndarray:
         raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: no such file.")
     if p.is_dir():
         raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: it is a directory.")
+    if not p.is_file():  # a FIFO, socket or device would block or never end
+        raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: not a regular file.")
     try:
         with p.open("rb") as fh:
             magic = fh.read(6)
@@ -48,7 +51,8 @@ def _load_npy(path: str | os.PathLike[str], what: str) -> np.ndarray:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except PermissionError:
         raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: permission denied.") from None
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, OverflowError, MemoryError, SyntaxError, TokenError) as exc:
+        # A damaged or hostile header (a huge or negative shape, unparsable text).
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidInputError(
             f"Cannot read {what} file {str(p)!r}: not a valid .npy file ({reason})."

@@ -15,25 +15,38 @@ orphan segment directory, removed by the next writable open or by ``verify(repai
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
+import json
 import os
 import shutil
+import struct
 import tempfile
 import time
-from dataclasses import dataclass, field
+import tokenize
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+import lmdb
 import numpy as np
 
 from .config import FORMAT_VERSION, Metric, StorageDtype, StoreConfig
 from .errors import (
+    AsteriaError,
     CorruptStoreError,
+    DiskFullError,
     DimensionMismatchError,
     DuplicateIdError,
     IdNotFoundError,
     InvalidArgumentError,
     InvalidInputError,
     ReadOnlyError,
+    StorageError,
     StoreClosedError,
     StoreExistsError,
     StoreNotFoundError,
@@ -47,10 +60,14 @@ from .query.engine import DEFAULT_PROBES, Probes, SearchStats, View, search_batc
 from .storage import segments as seglib
 from .storage.catalog import Catalog, segment_name
 from .storage.lock import WriterLock
+from .storage.pins import READERS_DIR, ReaderPin, oldest_pin
 
 CATALOG_DIR = "catalog.lmdb"
 SEGMENTS_DIR = "segments.zarr"
 MODEL_DIR = "model"
+
+#: Held (flock) inside a ``.NAME.creating-*`` directory while ``create`` builds it.
+_CREATING_LOCK = ".creating.lock"
 
 #: Largest external id: ids are returned as int64, with -1 marking "no result".
 MAX_ID = 2**63 - 1
@@ -111,10 +128,85 @@ class VerifyReport:
     removed: list[str] = field(default_factory=list)
     checked_segments: int = 0
     checked_rows: int = 0
+    #: Chunk files whose CRC-32C was recomputed and compared (0 with ``quick=True``).
+    checked_chunks: int = 0
+    #: Damaged chunks: ``{"segment", "array", "chunk", "rows": [first, stop), "ids": [...]}``,
+    #: ``ids`` being the live ids stored in those rows (the data to restore).
+    damaged: list[dict] = field(default_factory=list)
+    #: Harmless findings (segments written before checksums existed, damage in rows that
+    #: are all deleted).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+class _Snapshot(NamedTuple):
+    txn: lmdb.Transaction
+    view: View
+
+
+def _no_lookup(bucket: int) -> list[tuple[int, int, int]]:
+    raise RuntimeError("a cached View is only searched through a snapshot")
+
+
+def _damage_from_meta(raw: dict) -> dict[int, dict[tuple[str, int], str]]:
+    """The catalog's ``damaged`` record ({segment: {array: [chunk, ...]}}) as messages."""
+    out: dict[int, dict[tuple[str, int], str]] = {}
+    for seg, arrays in raw.items():
+        for array, chunks in arrays.items():
+            for c in chunks:
+                out.setdefault(int(seg), {})[(array, int(c))] = _damage_message(int(seg), array, int(c))
+    return out
+
+
+def _damage_message(seg: int, array: str, chunk: int) -> str:
+    return (f"Chunk {chunk} of {segment_name(seg)}/{array} is damaged (its checksum does not match); "
+            "`asteria-store verify` lists the ids it holds: delete them and ingest them again.")
+
+
+#: Raw errors a damaged catalog or model can raise; translated to CorruptStoreError.
+_CATALOG_ERRORS = (lmdb.Error, struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError,
+                   tokenize.TokenError)
+
+
+def _catalog_error(path: Path, exc: BaseException) -> AsteriaError:
+    """The one-line asteria error for a raw error from the catalog or the file system."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"No space left on the device of {str(path)!r} ({exc.strerror}). "
+                             "Free some space and retry; the store is unchanged.")
+    if isinstance(exc, lmdb.Error) and ("No space left" in str(exc) or "Disk quota" in str(exc)):
+        return DiskFullError(f"No space left on the device of {str(path)!r} while committing to the "
+                             "catalog. Free some space and retry; the store is unchanged.")
+    if isinstance(exc, lmdb.ReadonlyError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)):
+        return ReadOnlyError(f"The store {str(path)!r} cannot be written here ({_reason(exc)}); "
+                             "open it with readonly=True (CLI commands that only read do).")
+    if isinstance(exc, OSError):
+        return StorageError(f"I/O error in the store {str(path)!r}: {_reason(exc)}.")
+    return CorruptStoreError(f"The catalog of {str(path)!r} is damaged ({type(exc).__name__}: "
+                             f"{_reason(exc)}); run `asteria-store verify {path}`.")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def _boundary(method):
+    """Public methods raise asteria errors only: raw LMDB, struct, JSON and OS errors from
+    a damaged catalog or a failing disk are translated here (one line, with the fix)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except AsteriaError:
+            raise
+        except (*_CATALOG_ERRORS, OSError) as exc:
+            raise _catalog_error(self.path, exc) from None
+
+    return wrapper
 
 
 # --- create / open ------------------------------------------------------------------------
@@ -186,7 +278,10 @@ def create(
             pending = {"bits": requested_bits, "expected_size": expected_size, "seed": seed}
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_creations(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.creating-", dir=target.parent))
+    creating = os.open(tmp / _CREATING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(creating, fcntl.LOCK_EX)  # held while this create runs (see _remove_stale_creations)
     try:
         model_name = f"{routing.kind}-0"
         digest = save_router(routing, tmp / MODEL_DIR / model_name)
@@ -208,6 +303,8 @@ def create(
             catalog.env.sync(True)
         finally:
             catalog.close()
+        (tmp / READERS_DIR).mkdir()
+        (tmp / _CREATING_LOCK).unlink()
         seglib.fsync_tree(tmp)
         if target.exists():
             target.rmdir()  # empty directory (checked above)
@@ -216,20 +313,44 @@ def create(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(creating)
     return Store(target)
 
 
-def open(path: str | os.PathLike[str], *, readonly: bool = False) -> Store:  # noqa: A001
-    """Open an existing store. ``readonly=True`` refuses every write."""
-    return Store(path, readonly=readonly)
+def open(path: str | os.PathLike[str], *, readonly: bool = False, lock: bool = True) -> Store:  # noqa: A001
+    """Open an existing store. ``readonly=True`` refuses every write.
+
+    A read-only open also works on a read-only directory or mount. ``lock=False`` (only
+    with ``readonly=True``) opens the catalog without LMDB's lock file, for network
+    filesystems where file locks do not work: safe only while no process writes to the
+    store, and such a reader registers no pins (see storage/pins.py), so a writer's
+    retrain could remove files it is reading.
+    """
+    return Store(path, readonly=readonly, lock=lock)
+
+
+def _reopen(path: str, readonly: bool, lock: bool) -> Store:
+    return Store(path, readonly=readonly, lock=lock)
 
 
 class Store:
-    """A persistent vector store. Use as a context manager, or call :meth:`close`."""
+    """A persistent vector store. Use as a context manager, or call :meth:`close`.
 
-    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False):
+    Every read (search, query, get, info, verify) sees ONE catalog generation from start
+    to end: it runs in one LMDB read transaction, and the files of that generation stay
+    on disk until it ends, whatever writers commit meanwhile (reader pins). A store
+    pickles as what reopens it (path and options), and a handle inherited by a forked
+    child reopens its catalog there on first use.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, lock: bool = True):
         self.path = Path(path)
         self.readonly = readonly
+        self._lock_option = lock
+        self._closed = True  # until fully open
+        if not lock and not readonly:
+            raise InvalidArgumentError("lock=False needs readonly=True: a writer must take LMDB's locks.")
         cat_dir = self.path / CATALOG_DIR
         if not (cat_dir / "data.mdb").is_file():
             if self.path.exists():
@@ -241,8 +362,10 @@ class Store:
                 f"No store at {str(self.path)!r}. Create one with "
                 f"`asteria-store create {self.path} --dim D`."
             )
-        self._catalog = Catalog(cat_dir)
-        self._closed = False
+        try:
+            self._catalog = Catalog(cat_dir, readonly=readonly, lock=lock)
+        except lmdb.Error as exc:
+            raise _catalog_error(self.path, exc) from None
         try:
             with self._catalog.read() as txn:
                 meta = self._catalog.all_meta(txn)
@@ -258,14 +381,43 @@ class Store:
             router_rec = meta["router"]
             self._router: Router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
             self._router_digest = router_rec["digest"]
+            self._pin = self._open_pin()
+        except AsteriaError:
+            self._catalog.close()
+            raise
+        except (*_CATALOG_ERRORS, OSError) as exc:
+            self._catalog.close()
+            raise _catalog_error(self.path, exc) from None
         except BaseException:
             self._catalog.close()
             raise
+        self._closed = False
         self._readers: dict[int, seglib.SegmentReader] = {}
         self._view: View | None = None
+        #: A generation this handle has seen: a lower bound of any it will read next.
+        self._seen_generation = 0
+        #: Chunks this handle's own ``verify`` found damaged (a read-only handle cannot
+        #: record them in the catalog): ``{segment: {(array, chunk): message}}``.
+        self._local_damage: dict[int, dict[tuple[str, int], str]] = {}
         self._orphans_removed_at_open: list[str] = []
         if not readonly:
             self._remove_orphans_if_idle()
+
+    def _open_pin(self) -> ReaderPin | None:
+        """This handle's reader pin file; None where pins cannot be written (a read-only
+        directory or mount, where no writer can retire anything either)."""
+        if self._catalog.readonly_env:
+            return None
+        try:
+            return ReaderPin(self.path)
+        except OSError:
+            if self.readonly:
+                return None
+            raise
+
+    def __reduce__(self):
+        self._check_open()
+        return (_reopen, (str(self.path), self.readonly, self._lock_option))
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -276,6 +428,8 @@ class Store:
                 r.close()
             self._readers.clear()
             self._view = None
+            if self._pin is not None:
+                self._pin.close()
             self._catalog.close()
 
     def __enter__(self) -> Store:
@@ -303,10 +457,16 @@ class Store:
 
     # -- state ---------------------------------------------------------------------------
 
+    @_boundary
     def __len__(self) -> int:
-        self._check_open()
-        with self._catalog.read() as txn:
-            return int(self._catalog.get_meta(txn, "count", 0))
+        with self._snapshot() as snap:
+            return snap.view.count
+
+    @property
+    def generation(self) -> int:
+        """The catalog generation now (every commit raises it by one)."""
+        with self._snapshot() as snap:
+            return snap.view.generation
 
     @property
     def dim(self) -> int:
@@ -315,19 +475,25 @@ class Store:
     @property
     def router(self) -> Router:
         """The routing model now (follows retraining by this or another process)."""
-        self._check_open()
-        self._current_view()
-        return self._router
+        with self._snapshot():
+            return self._router
 
+    @_boundary
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: configuration, counts, router, disk usage."""
-        self._check_open()
-        self._current_view()  # the router as of now (this or another handle may have trained)
-        with self._catalog.read() as txn:
-            meta = self._catalog.all_meta(txn)
-            segs = self._catalog.segments(txn)
-            n_buckets = sum(1 for _ in self._catalog.iter_extents(txn))
-        disk = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        with self._snapshot() as snap:
+            cat, txn = self._catalog, snap.txn
+            meta = cat.all_meta(txn)
+            segs = cat.segments(txn)
+            n_buckets = sum(1 for _ in cat.iter_extents(txn))
+            router = self._router
+            digest = self._router_digest
+        disk = 0
+        for f in self.path.rglob("*"):
+            try:
+                disk += f.stat().st_size if f.is_file() else 0
+            except FileNotFoundError:  # removed by a writer's collection meanwhile
+                pass
         return {
             "path": str(self.path),
             "format_version": meta["format_version"],
@@ -336,25 +502,46 @@ class Store:
             "segments": len(segs),
             "rows_stored": sum(s["rows"] for s in segs.values()),
             "deleted": sum(s["rows"] for s in segs.values()) - meta["count"],
-            "router": {**self._router.config(), "digest": self._router_digest[:16]},
+            "router": {**router.config(), "digest": digest[:16]},
             # True while a learned store waits for its first big enough ingest to train.
             "pending_training": meta.get("pending_training") is not None,
             "extents": n_buckets,
             "generation": meta["generation"],
+            # Segment and model directories retired by a commit, kept while readers pin them.
+            "retired": len(meta.get("retired") or []),
             "disk_bytes": disk,
         }
 
-    def _current_view(self) -> View:
-        """The catalog state now, reusing cached extents while the generation is unchanged."""
+    @contextmanager
+    def _snapshot(self) -> Iterator[_Snapshot]:
+        """One consistent read: an LMDB read transaction and the :class:`View` of its
+        generation, whose files stay on disk until the ``with`` block ends (pinned)."""
+        self._check_open()
+        floor = self._seen_generation  # <= the generation the transaction below sees
+        if self._pin is not None:
+            self._pin.pin(floor)
+        try:
+            with self._catalog.read() as txn:
+                view = self._view_at(txn)
+                yield _Snapshot(txn, replace(view, lookup_extents=partial(self._catalog.extents, txn)))
+        finally:
+            if self._pin is not None:
+                self._pin.unpin(floor)
+
+    def _view_at(self, txn) -> View:
+        """The state as of ``txn``, reusing cached extents while the generation is unchanged.
+        Building a new one drops the memory maps of segments it no longer has."""
         cat = self._catalog
-        with cat.read() as txn:
-            generation = cat.get_meta(txn, "generation")
-            if self._view is not None and self._view.generation == generation:
-                return self._view
-            count = cat.get_meta(txn, "count")
-            segs = cat.segments(txn)
-            deleted = cat.tombstones(txn)
-            router_rec = cat.get_meta(txn, "router")
+        generation = int(cat.get_meta(txn, "generation"))
+        self._seen_generation = max(self._seen_generation, generation)
+        view = self._view
+        if view is not None and view.generation == generation:
+            return view
+        count = int(cat.get_meta(txn, "count"))
+        segs = cat.segments(txn)
+        deleted = cat.tombstones(txn)
+        router_rec = cat.get_meta(txn, "router")
+        damage = _damage_from_meta(cat.get_meta(txn, "damaged") or {})
         if router_rec["digest"] != self._router_digest:  # (re)trained since we loaded it
             self._router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
             self._router_digest = router_rec["digest"]
@@ -368,22 +555,46 @@ class Store:
                     lrsq=rec.get("lrsq"),
                 )
                 self._readers[seg] = r
+            r.quarantine(self._quarantined(seg, r, {**damage.get(seg, {}), **self._local_damage.get(seg, {})},
+                                           deleted.get(seg)))
             readers[seg] = r
+        for seg in [s for s in self._readers if s not in segs]:  # retired since the last view
+            self._readers.pop(seg).close()
+        view = View(generation=generation, count=count, segments=readers, deleted=deleted,
+                    lookup_extents=_no_lookup, router_digest=self._router_digest)
+        self._view = view
+        return view
 
-        def lookup(bucket: int, _gen=generation):
+    @staticmethod
+    def _quarantined(seg: int, reader: seglib.SegmentReader, damage: dict[tuple[str, int], str],
+                     dead: np.ndarray | None) -> dict[tuple[str, int], str]:
+        """The damaged chunks of ``seg`` that still hold live rows (reading one raises)."""
+        out = {}
+        for (array, chunk), message in damage.items():
+            first = chunk * reader.chunk_rows
+            rows = np.arange(first, min(reader.n, first + reader.chunk_rows))
+            if dead is not None and len(dead):
+                rows = rows[~np.isin(rows, dead)]
+            if len(rows):
+                out[(array, chunk)] = message
+        return out
+
+    def _current_view(self) -> View:
+        """The state now, for a writer holding the writer lock (no other process commits
+        meanwhile, so the view stays current): extents are read in short transactions."""
+        with self._snapshot() as snap:
+            view = snap.view
+        cat = self._catalog
+
+        def lookup(bucket: int) -> list[tuple[int, int, int]]:
             with cat.read() as t:
-                if cat.get_meta(t, "generation") != _gen:
-                    # A writer committed since this view was taken; extents of buckets are
-                    # append-only per segment, so filter to this view's segments.
-                    return [e for e in cat.extents(t, bucket) if e[0] in readers]
                 return cat.extents(t, bucket)
 
-        self._view = View(generation=generation, count=count, segments=readers,
-                          deleted=deleted, lookup_extents=lookup, router_digest=self._router_digest)
-        return self._view
+        return replace(view, lookup_extents=lookup)
 
     # -- writes --------------------------------------------------------------------------
 
+    @_boundary
     def ingest(
         self,
         vectors: ArrayLike,
@@ -411,12 +622,18 @@ class Store:
                 pending = self._catalog.get_meta(txn, "pending_training")
                 empty = not self._catalog.segments(txn)
                 if ids is None:
-                    id_arr = np.arange(next_id, next_id + n, dtype=np.uint64)
+                    id_arr = self._catalog.free_ids(txn, next_id, n, MAX_ID)
+                    if id_arr is None:
+                        raise InvalidInputError(f"Cannot assign {n} automatic ids: fewer are free below 2**63. "
+                                                "Pass explicit ids.")
                 else:
                     id_arr = load_ids(ids, n=n)
+                    if int(id_arr.max()) > MAX_ID:
+                        raise InvalidInputError(f"Expected ids below 2**63, got {int(id_arr.max())}.")
                     self._check_new_ids(txn, id_arr)
-            if int(id_arr.max()) > MAX_ID:
-                raise InvalidInputError(f"Expected ids below 2**63, got {int(id_arr.max())}.")
+            self._check_disk_space(n)
+            # Automatic ids continue after the largest id given so far, while that fits.
+            next_id = max(next_id, int(id_arr.max()) + 1) if int(id_arr.max()) < MAX_ID else next_id
 
             router, model_rec, train_s = self._router, None, 0.0
             published = False
@@ -428,15 +645,17 @@ class Store:
                                                 progress=progress)
                     model_rec = self._save_model(router)
                     train_s = time.perf_counter() - t0
-                sorted_keys, seg_ids, chunk_rows, lrsq = self._write_bucketed(
+                written = self._write_bucketed(
                     seg, source, id_arr, router, (model_rec or {"digest": self._router_digest})["digest"],
                     progress)
-                self._publish_segment(seg, sorted_keys, seg_ids, chunk_rows,
-                                      next_id=max(next_id, int(id_arr.max()) + 1), model=model_rec, lrsq=lrsq)
+                self._publish_segment(seg, written, next_id=next_id, model=model_rec)
                 published = True
+            except OSError as exc:
+                raise self._write_error(exc, n) from None
             finally:
                 if not published:
                     self._discard_unpublished(seg, model_rec)
+            self._collect_garbage()
         trained = model_rec is not None
         if pending is not None and not trained and not empty and len(self) >= MIN_TRAIN_ROWS:
             # Earlier small batches went to the baseline router: now that the store holds
@@ -451,6 +670,7 @@ class Store:
 
     # -- training ------------------------------------------------------------------------
 
+    @_boundary
     def train(
         self,
         sample: ArrayLike | None = None,
@@ -503,44 +723,56 @@ class Store:
                 seg = int(self._catalog.get_meta(txn, "next_segment"))
             model_rec, published = None, False
             try:
+                self._check_disk_space(stored.n)
                 model_rec = self._save_model(router)
-                rows = self._write_bucketed(seg, stored, stored.ids(), router, model_rec["digest"],
-                                            progress) if stored.n else None
-                self._publish_retrained(seg, model_rec, view, rows)
+                written = self._write_bucketed(seg, stored, stored.ids(), router, model_rec["digest"],
+                                               progress) if stored.n else None
+                self._publish_retrained(seg, model_rec, view, written)
                 published = True
+            except OSError as exc:
+                raise self._write_error(exc, stored.n) from None
             finally:
                 if not published:
                     self._discard_unpublished(seg, model_rec)
-            for old in view.segments:  # retired: no catalog record points at them any more
-                self._readers.pop(old).close()
-                seglib.remove_segment(self._segments_root, segment_name(old))
+            # The old segments and model are retired, not deleted: readers may still be
+            # reading them. They go once no reader pins a generation that sees them.
+            self._collect_garbage()
         return TrainResult(rows_trained_on=len(x), rows_rebucketed=stored.n, buckets=2**router.bits,
                            history=history, seconds=time.perf_counter() - started)
 
-    def _publish_retrained(self, seg: int, model: dict, view: View, rows) -> None:
+    def _publish_retrained(self, seg: int, model: dict, view: View, written: _Written | None) -> None:
         """Swap in a new model and (when the store holds rows) the one segment re-bucketed
-        by it, retiring every old segment, in ONE transaction."""
+        by it, retiring every old segment and the old model, in ONE transaction."""
 
         def publish(txn):
             cat = self._catalog
             if int(cat.get_meta(txn, "generation")) != view.generation:
                 raise CorruptStoreError("The catalog changed during training despite the writer lock.")
+            generation = view.generation + 1
+            old_model = cat.get_meta(txn, "router")["dir"]
             cat.clear_rows(txn)
-            if rows is not None:
-                sorted_keys, seg_ids, chunk_rows, lrsq = rows
-                n = len(seg_ids)
-                bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
-                starts = np.concatenate([[0], bounds]).astype(np.int64)
-                counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
-                cat.put_segment(txn, seg, _segment_record(n, chunk_rows, lrsq))
-                cat.put_extents(txn, seg, sorted_keys[starts], starts, counts)
-                cat.put_ids(txn, seg, seg_ids)
+            if written is not None:
+                self._put_segment(txn, seg, written)
                 cat.put_meta(txn, "next_segment", seg + 1)
             cat.put_meta(txn, "router", model)
             cat.put_meta(txn, "pending_training", None)
-            cat.put_meta(txn, "generation", view.generation + 1)
+            cat.put_meta(txn, "damaged", None)  # every damaged chunk was in a retired segment
+            _retire(cat, txn, generation, segments=list(view.segments), model=old_model)
+            cat.put_meta(txn, "generation", generation)
 
         self._commit(publish)
+
+    def _put_segment(self, txn, seg: int, written: _Written) -> None:
+        """Record a written segment: its record, bucket extents, id map and checksums."""
+        cat = self._catalog
+        n = len(written.ids)
+        bounds = np.flatnonzero(np.diff(written.keys)) + 1
+        starts = np.concatenate([[0], bounds]).astype(np.int64)
+        counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
+        cat.put_segment(txn, seg, _segment_record(n, written.chunk_rows, written.lrsq))
+        cat.put_extents(txn, seg, written.keys[starts], starts, counts)
+        cat.put_ids(txn, seg, written.ids)
+        cat.put_checksums(txn, seg, written.checksums)
 
     def _sample_rows(self, source: VectorSource | _StoredRows, size: int, seed: int) -> np.ndarray:
         """A seeded uniform sample of at most ``size`` rows, in stored form."""
@@ -574,10 +806,9 @@ class Store:
         return {"dir": f"{MODEL_DIR}/{name}", "digest": digest}
 
     def _write_bucketed(self, seg: int, rows, ids: np.ndarray, router: Router, digest: str,
-                        progress: ProgressLike):
+                        progress: ProgressLike) -> _Written:
         """Hash ``rows`` with ``router``, sort them by bucket and write them as segment
-        ``seg`` (not yet published). Returns ``(sorted keys, ids in segment order,
-        chunk_rows, LRSQ record)``: what publishing the segment needs."""
+        ``seg`` (not yet published): what publishing the segment needs."""
         keys = self._hash_rows(rows, progress, router)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
@@ -585,8 +816,35 @@ class Store:
         seg_ids = ids[order]
         # Small segments get small chunks: Zarr pads the edge chunk to full size.
         chunk_rows = min(self.config.chunk_rows, max(256, 1 << (len(ids) - 1).bit_length()))
-        lrsq = self._write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, digest)
-        return sorted_keys, seg_ids, chunk_rows, lrsq
+        lrsq, sums = self._write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, digest)
+        return _Written(sorted_keys, seg_ids, chunk_rows, lrsq, sums)
+
+    def _check_disk_space(self, n: int) -> None:
+        """Refuse up front a write that cannot fit on the device (the segment and its codes)."""
+        need = self._segment_bytes(n)
+        free = shutil.disk_usage(self.path).free
+        if need > free:
+            raise DiskFullError(
+                f"Not enough space on the device of {str(self.path)!r}: writing {n:,} rows needs about "
+                f"{_mib(need)}, {_mib(free)} are free. Free some space and retry; the store is unchanged."
+            )
+
+    def _segment_bytes(self, n: int) -> int:
+        row = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
+        quantizer = getattr(self._router, "lrsq", None)
+        if quantizer is not None:
+            row += quantizer.rank + 2 * quantizer.aux_width
+        return n * row
+
+    def _write_error(self, exc: OSError, n: int) -> AsteriaError:
+        """A failed write (nothing was published) as an asteria error naming what it needed."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFullError(
+                f"No space left on the device of {str(self.path)!r} while writing {n:,} rows (about "
+                f"{_mib(self._segment_bytes(n))} needed, {_mib(shutil.disk_usage(self.path).free)} free "
+                "after cleanup). Free some space and retry; the store is unchanged."
+            )
+        return _catalog_error(self.path, exc)
 
     def _discard_unpublished(self, seg: int, model: dict | None = None) -> None:
         """Remove the directory of segment ``seg`` unless the catalog has published it, and
@@ -631,11 +889,11 @@ class Store:
 
     def _write_segment(self, seg: int, source: VectorSource | _StoredRows, order: np.ndarray,
                        seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
-                       router: Router, model_digest: str) -> dict | None:
+                       router: Router, model_digest: str) -> tuple[dict | None, dict[str, np.ndarray]]:
         """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync.
 
-        With a learned router, every row's LRSQ codes (of its stored form) are written too;
-        returns the segment record's ``lrsq`` entry (None without)."""
+        With a learned router, every row's LRSQ codes (of its stored form) are written too.
+        Returns the segment record's ``lrsq`` entry (None without) and the chunk checksums."""
         n, dim = source.n, self.config.dim
         window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
         quantizer = getattr(router, "lrsq", None)
@@ -658,37 +916,56 @@ class Store:
                     codes = quantizer.encode(router.rotate(self._as_stored(block)))
                 writer.write(start, block, seg_ids[start : start + len(rows)], codes)
                 bar.update(len(rows))
-            writer.finish()
+            sums = writer.finish()
         finally:
             bar.close()
-        return lrsq
+        return lrsq, sums
 
-    def _publish_segment(self, seg: int, sorted_keys: np.ndarray, seg_ids: np.ndarray,
-                         chunk_rows: int, *, next_id: int, model: dict | None = None,
-                         lrsq: dict | None = None) -> None:
-        """Make a written segment visible: extents, ids, counters in ONE transaction."""
-        n = len(seg_ids)
-        bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
-        starts = np.concatenate([[0], bounds]).astype(np.int64)
-        counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
-        bucket_keys = sorted_keys[starts]
+    def _publish_segment(self, seg: int, written: _Written, *, next_id: int, model: dict | None = None) -> None:
+        """Make a written segment visible: extents, ids, checksums, counters in ONE
+        transaction (with ``model``, the model trained for it goes live too, retiring the old)."""
 
         def publish(txn):
             cat = self._catalog
             if cat.get_meta(txn, "next_segment") != seg:
                 raise CorruptStoreError("The catalog changed during ingest despite the writer lock.")
-            cat.put_segment(txn, seg, _segment_record(n, chunk_rows, lrsq))
-            cat.put_extents(txn, seg, bucket_keys, starts, counts)
-            cat.put_ids(txn, seg, seg_ids)
+            generation = int(cat.get_meta(txn, "generation")) + 1
+            self._put_segment(txn, seg, written)
             cat.put_meta(txn, "next_segment", seg + 1)
             cat.put_meta(txn, "next_id", next_id)
-            cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + n)
-            cat.put_meta(txn, "generation", int(cat.get_meta(txn, "generation")) + 1)
+            cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + len(written.ids))
             if model is not None:  # the model trained for this segment goes live with it
+                _retire(cat, txn, generation, model=cat.get_meta(txn, "router")["dir"])
                 cat.put_meta(txn, "router", model)
                 cat.put_meta(txn, "pending_training", None)
+            cat.put_meta(txn, "generation", generation)
 
         self._commit(publish)
+
+    def _collect_garbage(self) -> list[str]:
+        """Remove retired segment and model directories no live reader can still need
+        (every pin at or past the generation that retired them); returns what went."""
+        if self.readonly or self._catalog.readonly_env:
+            return []
+        with self._catalog.read() as txn:
+            retired = self._catalog.get_meta(txn, "retired") or []
+        if not retired:
+            return []
+        floor = oldest_pin(self.path)
+        done = [r for r in retired if floor is None or r["at"] <= floor]
+        for r in done:
+            target = self._segments_root / segment_name(r["segment"]) if "segment" in r else self.path / r["model"]
+            if target.exists():
+                shutil.rmtree(target)
+        if done:
+            seglib.fsync_dir(self._segments_root)
+
+            def forget(txn):
+                now = self._catalog.get_meta(txn, "retired") or []
+                self._catalog.put_meta(txn, "retired", [r for r in now if r not in done])
+
+            self._catalog.write(forget)
+        return [segment_name(r["segment"]) if "segment" in r else r["model"] for r in done]
 
     def _commit(self, fn) -> None:
         """Publish ``fn``'s changes in one durable transaction."""
@@ -710,6 +987,7 @@ class Store:
                 f"{int(existing[0])}). Delete them first or choose other ids."
             )
 
+    @_boundary
     def delete(self, ids: ArrayLike) -> DeleteResult:
         """Delete vectors by id (tombstones; space is reclaimed by a later compaction).
 
@@ -738,21 +1016,22 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------
 
+    @_boundary
     def get(self, ids: ArrayLike) -> np.ndarray:
         """The stored vectors of ``ids`` (as float32, normalised if metric is cosine)."""
         self._check_open()
         id_arr = _as_id_array(ids)
-        view = self._current_view()
-        with self._catalog.read() as txn:
-            found, segs, rows = self._catalog.locate(txn, id_arr)
-        if not found.all():
-            raise IdNotFoundError(f"Id {int(id_arr[~found][0])} is not in the store.")
-        out = np.empty((len(id_arr), self.config.dim), dtype=np.float32)
-        for seg in np.unique(segs).tolist():
-            sel = segs == seg
-            out[sel] = view.segments[seg].take_vectors(rows[sel])
+        with self._snapshot() as snap:
+            found, segs, rows = self._catalog.locate(snap.txn, id_arr)
+            if not found.all():
+                raise IdNotFoundError(f"Id {int(id_arr[~found][0])} is not in the store.")
+            out = np.empty((len(id_arr), self.config.dim), dtype=np.float32)
+            for seg in np.unique(segs).tolist():
+                sel = segs == seg
+                out[sel] = snap.view.segments[seg].take_vectors(rows[sel])
         return out
 
+    @_boundary
     def search(
         self,
         queries: ArrayLike,
@@ -794,8 +1073,19 @@ class Store:
         qs = np.concatenate([b for _, b in q.blocks(_HASH_BLOCK_ROWS)]) if q.n > _HASH_BLOCK_ROWS \
             else next(q.blocks(_HASH_BLOCK_ROWS))[1]
         qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))
-        view = self._current_view()
-        if probes == "all":
+        if probes != "all":
+            if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
+                raise InvalidArgumentError(f"probes must be a positive integer or 'all', got {probes!r}.")
+            if candidates is not None and (not isinstance(candidates, (int, np.integer)) or candidates < 1):
+                raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
+            if prune not in (True, False, "auto"):
+                raise InvalidArgumentError(f"prune must be True, False or 'auto', got {prune!r}.")
+        with self._snapshot() as snap:
+            view = snap.view
+            _check_k_fits(k, len(qs), view.count)
+            if probes != "all":
+                return search_batch(view, self._router, qs, k, int(probes), candidates, explain=bool(explain),
+                                    prune=prune)
             ids, scores = search_exact(view, qs, k)
             if not explain:
                 return ids, scores
@@ -804,14 +1094,6 @@ class Store:
             nq = len(qs)
             return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
                                             np.full(nq, stored * row_bytes), stored * row_bytes)
-        if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
-            raise InvalidArgumentError(f"probes must be a positive integer or 'all', got {probes!r}.")
-        if candidates is not None and (not isinstance(candidates, (int, np.integer)) or candidates < 1):
-            raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
-        if prune not in (True, False, "auto"):
-            raise InvalidArgumentError(f"prune must be True, False or 'auto', got {prune!r}.")
-        return search_batch(view, self._router, qs, k, int(probes), candidates, explain=bool(explain),
-                            prune=prune)
 
     def query(
         self,
@@ -837,18 +1119,27 @@ class Store:
 
     # -- maintenance ---------------------------------------------------------------------
 
+    def _retired(self) -> tuple[set[str], set[str]]:
+        """Names of retired segment dirs and model dirs (kept while readers pin them)."""
+        with self._catalog.read() as txn:
+            retired = self._catalog.get_meta(txn, "retired") or []
+        return ({segment_name(r["segment"]) for r in retired if "segment" in r},
+                {r["model"] for r in retired if "model" in r})
+
     def _orphans(self) -> list[str]:
         with self._catalog.read() as txn:
             live = {segment_name(s) for s in self._catalog.segments(txn)}
-        return [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live]
+        retired = self._retired()[0]
+        return [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live and d not in retired]
 
     def _orphan_models(self) -> list[str]:
-        """Model directories no catalog record points at (a retired model, or one trained
-        by an ingest or ``train`` that did not commit), as ``model/<name>``."""
+        """Model directories no catalog record points at (one trained by an ingest or
+        ``train`` that did not commit), as ``model/<name>``; retired ones are not orphans."""
         with self._catalog.read() as txn:
             live = self._catalog.get_meta(txn, "router")["dir"]
+        keep = {live} | self._retired()[1]
         root = self.path / MODEL_DIR
-        return sorted(f"{MODEL_DIR}/{p.name}" for p in root.iterdir() if p.is_dir() and f"{MODEL_DIR}/{p.name}" != live)
+        return sorted(f"{MODEL_DIR}/{p.name}" for p in root.iterdir() if p.is_dir() and f"{MODEL_DIR}/{p.name}" not in keep)
 
     def _remove_orphan_models(self) -> list[str]:
         removed = self._orphan_models()
@@ -864,63 +1155,46 @@ class Store:
             for name in self._orphans():
                 seglib.remove_segment(self._segments_root, name)
                 self._orphans_removed_at_open.append(name)
-            self._remove_orphan_models()  # retired models: not worth a report
+            self._remove_orphan_models()  # debris of uncommitted trainings: not worth a report
+            self._collect_garbage()
+            _remove_stale_creations(self.path)
         finally:
             lock.release()
 
-    def verify(self, *, repair: bool = False) -> VerifyReport:
-        """Check the store end to end; ``repair=True`` removes orphan segments.
+    @_boundary
+    def verify(self, *, repair: bool = False, quick: bool = False, progress: ProgressLike = None) -> VerifyReport:
+        """Check the store end to end, in one snapshot; ``repair=True`` removes orphans.
 
-        Checks: the model digest; every published segment's arrays (shape, dtype, chunk
-        files present and full-size); its ids against the catalog's id map; its bucket
-        extents (contiguous, covering every row, matching the router's keys on a sample);
-        and the live count. Orphan segments (interrupted ingests) are reported, not errors.
+        Checks: the model digest; every published segment's arrays (chunk files present and
+        full-size) and the CRC-32C of every chunk against the one recorded when it was
+        written (``quick=True`` skips this, the only part that reads all the data); its ids
+        against the catalog's id map; its bucket extents (contiguous, covering every row,
+        matching the router's keys on a sample); and the live count. Orphan segments
+        (interrupted ingests) are reported, not errors.
+
+        Damaged chunks are reported with the live ids they hold (``report.damaged``), never
+        deleted. Reads of them raise :class:`CorruptStoreError` from then on: for every
+        reader when this handle can write (the damage is recorded in the catalog), else
+        for this handle (run it writable, e.g. ``verify --repair``, to record it).
         """
         self._check_open()
         if repair:
             self._check_writable()
-        self._current_view()  # the router as of now: another process may have trained it
         report = VerifyReport()
-        cat = self._catalog
         lock = WriterLock(self.path)
         if repair:
             lock.acquire()  # deleting orphans: no writer may be at work
-        elif not self.readonly:
-            lock.try_acquire()  # best effort; the catalog read below is one snapshot anyway
         try:
-            with cat.read() as txn:
-                meta = cat.all_meta(txn)
-                segs = cat.segments(txn)
-                extents: dict[int, list[tuple[int, int, int]]] = {}
-                for bucket, seg, first, n in cat.iter_extents(txn):
-                    extents.setdefault(seg, []).append((first, n, bucket))
-                id_locs = {}
-                for i, seg, row in cat.iter_ids(txn):
-                    id_locs.setdefault(seg, []).append((row, i))
-                tomb = cat.tombstones(txn)
-            try:
-                load_router(self.path / meta["router"]["dir"], digest=meta["router"]["digest"])
-            except Exception as exc:  # noqa: BLE001 - report, don't raise
-                report.problems.append(str(exc))
-            live_total = 0
-            for seg, rec in sorted(segs.items()):
-                report.checked_segments += 1
-                report.problems.extend(
-                    self._verify_segment(seg, rec, extents.get(seg, []), id_locs.get(seg, []), tomb.get(seg))
-                )
-                report.checked_rows += rec["rows"]
-                live_total += rec["rows"] - len(tomb.get(seg, []))
-            if live_total != meta["count"]:
-                report.problems.append(f"live count is {meta['count']} in meta but {live_total} by segments")
-            for seg in set(extents) - set(segs):
-                report.problems.append(f"bucket extents point to unknown segment {seg}")
-            live = {segment_name(s) for s in segs}
-            report.orphans = [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live]
+            with self._snapshot() as snap:
+                self._verify_snapshot(snap, report, quick, progress)
+            if report.damaged:
+                self._flag_damage(report.damaged, lock_held=repair)
             if repair:
                 for name in report.orphans:
                     seglib.remove_segment(self._segments_root, name)
                     report.removed.append(name)
                 self._remove_orphan_models()
+                self._collect_garbage()
                 # Orphans this handle already removed when it opened the store.
                 report.orphans = self._orphans_removed_at_open + report.orphans
                 report.removed = self._orphans_removed_at_open + report.removed
@@ -929,7 +1203,76 @@ class Store:
             lock.release()
         return report
 
-    def _verify_segment(self, seg, rec, extents, id_locs, dead) -> list[str]:
+    def _verify_snapshot(self, snap: _Snapshot, report: VerifyReport, quick: bool, progress: ProgressLike) -> None:
+        cat, txn = self._catalog, snap.txn
+        meta = cat.all_meta(txn)
+        segs = cat.segments(txn)
+        extents: dict[int, list[tuple[int, int, int]]] = {}
+        for bucket, seg, first, n in cat.iter_extents(txn):
+            extents.setdefault(seg, []).append((first, n, bucket))
+        id_locs: dict[int, list[tuple[int, int]]] = {}
+        for i, seg, row in cat.iter_ids(txn):
+            id_locs.setdefault(seg, []).append((row, i))
+        tomb = cat.tombstones(txn)
+        try:
+            load_router(self.path / meta["router"]["dir"], digest=meta["router"]["digest"])
+        except AsteriaError as exc:
+            report.problems.append(str(exc))
+        total = sum(rec["rows"] for rec in segs.values())
+        bar = make_progress(progress, total=total, desc="verifying")
+        try:
+            live_total = 0
+            for seg, rec in sorted(segs.items()):
+                report.checked_segments += 1
+                report.problems.extend(self._verify_segment(
+                    seg, rec, extents.get(seg, []), id_locs.get(seg, []), tomb.get(seg),
+                    None if quick else cat.checksums(txn, seg), report))
+                report.checked_rows += rec["rows"]
+                live_total += rec["rows"] - len(tomb.get(seg, []))
+                bar.update(rec["rows"])
+        finally:
+            bar.close()
+        if live_total != meta["count"]:
+            report.problems.append(f"live count is {meta['count']} in meta but {live_total} by segments")
+        for seg in set(extents) - set(segs):
+            report.problems.append(f"bucket extents point to unknown segment {seg}")
+        live = {segment_name(s) for s in segs}
+        retired = {segment_name(r["segment"]) for r in meta.get("retired") or [] if "segment" in r}
+        report.orphans = [d for d in seglib.list_segment_dirs(self._segments_root)
+                          if d not in live and d not in retired]
+
+    def _flag_damage(self, damaged: list[dict], *, lock_held: bool) -> None:
+        """Make reads of damaged chunks raise: in the catalog when this handle can write
+        (every reader, every process), else in this handle."""
+        for d in damaged:
+            self._local_damage.setdefault(d["segment"], {})[(d["array"], d["chunk"])] = \
+                _damage_message(d["segment"], d["array"], d["chunk"])
+        self._view = None
+        if self.readonly or self._catalog.readonly_env:
+            return
+        lock = WriterLock(self.path)
+        if not lock_held:
+            lock.acquire()
+        try:
+            def record(txn):
+                cat = self._catalog
+                live = cat.segments(txn)
+                raw = cat.get_meta(txn, "damaged") or {}
+                for d in damaged:
+                    if d["segment"] in live:  # (a retrain meanwhile rewrote it: nothing to flag)
+                        chunks = raw.setdefault(str(d["segment"]), {}).setdefault(d["array"], [])
+                        if d["chunk"] not in chunks:
+                            chunks.append(d["chunk"])
+                cat.put_meta(txn, "damaged", raw)
+                cat.put_meta(txn, "generation", int(cat.get_meta(txn, "generation")) + 1)
+
+            self._commit(record)
+        finally:
+            if not lock_held:
+                lock.release()
+
+    def _verify_segment(self, seg, rec, extents, id_locs, dead, sums: dict[str, np.ndarray] | None,
+                        report: VerifyReport) -> list[str]:
         name = segment_name(seg)
         n = rec["rows"]
         problems = []
@@ -939,11 +1282,10 @@ class Store:
         arrays = [("vectors", self.config.dim * item), ("ids", 8)]
         if rec.get("lrsq"):
             arrays += [("lrsq", rec["lrsq"]["rank"]), ("lrsq_aux", 2 * rec["lrsq"]["aux"])]
+        n_chunks = (n + cr - 1) // cr
         for array, row_bytes in arrays:
-            for c in range((n + cr - 1) // cr):
-                f = seg_dir / array / "c" / str(c)
-                if array != "ids":  # 2-D arrays: chunk key c/<i>/0
-                    f = f / "0"
+            for c in range(n_chunks):
+                f = seglib.chunk_path(seg_dir, array, c)
                 if not f.is_file():
                     problems.append(f"{name}: chunk {f.relative_to(self.path)} is missing")
                 elif f.stat().st_size != cr * row_bytes:
@@ -951,6 +1293,10 @@ class Store:
                                     f"expected {cr * row_bytes}")
         if problems:
             return problems
+        if sums is not None:
+            if not sums:
+                report.notes.append(f"{name}: no checksums recorded (written by an older asteria-store)")
+            problems += self._verify_checksums(seg, n, cr, [a for a, _ in arrays], sums, id_locs, dead, report)
         reader = seglib.SegmentReader(self._segments_root, name, n=n, dim=self.config.dim,
                                       dtype=self.config.dtype, chunk_rows=cr)
         try:
@@ -968,7 +1314,8 @@ class Store:
             for first, cnt, bucket in (extents[i] for i in rng.choice(len(extents), min(32, len(extents)), replace=False)) if extents else ():
                 # Ingest hashed exactly the stored form (normalised, rounded): no re-normalising.
                 x = np.asarray(reader.vectors(first, first + min(cnt, 4)), dtype=np.float32)
-                if not self._router.consistent(x, np.full(len(x), bucket, dtype=np.uint64)).all():
+                if not np.isfinite(x).all() or \
+                        not self._router.consistent(x, np.full(len(x), bucket, dtype=np.uint64)).all():
                     problems.append(f"{name}: rows {first}.. do not hash to their bucket {bucket}")
                     break
             stored_ids = np.asarray(reader.ids(0, n))
@@ -982,6 +1329,80 @@ class Store:
         finally:
             reader.close()
         return problems
+
+    def _verify_checksums(self, seg, n, cr, arrays, sums, id_locs, dead, report: VerifyReport) -> list[str]:
+        """Recompute every chunk's CRC-32C; a mismatch is damage, reported with the live ids
+        (from the catalog's id map, which does not depend on the damaged file) it holds."""
+        name = segment_name(seg)
+        problems = []
+        seg_dir = self._segments_root / name
+        row_to_id = None
+        for array in arrays:
+            recorded = sums.get(array)
+            if recorded is None:
+                continue
+            for c in range(len(recorded)):
+                report.checked_chunks += 1
+                if seglib.file_crc32c(seglib.chunk_path(seg_dir, array, c)) == int(recorded[c]):
+                    continue
+                if row_to_id is None:
+                    row_to_id = dict(id_locs)
+                lo, hi = c * cr, min(n, (c + 1) * cr)
+                ids = [row_to_id[r] for r in range(lo, hi) if r in row_to_id]
+                where = f"{name}: chunk {c} of {array} (rows {lo}-{hi - 1})"
+                if not ids:
+                    report.notes.append(f"{where} is damaged but holds only deleted rows")
+                    continue
+                report.damaged.append({"segment": seg, "array": array, "chunk": c, "rows": [lo, hi], "ids": ids})
+                shown = ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+                problems.append(f"{where} is damaged (checksum mismatch); it holds {len(ids)} live id(s): "
+                                f"{shown}. Delete them and ingest them again")
+        return problems
+
+
+class _Written(NamedTuple):
+    """A segment written but not yet published."""
+
+    keys: np.ndarray  # bucket key of each row, sorted
+    ids: np.ndarray  # id of each row, in segment order
+    chunk_rows: int
+    lrsq: dict | None  # the segment record's LRSQ entry
+    checksums: dict[str, np.ndarray]  # CRC-32C per chunk, per array
+
+
+def _retire(cat: Catalog, txn, generation: int, *, segments: list[int] = (), model: str | None = None) -> None:
+    """Record directories that stop being visible at ``generation`` (their removal waits
+    until no reader pins an older generation; see :meth:`Store._collect_garbage`)."""
+    retired = cat.get_meta(txn, "retired") or []
+    retired += [{"segment": int(s), "at": generation} for s in segments]
+    if model is not None:
+        retired.append({"model": model, "at": generation})
+    cat.put_meta(txn, "retired", retired)
+
+
+def _remove_stale_creations(path: Path) -> None:
+    """Remove ``.NAME.creating-*`` directories of ``create`` calls that were killed (their
+    flock on ``.creating.lock`` is free; one with no lock file, after an hour)."""
+    for tmp in path.parent.glob(f".{path.name}.creating-*"):
+        lock_file = tmp / _CREATING_LOCK
+        try:
+            if lock_file.exists():
+                fd = os.open(lock_file, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a create is running
+                finally:
+                    os.close(fd)
+            elif time.time() - tmp.stat().st_mtime < 3600:
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _segment_record(n: int, chunk_rows: int, lrsq: dict | None) -> dict:
@@ -1032,6 +1453,26 @@ def _as_id_array(ids: ArrayLike) -> np.ndarray:
     if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
         raise InvalidInputError(f"Expected non-negative ids, got {int(arr.min())}.")
     return arr.astype(np.uint64)
+
+
+#: ``k`` may exceed the live count (results are padded with -1) up to this many.
+_K_PAD_MAX = 65536
+#: Largest result arrays one search may allocate (ids and scores, 12 bytes per cell).
+_RESULT_BYTES_MAX = 8 << 30
+
+
+def _check_k_fits(k: int, n_queries: int, count: int) -> None:
+    """Refuse a ``k`` that asks for far more results than the store can return."""
+    if k > max(count, _K_PAD_MAX):
+        raise InvalidArgumentError(
+            f"k={k:,} is more than the {count:,} vectors in the store can fill; at most "
+            f"{max(count, _K_PAD_MAX):,} is allowed (results beyond the live count are -1)."
+        )
+    if n_queries * k * 12 > _RESULT_BYTES_MAX:
+        raise InvalidArgumentError(
+            f"{n_queries:,} queries x k={k:,} need {_mib(n_queries * k * 12)} of results; search "
+            "in smaller batches of queries or with a smaller k."
+        )
 
 
 def _check_k(k: Any) -> int:

@@ -212,26 +212,37 @@ def info(path: Path, as_json: bool) -> None:
 @cli.command()
 @store_path
 @click.option("--repair", is_flag=True,
-              help="Remove orphan segments left by interrupted ingests (opens the store for writing).")
-def verify(path: Path, repair: bool) -> None:
+              help="Remove orphan segments left by interrupted ingests, and record damaged chunks "
+                   "so that every reader refuses them (opens the store for writing; never deletes data).")
+@click.option("--quick", is_flag=True,
+              help="Skip the checksums of the data (the only part that reads every chunk).")
+@quiet_option
+def verify(path: Path, repair: bool, quick: bool, quiet: bool) -> None:
     """Check a store end to end; exit code 1 if it is damaged.
 
-    Orphan segments of interrupted ingests are harmless: they are listed, not counted as
-    damage. The store is opened read-only unless --repair is given.
+    Recomputes the checksum of every chunk (vectors, ids, LRSQ codes) and lists the ids of
+    the rows in damaged ones. Orphan segments of interrupted ingests are harmless: they
+    are listed, not counted as damage. The store is opened read-only unless --repair is given.
 
     \b
     Example:
         asteria-store verify mystore
+        asteria-store verify mystore --quick
         asteria-store verify mystore --repair
     """
     with asteria_store.open(path, readonly=not repair) as store:
-        report = store.verify(repair=repair)
-    click.echo(f"Checked {report.checked_segments} segment(s), {report.checked_rows:,} row(s).")
+        report = store.verify(repair=repair, quick=quick, progress=not quiet)
+    click.echo(f"Checked {report.checked_segments} segment(s), {report.checked_rows:,} row(s), "
+               f"{report.checked_chunks:,} chunk checksum(s).")
     for problem in report.problems:
         click.echo(f"problem: {problem}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
     for orphan in report.orphans:
         note = "removed" if orphan in report.removed else "harmless; remove with --repair"
         click.echo(f"orphan: {orphan} ({note})")
+    if report.damaged and not repair:
+        click.echo("Run `asteria-store verify --repair` to make every reader refuse the damaged rows.")
     if not report.ok:
         raise click.ClickException(f"The store {str(path)!r} has {len(report.problems)} problem(s).")
     click.echo("OK")

@@ -220,7 +220,7 @@ def test_info_json(store: Path):
 def test_verify_ok(store: Path):
     result = run("verify", store)
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"Checked 1 segment(s), {N} row(s).\nOK\n"
+    assert result.stdout == f"Checked 1 segment(s), {N} row(s), 2 chunk checksum(s).\nOK\n"  # vectors, ids
 
 
 def test_verify_lists_orphans_and_repair_removes_them(store: Path):

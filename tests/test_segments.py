@@ -129,11 +129,30 @@ def test_list_and_remove_segments(tmp_path: Path) -> None:
     seglib.create_root(root)
     assert (root / "zarr.json").is_file()
     for name in ("seg-00000002", "seg-00000001"):
-        seglib.SegmentWriter(root, name, n=1, dim=2, dtype="float32", chunk_rows=1).finish()
+        writer = seglib.SegmentWriter(root, name, n=1, dim=2, dtype="float32", chunk_rows=1)
+        writer.write(0, np.ones((1, 2), dtype=np.float32), np.zeros(1, dtype=np.uint64))
+        writer.finish()
     (root / "not-a-segment").mkdir()
     assert seglib.list_segment_dirs(root) == ["seg-00000001", "seg-00000002"]
     seglib.remove_segment(root, "seg-00000001")
     assert seglib.list_segment_dirs(root) == ["seg-00000002"]
+
+
+def test_finish_returns_the_crc32c_of_every_chunk(tmp_path: Path) -> None:
+    root = tmp_path / "segments.zarr"
+    seglib.create_root(root)
+    writer = seglib.SegmentWriter(root, "seg-00000001", n=5, dim=2, dtype="float32", chunk_rows=2)
+    vectors = np.arange(10, dtype=np.float32).reshape(5, 2)
+    writer.write(0, vectors, np.arange(5, dtype=np.uint64))
+    sums = writer.finish()
+    assert sorted(sums) == ["ids", "vectors"]
+    assert [len(v) for v in sums.values()] == [3, 3]
+    # Known answers: the chunk files hold the rows (the edge chunk zero-padded), little-endian.
+    import google_crc32c
+
+    first = google_crc32c.value(vectors[:2].astype("<f4").tobytes())
+    last_ids = google_crc32c.value(np.array([4, 0], dtype="<u8").tobytes())
+    assert (int(sums["vectors"][0]), int(sums["ids"][2])) == (first, last_ids)
 
 
 def test_fsync_tree_runs_on_a_tree(tmp_path: Path) -> None:

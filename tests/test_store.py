@@ -84,7 +84,7 @@ def test_create_makes_an_empty_open_store(tmp_path: Path) -> None:
         assert store.dim == DIM
         assert store.path == path
         assert not store.readonly
-        assert sorted(p.name for p in path.iterdir()) == ["catalog.lmdb", "model", "segments.zarr", "writer.lock"]
+        assert sorted(p.name for p in path.iterdir()) == ["catalog.lmdb", "model", "readers", "segments.zarr", "writer.lock"]
         # Built in a temporary sibling and renamed: no debris next to the store.
         assert [p.name for p in tmp_path.iterdir()] == ["store"]
         assert repr(store) == f"<asteria_store.Store {str(path)!r} dim=32 0 vectors>"
@@ -147,6 +147,7 @@ def test_info_keys_and_values(tmp_store) -> None:
     assert set(info) == {
         "path", "format_version", "dim", "metric", "dtype", "chunk_rows", "count", "segments",
         "rows_stored", "deleted", "router", "extents", "generation", "disk_bytes", "pending_training",
+        "retired",
     }
     expected_bits = bits_for_size(1_000_000)
     assert expected_bits == 12

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import io
 import json
 import os
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
+from tokenize import TokenError
 from typing import Protocol
 
 import numpy as np
@@ -247,6 +249,8 @@ def load_router(directory: str | os.PathLike[str], *, digest: str | None = None)
         desc = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise CorruptStoreError(f"Cannot read the store's model in {str(d)!r}: {exc}") from None
+    if not isinstance(desc, dict):
+        raise CorruptStoreError(f"The store's model description in {str(d)!r} is damaged; run `asteria-store verify`.")
     if desc.get("format_version", 0) > MODEL_FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"The store's model has format version {desc['format_version']}, this asteria-store "
@@ -259,8 +263,14 @@ def load_router(directory: str | os.PathLike[str], *, digest: str | None = None)
     files = {"router.json": raw}
     arrays = {}
     for path in sorted(d.glob("*.npy")):
-        files[path.name] = path.read_bytes()
-        arrays[path.stem] = np.load(path, allow_pickle=False)
+        try:
+            files[path.name] = path.read_bytes()
+            arrays[path.stem] = np.load(io.BytesIO(files[path.name]), allow_pickle=False)
+        except (OSError, ValueError, EOFError, OverflowError, MemoryError, SyntaxError, TokenError) as exc:
+            raise CorruptStoreError(
+                f"Cannot read the store's model file {str(path)!r} ({type(exc).__name__}); it is damaged: "
+                "run `asteria-store verify`."
+            ) from None
     if digest is not None:
         h = hashlib.sha256()
         for name in sorted(files):

@@ -11,6 +11,8 @@ One LMDB environment (``catalog.lmdb/``) with five named databases. Byte layout,
 * ``ids``         key = external id (u64, big-endian); value = segment (u32 LE) + row (u64 LE).
 * ``segments``    key = segment id (u32, big-endian); value = JSON {"rows", "created"}.
 * ``tombstones``  key = segment (u32 BE) + row (u64 BE); value = external id (u64 LE).
+* ``checksums``   key = segment (u32 BE) + array name (ascii: vectors, ids, lrsq, lrsq_aux);
+                  value = CRC-32C of each chunk file, in chunk order (u32 LE each).
 
 Keys are big-endian so that LMDB's byte order is numeric order (range scans by bucket,
 ordered iteration by id); values are little-endian like every other on-disk number.
@@ -32,9 +34,14 @@ from typing import Any, TypeVar
 import lmdb
 import numpy as np
 
+from ..errors import ReadOnlyError
+
 T = TypeVar("T")
 
 DB_NAMES = ("meta", "buckets", "ids", "segments", "tombstones")
+#: Added after format 1 was frozen: created by the first writable open of an older store;
+#: a read-only open of such a store sees it as empty.
+OPTIONAL_DB_NAMES = ("checksums",)
 INITIAL_MAP_SIZE = 64 * 1024 * 1024
 
 _ID_KEY = struct.Struct(">Q")
@@ -72,28 +79,68 @@ def segment_name(segment: int) -> str:
 
 _envs: dict[str, list[Any]] = {}
 _envs_lock = threading.Lock()
+#: Environments inherited across ``fork``: LMDB forbids using them in the child, and closing
+#: them there would clear the parent's reader slots, so the child keeps them, untouched.
+_inherited: list[Any] = []
 
 
-def open_env(path: str | os.PathLike[str], *, create: bool = False) -> lmdb.Environment:
-    """The process-wide LMDB environment of ``path`` (opened once, reference counted)."""
+def _forget_envs_after_fork() -> None:
+    global _envs_lock
+    _inherited.extend(entry[0] for entry in _envs.values())
+    _envs.clear()
+    _envs_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_forget_envs_after_fork)
+
+
+def open_env(path: str | os.PathLike[str], *, create: bool = False, readonly: bool = False,
+             lock: bool = True) -> lmdb.Environment:
+    """The process-wide LMDB environment of ``path`` (opened once, reference counted).
+
+    A writable environment is opened where the files allow it, even for a read-only
+    handle, so later handles of the same process can share it. ``readonly`` handles fall
+    back to a read-only environment on a read-only directory or mount (without LMDB's
+    lock file when it cannot be written: safe only when no writer exists); ``lock=False``
+    asks for that directly (network filesystems, where LMDB's locks do not work).
+    """
     key = os.path.realpath(path)
     with _envs_lock:
         entry = _envs.get(key)
-        if entry is None:
-            env = lmdb.open(
-                key,
-                map_size=INITIAL_MAP_SIZE,
-                max_dbs=len(DB_NAMES) + 2,
-                subdir=True,
-                create=create,
-                readahead=False,
-                max_readers=1024,
+        if entry is not None and not readonly and entry[1]:
+            raise ReadOnlyError(
+                f"The store catalog {key!r} is open read-only in this process (a read-only "
+                "directory, or lock=False); close those handles before opening it for writing."
             )
-            # Adopt the map size another process may have grown the file to.
-            env.set_mapsize(0)
-            entry = _envs[key] = [env, 0]
-        entry[1] += 1
+        if entry is None:
+            env, env_readonly = _open_env(key, create=create, readonly=readonly, lock=lock)
+            entry = _envs[key] = [env, env_readonly, 0]
+        entry[2] += 1
         return entry[0]
+
+
+def _open_env(key: str, *, create: bool, readonly: bool, lock: bool) -> tuple[lmdb.Environment, bool]:
+    options = dict(map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, subdir=True,
+                   readahead=False, max_readers=1024)
+    if lock:
+        try:
+            env = lmdb.open(key, create=create, **options)
+        except lmdb.Error:
+            if not readonly:
+                raise
+        else:
+            env.set_mapsize(0)  # adopt the map size another process may have grown the file to
+            return env, False
+        try:
+            return lmdb.open(key, readonly=True, **options), True
+        except lmdb.Error:
+            pass  # the lock file cannot be opened: a read-only directory
+    return lmdb.open(key, readonly=True, lock=False, **options), True
+
+
+def env_is_readonly(path: str | os.PathLike[str]) -> bool:
+    entry = _envs.get(os.path.realpath(path))
+    return bool(entry and entry[1])
 
 
 def release_env(path: str | os.PathLike[str]) -> None:
@@ -102,8 +149,8 @@ def release_env(path: str | os.PathLike[str]) -> None:
         entry = _envs.get(key)
         if entry is None:
             return
-        entry[1] -= 1
-        if entry[1] <= 0:
+        entry[2] -= 1
+        if entry[2] <= 0:
             entry[0].close()
             del _envs[key]
 
@@ -111,24 +158,39 @@ def release_env(path: str | os.PathLike[str]) -> None:
 class Catalog:
     """Typed access to one store's LMDB environment."""
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = False):
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False, readonly: bool = False,
+                 lock: bool = True):
         self.path = Path(path)
-        self.env = open_env(self.path, create=create)
+        self._options = dict(readonly=readonly, lock=lock)
         self._closed = False
+        self._open(create=create)
+
+    def _open(self, *, create: bool = False) -> None:
+        self.env = open_env(self.path, create=create, **self._options)
+        self._pid = os.getpid()
+        self.readonly_env = env_is_readonly(self.path)
         try:
             self.dbs = {name: self.env.open_db(name.encode(), create=create) for name in DB_NAMES}
-        except lmdb.NotFoundError:
+            for name in OPTIONAL_DB_NAMES:
+                try:
+                    self.dbs[name] = self.env.open_db(name.encode(), create=not self.readonly_env)
+                except lmdb.NotFoundError:
+                    self.dbs[name] = None
+        except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            release_env(self.path)
+            if self._pid == os.getpid():  # a forked child leaves the parent's env alone
+                release_env(self.path)
 
     # -- transactions --------------------------------------------------------------------
 
     def _begin(self, *, write: bool) -> lmdb.Transaction:
+        if self._pid != os.getpid():  # forked: LMDB requires a fresh environment here
+            self._open()
         try:
             return self.env.begin(write=write)
         except lmdb.MapResizedError:
@@ -147,6 +209,11 @@ class Catalog:
         """
         # Reader slots left by killed processes pin old snapshots, so LMDB could never
         # reuse the pages later commits free: clear them first (mdb_reader_check).
+        if self._pid != os.getpid():
+            self._open()
+        if self.readonly_env:
+            raise ReadOnlyError(f"The store catalog {str(self.path)!r} is on a read-only directory or "
+                                "was opened with lock=False; it cannot be written.")
         self.env.reader_check()
         while True:
             try:
@@ -159,8 +226,9 @@ class Catalog:
     def clear_rows(self, txn: lmdb.Transaction) -> None:
         """Empty ``buckets``, ``ids``, ``segments`` and ``tombstones`` (meta stays): the
         first step of a transaction that replaces every segment (a re-bucketing)."""
-        for name in ("buckets", "ids", "segments", "tombstones"):
-            txn.drop(self.dbs[name], delete=False)
+        for name in ("buckets", "ids", "segments", "tombstones", "checksums"):
+            if self.dbs[name] is not None:
+                txn.drop(self.dbs[name], delete=False)
 
     # -- meta ----------------------------------------------------------------------------
 
@@ -183,6 +251,29 @@ class Catalog:
 
     def put_segment(self, txn: lmdb.Transaction, segment: int, record: dict[str, Any]) -> None:
         txn.put(_SEG_KEY.pack(segment), json.dumps(record, sort_keys=True).encode(), db=self.dbs["segments"])
+
+    # -- checksums -----------------------------------------------------------------------
+
+    def put_checksums(self, txn: lmdb.Transaction, segment: int, sums: dict[str, np.ndarray]) -> None:
+        """Record the CRC-32C of every chunk of every array of ``segment``."""
+        for array, crcs in sums.items():
+            txn.put(_SEG_KEY.pack(segment) + array.encode(), np.asarray(crcs, dtype="<u4").tobytes(),
+                    db=self.dbs["checksums"])
+
+    def checksums(self, txn: lmdb.Transaction, segment: int) -> dict[str, np.ndarray]:
+        """``{array: uint32 CRC per chunk}`` of ``segment`` (empty if none were recorded)."""
+        db = self.dbs["checksums"]
+        out: dict[str, np.ndarray] = {}
+        if db is None:
+            return out
+        prefix = _SEG_KEY.pack(segment)
+        with txn.cursor(db=db) as cur:
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:4] != prefix:
+                        break
+                    out[bytes(k[4:]).decode()] = np.frombuffer(v, dtype="<u4").copy()
+        return out
 
     # -- buckets -------------------------------------------------------------------------
 
@@ -234,6 +325,31 @@ class Catalog:
             found = [k for k, _ in cur.getmulti(keys)]
         return np.array([_ID_KEY.unpack(k)[0] for k in found], dtype=np.uint64)
 
+    def free_ids(self, txn: lmdb.Transaction, start: int, n: int, max_id: int) -> np.ndarray | None:
+        """``n`` ids not in the store: the first free ones from ``start`` up to ``max_id``,
+        then from 0 (ids given explicitly may sit anywhere); None if fewer are free."""
+        parts: list[np.ndarray] = []
+        need = n
+        for lo, hi in ((start, max_id), (0, min(start, max_id + 1) - 1)):
+            if need == 0 or lo > hi:
+                continue
+            with txn.cursor(db=self.dbs["ids"]) as cur:
+                positioned = cur.set_range(pack_id(lo))
+                pos = lo
+                while need and pos <= hi:
+                    used = _ID_KEY.unpack(cur.key())[0] if positioned else hi + 1
+                    take = min(min(used, hi + 1) - pos, need)
+                    if take > 0:
+                        parts.append(np.arange(pos, pos + take, dtype=np.uint64))
+                        need -= take
+                        pos += take
+                    if pos == used:
+                        pos += 1
+                        positioned = cur.next()
+        if need:
+            return None
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
     def locate(self, txn: lmdb.Transaction, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(found_mask, segments, rows)`` of each id (segments/rows are 0 where missing)."""
         n = len(ids)
@@ -277,6 +393,8 @@ class Catalog:
         with self.read() as txn:
             out = {}
             for name, db in self.dbs.items():
+                if db is None:
+                    continue
                 with txn.cursor(db=db) as cur:
                     out[name] = [(bytes(k), bytes(v)) for k, v in cur]
             return out

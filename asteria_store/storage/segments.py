@@ -13,7 +13,9 @@ exactly ``chunk_rows * row_bytes`` raw bytes (edge chunks are padded to full siz
 does). The query path memory-maps those files directly; any Zarr reader sees the same data.
 
 A segment is written, then every file and directory of it fsynced, and only then published
-by the catalog. Until published it is an orphan that ``verify --repair`` may delete.
+by the catalog, together with the CRC-32C of every chunk file (read back after writing;
+``verify`` recomputes them; the query path never does). Until published it is an orphan
+that ``verify --repair`` may delete.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
@@ -55,6 +58,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def create_root(path: str | os.PathLike[str]) -> None:
     """Create the empty ``segments.zarr`` group."""
     zarr.open_group(LocalStore(os.fspath(path)), mode="w", zarr_format=3)
+
+
+#: Arrays of a segment, in the order ``verify`` checks them.
+ARRAYS = ("vectors", "ids", "lrsq", "lrsq_aux")
+
+
+def chunk_path(segment_dir: str | os.PathLike[str], array: str, index: int) -> Path:
+    """The file of chunk ``index`` of ``array`` (2-D arrays: key ``c/<i>/0``)."""
+    path = Path(segment_dir) / array / "c" / str(index)
+    return path if array == "ids" else path / "0"
+
+
+def file_crc32c(path: str | os.PathLike[str]) -> int:
+    """CRC-32C of a whole file, read in 16 MiB pieces."""
+    crc = google_crc32c.Checksum()
+    with open(path, "rb") as fh:
+        while piece := fh.read(16 << 20):
+            crc.update(piece)
+    return int.from_bytes(crc.digest(), "big")
 
 
 class SegmentWriter:
@@ -98,10 +120,16 @@ class SegmentWriter:
             self.lrsq[start:stop] = codes
             self.lrsq_aux[start:stop] = aux.astype("<f2", copy=False)
 
-    def finish(self) -> None:
-        """Make the segment durable (all files and directories fsynced)."""
+    def finish(self) -> dict[str, np.ndarray]:
+        """Make the segment durable (all files and directories fsynced); returns the CRC-32C
+        of every chunk of every array (``{array: uint32 per chunk}``), for the catalog."""
+        n_chunks = (self.n + self.chunk_rows - 1) // self.chunk_rows
+        arrays = ["vectors", "ids"] + (["lrsq", "lrsq_aux"] if self.lrsq is not None else [])
+        sums = {a: np.array([file_crc32c(chunk_path(self.root / self.name, a, c)) for c in range(n_chunks)],
+                            dtype=np.uint32) for a in arrays}
         fsync_tree(self.root / self.name)
         fsync_dir(self.root)
+        return sums
 
 
 class SegmentReader:
@@ -122,6 +150,14 @@ class SegmentReader:
             self._arrays["lrsq"] = (np.dtype("u1"), lrsq["rank"])
             self._arrays["lrsq_aux"] = (np.dtype("<f2"), lrsq["aux"])
         self._maps: dict[tuple[str, int], np.ndarray] = {}
+        #: Chunks ``verify`` found damaged: ``{(array, chunk): message}``; reading one raises.
+        self.quarantined: dict[tuple[str, int], str] = {}
+
+    def quarantine(self, damaged: dict[tuple[str, int], str]) -> None:
+        """Refuse to read these chunks from now on (with their message)."""
+        self.quarantined = dict(damaged)
+        for key in damaged:
+            self._maps.pop(key, None)
 
     def _chunk(self, array: str, index: int) -> np.ndarray:
         """Chunk ``index`` of ``array``, memory-mapped (a plain ndarray view of the map:
@@ -129,11 +165,11 @@ class SegmentReader:
         key = (array, index)
         m = self._maps.get(key)
         if m is None:
+            if key in self.quarantined:
+                raise CorruptStoreError(self.quarantined[key])
             dtype, width = self._arrays[array]
-            if width is not None:
-                path, shape = self.dir / array / "c" / str(index) / "0", (self.chunk_rows, width)
-            else:
-                path, shape = self.dir / array / "c" / str(index), (self.chunk_rows,)
+            path = chunk_path(self.dir, array, index)
+            shape = (self.chunk_rows,) if width is None else (self.chunk_rows, width)
             try:
                 m = np.memmap(path, dtype=dtype, mode="r", shape=shape)
             except (OSError, ValueError) as exc:
