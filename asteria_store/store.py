@@ -179,7 +179,8 @@ def _catalog_error(path: Path, exc: BaseException) -> AsteriaError:
     if isinstance(exc, lmdb.Error) and ("No space left" in str(exc) or "Disk quota" in str(exc)):
         return DiskFullError(f"No space left on the device of {str(path)!r} while committing to the "
                              "catalog. Free some space and retry; the store is unchanged.")
-    if isinstance(exc, lmdb.ReadonlyError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)):
+    if isinstance(exc, lmdb.ReadonlyError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)) \
+            or (isinstance(exc, lmdb.Error) and ("Read-only file system" in str(exc) or "Permission denied" in str(exc))):
         return ReadOnlyError(f"The store {str(path)!r} cannot be written here ({_reason(exc)}); "
                              "open it with readonly=True (CLI commands that only read do).")
     if isinstance(exc, OSError):
@@ -280,6 +281,7 @@ def create(
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_creations(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.creating-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the store from other users
     creating = os.open(tmp / _CREATING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(creating, fcntl.LOCK_EX)  # held while this create runs (see _remove_stale_creations)
     try:
@@ -1399,6 +1401,12 @@ def _remove_stale_creations(path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except FileNotFoundError:
             continue
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _mib(n: int) -> str:

@@ -84,6 +84,33 @@ _envs_lock = threading.Lock()
 _inherited: list[Any] = []
 
 
+def _key_envs_by_process() -> None:
+    """Let a forked child open its own environment next to the inherited one.
+
+    py-lmdb (>= 1.7) refuses to open files it already has open in this process, keyed by
+    their (device, inode). After ``fork`` the child inherits the parent's environment
+    object, which it must neither use nor close (closing would clear the parent's reader
+    slots); LMDB's fcntl locks are not inherited, so the child needs a fresh environment.
+    Prefixing the key with the process id keeps the guard within a process and lifts it
+    across a fork."""
+    try:
+        from lmdb import _envid
+    except ImportError:  # an older py-lmdb without the guard
+        return
+    original = _envid.env_keys
+    if getattr(original, "_asteria_per_process", False):
+        return
+
+    def env_keys(path, subdir):
+        return tuple(("pid", os.getpid(), *key) for key in original(path, subdir))
+
+    env_keys._asteria_per_process = True  # type: ignore[attr-defined]
+    _envid.env_keys = env_keys
+
+
+_key_envs_by_process()
+
+
 def _forget_envs_after_fork() -> None:
     global _envs_lock
     _inherited.extend(entry[0] for entry in _envs.values())
