@@ -48,10 +48,12 @@ def _load_npy(path: str | os.PathLike[str], what: str) -> np.ndarray:
             f"Cannot read {what} file {str(p)!r}: not a .npy file (save arrays with numpy.save)."
         )
     try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        with np.errstate(all="raise"):  # a huge shape overflows the size computation
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except PermissionError:
         raise InvalidInputError(f"Cannot read {what} file {str(p)!r}: permission denied.") from None
-    except (ValueError, OSError, EOFError, OverflowError, MemoryError, SyntaxError, TokenError) as exc:
+    except (ValueError, OSError, EOFError, OverflowError, FloatingPointError, MemoryError, SyntaxError,
+            TokenError) as exc:
         # A damaged or hostile header (a huge or negative shape, unparsable text).
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidInputError(
