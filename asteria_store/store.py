@@ -27,7 +27,7 @@ import time
 import tokenize
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -491,11 +491,12 @@ class Store:
             router = self._router
             digest = self._router_digest
         disk = 0
-        for f in self.path.rglob("*"):
-            try:
-                disk += f.stat().st_size if f.is_file() else 0
-            except FileNotFoundError:  # removed by a writer's collection meanwhile
-                pass
+        for root, _dirs, files in os.walk(self.path):  # skips directories removed meanwhile
+            for name in files:
+                try:
+                    disk += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:  # removed by a writer's collection meanwhile
+                    pass
         return {
             "path": str(self.path),
             "format_version": meta["format_version"],
@@ -525,7 +526,7 @@ class Store:
         try:
             with self._catalog.read() as txn:
                 view = self._view_at(txn)
-                yield _Snapshot(txn, replace(view, lookup_extents=partial(self._catalog.extents, txn)))
+                yield _Snapshot(txn, view.bound(partial(self._catalog.extents, txn)))
         finally:
             if self._pin is not None:
                 self._pin.unpin(floor)
@@ -592,7 +593,7 @@ class Store:
             with cat.read() as t:
                 return cat.extents(t, bucket)
 
-        return replace(view, lookup_extents=lookup)
+        return view.bound(lookup)
 
     # -- writes --------------------------------------------------------------------------
 

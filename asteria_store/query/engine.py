@@ -50,6 +50,14 @@ class View:
     router_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
 
+    def bound(self, lookup_extents: Callable[[int], list[tuple[int, int, int]]]) -> View:
+        """This view reading extents through ``lookup_extents`` (one read transaction),
+        sharing its readers and extent cache."""
+        view = object.__new__(View)
+        view.__dict__.update(self.__dict__)
+        view.lookup_extents = lookup_extents
+        return view
+
     def extents(self, bucket: int) -> list[tuple[int, int, int]]:
         ext = self._extent_cache.get(bucket)
         if ext is None:

@@ -12,8 +12,8 @@ releases its flock: the next collection finds the file lockable, knows its owner
 and removes it (dead readers' pins expire by themselves).
 
 File layout, 16 bytes, little-endian: ``int64 generation`` then its bitwise complement
-(a torn read, which a single 16-byte ``pwrite`` should never give, counts as pinning
-generation 0, i.e. everything).
+(a torn read, caught by the complement, counts as pinning generation 0, i.e. everything).
+The owner writes it through a shared memory map.
 
 Protocol (see ``Store._snapshot``): a read first pins a generation ``p`` it has already
 seen (so ``p`` <= the generation its transaction will see), then begins its LMDB read
@@ -27,6 +27,7 @@ needs the retired directory.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import secrets
 import struct
@@ -79,11 +80,15 @@ class ReaderPin:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
+        # Pins change twice per read: a shared mapping makes that a memory store (no system
+        # call, no inode time update); collectors read the file through the page cache.
+        self._map = mmap.mmap(fd, _PIN.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._fd, self._written, self._pid = fd, IDLE, os.getpid()
 
     def _after_fork(self) -> None:
         """In a forked child: leave the parent's file (and its flock) to the parent."""
         if self._fd is not None:
+            self._map.close()
             os.close(self._fd)  # the parent's descriptor keeps the flock
         self._held.clear()
         self._open()
@@ -91,7 +96,7 @@ class ReaderPin:
     def _write(self) -> None:
         want = min(self._held) if self._held else IDLE
         if want != self._written:
-            os.pwrite(self._fd, _pack(want), 0)
+            _PIN.pack_into(self._map, 0, want, ~want)
             self._written = want
 
     def pin(self, generation: int) -> None:
@@ -121,6 +126,7 @@ class ReaderPin:
                     self.path.unlink()
                 except FileNotFoundError:
                     pass
+            self._map.close()
             os.close(self._fd)
             self._fd = None
 
