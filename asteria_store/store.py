@@ -312,6 +312,12 @@ def create(
             target.rmdir()  # empty directory (checked above)
         os.rename(tmp, target)
         seglib.fsync_dir(target.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _catalog_error(target, exc) from None
+    except lmdb.Error as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _catalog_error(target, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -211,3 +211,10 @@ def test_killed_creates_leave_nothing_behind(tmp_path) -> None:
         os.close(fd)
     asteria_store.open(tmp_path / "store").close()  # a writable open cleans up too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_disk_full_during_create_leaves_nothing(tmp_path, monkeypatch) -> None:
+    fail_on_call(monkeypatch, seglib, "create_root", 1, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(DiskFullError, match="No space left on the device of"):
+        asteria_store.create(tmp_path / "store", dim=DIM)
+    assert list(tmp_path.iterdir()) == []
