@@ -3,6 +3,7 @@ the rows it holds, and no read returns a damaged value without an error once it 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,19 @@ N = 1200
 CHUNK = 256
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "store"
+    with asteria_store.create(path, dim=DIM, chunk_rows=CHUNK) as store:
+        store.ingest(clustered_vectors(N, DIM, clusters=12, seed=0))  # trains: built once
+    return path
+
+
 @pytest.fixture
-def store_path(tmp_path: Path) -> Path:
+def store_path(template: Path, tmp_path: Path) -> Path:
     """A learned store (vectors, ids, LRSQ codes) of one segment, chunks of 256 rows."""
     path = tmp_path / "store"
-    with asteria_store.create(path, dim=DIM, chunk_rows=CHUNK) as store:
-        store.ingest(clustered_vectors(N, DIM, clusters=12, seed=0))
+    shutil.copytree(template, path)
     return path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -32,15 +33,23 @@ N = 1500
 ALL = 4096  # more than every row: a probes="all" search returns the whole live set
 
 
-@pytest.fixture
-def two_segments(tmp_path: Path) -> Path:
-    """A learned store of two segments with some deletions (trained at its first ingest)."""
-    path = tmp_path / "store"
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "store"
     x = clustered_vectors(N, DIM, clusters=12, seed=0)
     with asteria_store.create(path, dim=DIM, chunk_rows=64) as store:
         store.ingest(x[:1000])
         store.ingest(x[1000:])
         store.delete(np.arange(0, N, 7))
+    return path
+
+
+@pytest.fixture
+def two_segments(template: Path, tmp_path: Path) -> Path:
+    """A learned store of two segments with some deletions (trained at its first ingest;
+    a copy of one built once per module)."""
+    path = tmp_path / "store"
+    shutil.copytree(template, path)
     return path
 
 
