@@ -471,6 +471,7 @@ class Store:
             return snap.view.count
 
     @property
+    @_boundary
     def generation(self) -> int:
         """The catalog generation now (every commit raises it by one)."""
         with self._snapshot() as snap:
@@ -481,6 +482,7 @@ class Store:
         return self.config.dim
 
     @property
+    @_boundary
     def router(self) -> Router:
         """The routing model now (follows retraining by this or another process)."""
         with self._snapshot():
