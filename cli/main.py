@@ -25,6 +25,7 @@ from .options import (
     ProbesType,
     json_option,
     library_default,
+    no_lock_option,
     npy_argument,
     path_type,
     quiet_option,
@@ -151,8 +152,9 @@ def ingest(path: Path, vectors: Path, ids: Path | None, quiet: bool) -> None:
 @click.option("--explain", is_flag=True,
               help="Also report, per query, buckets probed, rows scanned and bytes read.")
 @json_option
+@no_lock_option
 def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | None,
-          prune: bool | None, explain: bool, as_json: bool) -> None:
+          prune: bool | None, explain: bool, as_json: bool, no_lock: bool) -> None:
     """Find the k nearest neighbours of each query.
 
     QUERIES.npy holds a (q, d) array. Prints one line per query: its row number, then
@@ -165,7 +167,7 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
         asteria-store query mystore queries.npy --probes all --json
         asteria-store query mystore queries.npy --explain
     """
-    with asteria_store.open(path, readonly=True) as store:
+    with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
         out = store.search(queries, k, probes=probes, candidates=candidates,
                            prune="auto" if prune is None else prune, explain=explain)
     ids, scores = out[0], out[1]
@@ -190,7 +192,8 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
 @cli.command()
 @store_path
 @json_option
-def info(path: Path, as_json: bool) -> None:
+@no_lock_option
+def info(path: Path, as_json: bool, no_lock: bool) -> None:
     """Show a store's configuration, counts and disk usage.
 
     \b
@@ -198,7 +201,7 @@ def info(path: Path, as_json: bool) -> None:
         asteria-store info mystore
         asteria-store info mystore --json
     """
-    with asteria_store.open(path, readonly=True) as store:
+    with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
         summary = store.info()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -217,7 +220,8 @@ def info(path: Path, as_json: bool) -> None:
 @click.option("--quick", is_flag=True,
               help="Skip the checksums of the data (the only part that reads every chunk).")
 @quiet_option
-def verify(path: Path, repair: bool, quick: bool, quiet: bool) -> None:
+@no_lock_option
+def verify(path: Path, repair: bool, quick: bool, quiet: bool, no_lock: bool) -> None:
     """Check a store end to end; exit code 1 if it is damaged.
 
     Recomputes the checksum of every chunk (vectors, ids, LRSQ codes) and lists the ids of
@@ -230,7 +234,7 @@ def verify(path: Path, repair: bool, quick: bool, quiet: bool) -> None:
         asteria-store verify mystore --quick
         asteria-store verify mystore --repair
     """
-    with asteria_store.open(path, readonly=not repair) as store:
+    with asteria_store.open(path, readonly=not repair, lock=not no_lock) as store:
         report = store.verify(repair=repair, quick=quick, progress=not quiet)
     click.echo(f"Checked {report.checked_segments} segment(s), {report.checked_rows:,} row(s), "
                f"{report.checked_chunks:,} chunk checksum(s).")

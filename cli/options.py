@@ -49,6 +49,10 @@ def npy_argument(name: str, metavar: str) -> Callable[[Callable[..., Any]], Call
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
+no_lock_option = click.option(
+    "--no-lock", is_flag=True,
+    help="Read without LMDB's lock file (network filesystems). Safe only while no process writes to the store.")
+
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars on stderr.")
 
 

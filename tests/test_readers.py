@@ -370,3 +370,17 @@ def test_a_read_only_catalog_cannot_be_written(two_segments) -> None:
         with pytest.raises(ReadOnlyError):
             store._catalog.write(lambda txn: None)
 
+
+
+def test_cli_reads_with_no_lock(two_segments, disk_snapshot) -> None:
+    from click.testing import CliRunner
+
+    from asteria_store_cli.main import cli
+
+    before = disk_snapshot(two_segments)
+    runner = CliRunner()
+    for args in (["info", "--no-lock"], ["verify", "--no-lock", "--quiet"]):
+        result = runner.invoke(cli, [args[0], str(two_segments), *args[1:]])
+        assert result.exit_code == 0, result.output
+    assert result.output.endswith("OK\n")
+    assert disk_snapshot(two_segments) == before
