@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
-import json
 import os
 import shutil
-import struct
 import tempfile
 import time
-import tokenize
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -39,28 +34,50 @@ from .config import FORMAT_VERSION, Metric, StorageDtype, StoreConfig
 from .errors import (
     AsteriaError,
     CorruptStoreError,
-    DiskFullError,
     DimensionMismatchError,
+    DiskFullError,
     DuplicateIdError,
     IdNotFoundError,
     InvalidArgumentError,
     InvalidInputError,
     ReadOnlyError,
-    StorageError,
     StoreClosedError,
     StoreExistsError,
     StoreNotFoundError,
     UnsupportedFormatError,
 )
 from .io import ArrayLike, VectorSource, load_ids, normalise_rows, read_array
-from .model.fit import TRAIN_SAMPLE_ROWS, check_sample_size, sample_indices, train_config, training_sample
-from .model.router import Router, SignHasher, bits_for_size, load_model_file, load_router, save_router
+from .model.fit import (
+    TRAIN_SAMPLE_ROWS,
+    check_sample_size,
+    sample_indices,
+    train_config,
+    training_sample,
+)
+from .model.router import (
+    Router,
+    SignHasher,
+    bits_for_size,
+    load_model_file,
+    load_router,
+    save_router,
+)
 from .progress import ProgressLike, make_progress
-from .query.engine import DEFAULT_PROBES, Probes, SearchStats, View, search_batch, search_exact
+from .query.engine import (
+    DEFAULT_PROBES,
+    Probes,
+    SearchStats,
+    View,
+    search_batch,
+    search_exact,
+)
+from .results import DeleteResult, IngestResult, TrainResult, VerifyReport
 from .storage import segments as seglib
 from .storage.catalog import Catalog, segment_name
 from .storage.lock import WriterLock
 from .storage.pins import READERS_DIR, ReaderPin, oldest_pin
+from .translate import CATALOG_ERRORS, boundary, catalog_error
+from .verify import damage_from_meta, damage_message, quarantined, verify_snapshot
 
 CATALOG_DIR = "catalog.lmdb"
 SEGMENTS_DIR = "segments.zarr"
@@ -84,64 +101,6 @@ _HASH_BLOCK_ROWS = 16384
 _WRITE_WINDOW_BYTES = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class IngestResult:
-    """What one ``ingest`` added."""
-
-    rows: int
-    #: The segment this ingest published (a training that followed it, see ``trained``,
-    #: re-bucketed it into a new one).
-    segment: int
-    ids: np.ndarray = field(repr=False)
-    seconds: float = 0.0
-    #: True when this ingest trained the store's learned model: on a sample of the batch
-    #: when the store was empty, else (the store now holding >= MIN_TRAIN_ROWS vectors, the
-    #: earlier ones routed by the baseline) on a sample of the store, re-bucketing it.
-    trained: bool = False
-    #: Seconds spent training (0 when it did not train).
-    train_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What :meth:`Store.train` did."""
-
-    rows_trained_on: int
-    rows_rebucketed: int
-    buckets: int
-    history: list[dict] = field(repr=False)
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class DeleteResult:
-    rows: int
-
-
-@dataclass
-class VerifyReport:
-    """Outcome of :meth:`Store.verify`. ``ok`` is False only for real damage; orphan
-    segments of interrupted ingests are listed but harmless (``repair`` removes them)."""
-
-    problems: list[str] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    checked_segments: int = 0
-    checked_rows: int = 0
-    #: Chunk files whose CRC-32C was recomputed and compared (0 with ``quick=True``).
-    checked_chunks: int = 0
-    #: Damaged chunks: ``{"segment", "array", "chunk", "rows": [first, stop), "ids": [...]}``,
-    #: ``ids`` being the live ids stored in those rows (the data to restore).
-    damaged: list[dict] = field(default_factory=list)
-    #: Harmless findings (segments written before checksums existed, damage in rows that
-    #: are all deleted).
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 class _Snapshot(NamedTuple):
     txn: lmdb.Transaction
     view: View
@@ -149,65 +108,6 @@ class _Snapshot(NamedTuple):
 
 def _no_lookup(bucket: int) -> list[tuple[int, int, int]]:
     raise RuntimeError("a cached View is only searched through a snapshot")
-
-
-def _damage_from_meta(raw: dict) -> dict[int, dict[tuple[str, int], str]]:
-    """The catalog's ``damaged`` record ({segment: {array: [chunk, ...]}}) as messages."""
-    out: dict[int, dict[tuple[str, int], str]] = {}
-    for seg, arrays in raw.items():
-        for array, chunks in arrays.items():
-            for c in chunks:
-                out.setdefault(int(seg), {})[(array, int(c))] = _damage_message(int(seg), array, int(c))
-    return out
-
-
-def _damage_message(seg: int, array: str, chunk: int) -> str:
-    return (f"Chunk {chunk} of {segment_name(seg)}/{array} is damaged (its checksum does not match); "
-            "`asteria-store verify` lists the ids it holds: delete them and ingest them again.")
-
-
-#: Raw errors a damaged catalog or model can raise; translated to CorruptStoreError.
-_CATALOG_ERRORS = (lmdb.Error, struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError,
-                   tokenize.TokenError)
-
-
-def _catalog_error(path: Path, exc: BaseException) -> AsteriaError:
-    """The one-line asteria error for a raw error from the catalog or the file system."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"No space left on the device of {str(path)!r} ({exc.strerror}). "
-                             "Free some space and retry; the store is unchanged.")
-    if isinstance(exc, lmdb.Error) and ("No space left" in str(exc) or "Disk quota" in str(exc)):
-        return DiskFullError(f"No space left on the device of {str(path)!r} while committing to the "
-                             "catalog. Free some space and retry; the store is unchanged.")
-    if isinstance(exc, lmdb.ReadonlyError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)) \
-            or (isinstance(exc, lmdb.Error) and ("Read-only file system" in str(exc) or "Permission denied" in str(exc))):
-        return ReadOnlyError(f"The store {str(path)!r} cannot be written here ({_reason(exc)}); "
-                             "open it with readonly=True (CLI commands that only read do).")
-    if isinstance(exc, OSError):
-        return StorageError(f"I/O error in the store {str(path)!r}: {_reason(exc)}.")
-    return CorruptStoreError(f"The catalog of {str(path)!r} is damaged ({type(exc).__name__}: "
-                             f"{_reason(exc)}); run `asteria-store verify {path}`.")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
-
-
-def _boundary(method):
-    """Public methods raise asteria errors only: raw LMDB, struct, JSON and OS errors from
-    a damaged catalog or a failing disk are translated here (one line, with the fix)."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except AsteriaError:
-            raise
-        except (*_CATALOG_ERRORS, OSError) as exc:
-            raise _catalog_error(self.path, exc) from None
-
-    return wrapper
 
 
 # --- create / open ------------------------------------------------------------------------
@@ -314,10 +214,10 @@ def create(
         seglib.fsync_dir(target.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _catalog_error(target, exc) from None
+        raise catalog_error(target, exc) from None
     except lmdb.Error as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _catalog_error(target, exc) from None
+        raise catalog_error(target, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -373,7 +273,7 @@ class Store:
         try:
             self._catalog = Catalog(cat_dir, readonly=readonly, lock=lock)
         except lmdb.Error as exc:
-            raise _catalog_error(self.path, exc) from None
+            raise catalog_error(self.path, exc) from None
         try:
             with self._catalog.read() as txn:
                 meta = self._catalog.all_meta(txn)
@@ -393,9 +293,9 @@ class Store:
         except AsteriaError:
             self._catalog.close()
             raise
-        except (*_CATALOG_ERRORS, OSError) as exc:
+        except (*CATALOG_ERRORS, OSError) as exc:
             self._catalog.close()
-            raise _catalog_error(self.path, exc) from None
+            raise catalog_error(self.path, exc) from None
         except BaseException:
             self._catalog.close()
             raise
@@ -465,13 +365,13 @@ class Store:
 
     # -- state ---------------------------------------------------------------------------
 
-    @_boundary
+    @boundary
     def __len__(self) -> int:
         with self._snapshot() as snap:
             return snap.view.count
 
     @property
-    @_boundary
+    @boundary
     def generation(self) -> int:
         """The catalog generation now (every commit raises it by one)."""
         with self._snapshot() as snap:
@@ -482,13 +382,13 @@ class Store:
         return self.config.dim
 
     @property
-    @_boundary
+    @boundary
     def router(self) -> Router:
         """The routing model now (follows retraining by this or another process)."""
         with self._snapshot():
             return self._router
 
-    @_boundary
+    @boundary
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: configuration, counts, router, disk usage."""
         with self._snapshot() as snap:
@@ -552,7 +452,7 @@ class Store:
         segs = cat.segments(txn)
         deleted = cat.tombstones(txn)
         router_rec = cat.get_meta(txn, "router")
-        damage = _damage_from_meta(cat.get_meta(txn, "damaged") or {})
+        damage = damage_from_meta(cat.get_meta(txn, "damaged") or {})
         if router_rec["digest"] != self._router_digest:  # (re)trained since we loaded it
             self._router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
             self._router_digest = router_rec["digest"]
@@ -566,7 +466,7 @@ class Store:
                     lrsq=rec.get("lrsq"),
                 )
                 self._readers[seg] = r
-            r.quarantine(self._quarantined(seg, r, {**damage.get(seg, {}), **self._local_damage.get(seg, {})},
+            r.quarantine(quarantined(seg, r, {**damage.get(seg, {}), **self._local_damage.get(seg, {})},
                                            deleted.get(seg)))
             readers[seg] = r
         for seg in [s for s in self._readers if s not in segs]:  # retired since the last view
@@ -575,20 +475,6 @@ class Store:
                     lookup_extents=_no_lookup, router_digest=self._router_digest)
         self._view = view
         return view
-
-    @staticmethod
-    def _quarantined(seg: int, reader: seglib.SegmentReader, damage: dict[tuple[str, int], str],
-                     dead: np.ndarray | None) -> dict[tuple[str, int], str]:
-        """The damaged chunks of ``seg`` that still hold live rows (reading one raises)."""
-        out = {}
-        for (array, chunk), message in damage.items():
-            first = chunk * reader.chunk_rows
-            rows = np.arange(first, min(reader.n, first + reader.chunk_rows))
-            if dead is not None and len(dead):
-                rows = rows[~np.isin(rows, dead)]
-            if len(rows):
-                out[(array, chunk)] = message
-        return out
 
     def _current_view(self) -> View:
         """The state now, for a writer holding the writer lock (no other process commits
@@ -605,7 +491,7 @@ class Store:
 
     # -- writes --------------------------------------------------------------------------
 
-    @_boundary
+    @boundary
     def ingest(
         self,
         vectors: ArrayLike,
@@ -681,7 +567,7 @@ class Store:
 
     # -- training ------------------------------------------------------------------------
 
-    @_boundary
+    @boundary
     def train(
         self,
         sample: ArrayLike | None = None,
@@ -855,7 +741,7 @@ class Store:
                 f"{_mib(self._segment_bytes(n))} needed, {_mib(shutil.disk_usage(self.path).free)} free "
                 "after cleanup). Free some space and retry; the store is unchanged."
             )
-        return _catalog_error(self.path, exc)
+        return catalog_error(self.path, exc)
 
     def _discard_unpublished(self, seg: int, model: dict | None = None) -> None:
         """Remove the directory of segment ``seg`` unless the catalog has published it, and
@@ -998,7 +884,7 @@ class Store:
                 f"{int(existing[0])}). Delete them first or choose other ids."
             )
 
-    @_boundary
+    @boundary
     def delete(self, ids: ArrayLike) -> DeleteResult:
         """Delete vectors by id (tombstones; space is reclaimed by a later compaction).
 
@@ -1027,7 +913,7 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------
 
-    @_boundary
+    @boundary
     def get(self, ids: ArrayLike) -> np.ndarray:
         """The stored vectors of ``ids`` (as float32, normalised if metric is cosine)."""
         self._check_open()
@@ -1042,7 +928,7 @@ class Store:
                 out[sel] = snap.view.segments[seg].take_vectors(rows[sel])
         return out
 
-    @_boundary
+    @boundary
     def search(
         self,
         queries: ArrayLike,
@@ -1172,7 +1058,7 @@ class Store:
         finally:
             lock.release()
 
-    @_boundary
+    @boundary
     def verify(self, *, repair: bool = False, quick: bool = False, progress: ProgressLike = None) -> VerifyReport:
         """Check the store end to end, in one snapshot; ``repair=True`` removes orphans.
 
@@ -1197,7 +1083,7 @@ class Store:
             lock.acquire()  # deleting orphans: no writer may be at work
         try:
             with self._snapshot() as snap:
-                self._verify_snapshot(snap, report, quick, progress)
+                verify_snapshot(self, snap.txn, report, quick, progress)
             if report.damaged:
                 self._flag_damage(report.damaged, lock_held=repair)
             if repair:
@@ -1214,50 +1100,12 @@ class Store:
             lock.release()
         return report
 
-    def _verify_snapshot(self, snap: _Snapshot, report: VerifyReport, quick: bool, progress: ProgressLike) -> None:
-        cat, txn = self._catalog, snap.txn
-        meta = cat.all_meta(txn)
-        segs = cat.segments(txn)
-        extents: dict[int, list[tuple[int, int, int]]] = {}
-        for bucket, seg, first, n in cat.iter_extents(txn):
-            extents.setdefault(seg, []).append((first, n, bucket))
-        id_locs: dict[int, list[tuple[int, int]]] = {}
-        for i, seg, row in cat.iter_ids(txn):
-            id_locs.setdefault(seg, []).append((row, i))
-        tomb = cat.tombstones(txn)
-        try:
-            load_router(self.path / meta["router"]["dir"], digest=meta["router"]["digest"])
-        except AsteriaError as exc:
-            report.problems.append(str(exc))
-        total = sum(rec["rows"] for rec in segs.values())
-        bar = make_progress(progress, total=total, desc="verifying")
-        try:
-            live_total = 0
-            for seg, rec in sorted(segs.items()):
-                report.checked_segments += 1
-                report.problems.extend(self._verify_segment(
-                    seg, rec, extents.get(seg, []), id_locs.get(seg, []), tomb.get(seg),
-                    None if quick else cat.checksums(txn, seg), report))
-                report.checked_rows += rec["rows"]
-                live_total += rec["rows"] - len(tomb.get(seg, []))
-                bar.update(rec["rows"])
-        finally:
-            bar.close()
-        if live_total != meta["count"]:
-            report.problems.append(f"live count is {meta['count']} in meta but {live_total} by segments")
-        for seg in set(extents) - set(segs):
-            report.problems.append(f"bucket extents point to unknown segment {seg}")
-        live = {segment_name(s) for s in segs}
-        retired = {segment_name(r["segment"]) for r in meta.get("retired") or [] if "segment" in r}
-        report.orphans = [d for d in seglib.list_segment_dirs(self._segments_root)
-                          if d not in live and d not in retired]
-
     def _flag_damage(self, damaged: list[dict], *, lock_held: bool) -> None:
         """Make reads of damaged chunks raise: in the catalog when this handle can write
         (every reader, every process), else in this handle."""
         for d in damaged:
             self._local_damage.setdefault(d["segment"], {})[(d["array"], d["chunk"])] = \
-                _damage_message(d["segment"], d["array"], d["chunk"])
+                damage_message(d["segment"], d["array"], d["chunk"])
         self._view = None
         if self.readonly or self._catalog.readonly_env:
             return
@@ -1281,95 +1129,6 @@ class Store:
         finally:
             if not lock_held:
                 lock.release()
-
-    def _verify_segment(self, seg, rec, extents, id_locs, dead, sums: dict[str, np.ndarray] | None,
-                        report: VerifyReport) -> list[str]:
-        name = segment_name(seg)
-        n = rec["rows"]
-        problems = []
-        cr = rec.get("chunk_rows", self.config.chunk_rows)
-        item = np.dtype(self.config.dtype).itemsize
-        seg_dir = self._segments_root / name
-        arrays = [("vectors", self.config.dim * item), ("ids", 8)]
-        if rec.get("lrsq"):
-            arrays += [("lrsq", rec["lrsq"]["rank"]), ("lrsq_aux", 2 * rec["lrsq"]["aux"])]
-        n_chunks = (n + cr - 1) // cr
-        for array, row_bytes in arrays:
-            for c in range(n_chunks):
-                f = seglib.chunk_path(seg_dir, array, c)
-                if not f.is_file():
-                    problems.append(f"{name}: chunk {f.relative_to(self.path)} is missing")
-                elif f.stat().st_size != cr * row_bytes:
-                    problems.append(f"{name}: chunk {f.relative_to(self.path)} has {f.stat().st_size} bytes, "
-                                    f"expected {cr * row_bytes}")
-        if problems:
-            return problems
-        if sums is not None:
-            if not sums:
-                report.notes.append(f"{name}: no checksums recorded (written by an older asteria-store)")
-            problems += self._verify_checksums(seg, n, cr, [a for a, _ in arrays], sums, id_locs, dead, report)
-        reader = seglib.SegmentReader(self._segments_root, name, n=n, dim=self.config.dim,
-                                      dtype=self.config.dtype, chunk_rows=cr)
-        try:
-            extents.sort()
-            pos = 0
-            for first, cnt, bucket in extents:
-                if first != pos:
-                    problems.append(f"{name}: bucket extents leave a gap or overlap at row {pos}")
-                    break
-                pos = first + cnt
-            if pos != n and not problems:
-                problems.append(f"{name}: bucket extents cover {pos} of {n} rows")
-            # Spot-check that rows hash to the bucket that holds them.
-            rng = np.random.default_rng(seg)
-            for first, cnt, bucket in (extents[i] for i in rng.choice(len(extents), min(32, len(extents)), replace=False)) if extents else ():
-                # Ingest hashed exactly the stored form (normalised, rounded): no re-normalising.
-                x = np.asarray(reader.vectors(first, first + min(cnt, 4)), dtype=np.float32)
-                if not np.isfinite(x).all() or \
-                        not self._router.consistent(x, np.full(len(x), bucket, dtype=np.uint64)).all():
-                    problems.append(f"{name}: rows {first}.. do not hash to their bucket {bucket}")
-                    break
-            stored_ids = np.asarray(reader.ids(0, n))
-            dead_set = set(dead.tolist()) if dead is not None else set()
-            if len(id_locs) + len(dead_set) != n:
-                problems.append(f"{name}: {len(id_locs)} live ids + {len(dead_set)} deleted != {n} rows")
-            for row, i in id_locs:
-                if row >= n or int(stored_ids[row]) != i:
-                    problems.append(f"{name}: id {i} maps to row {row}, which holds another id")
-                    break
-        finally:
-            reader.close()
-        return problems
-
-    def _verify_checksums(self, seg, n, cr, arrays, sums, id_locs, dead, report: VerifyReport) -> list[str]:
-        """Recompute every chunk's CRC-32C; a mismatch is damage, reported with the live ids
-        (from the catalog's id map, which does not depend on the damaged file) it holds."""
-        name = segment_name(seg)
-        problems = []
-        seg_dir = self._segments_root / name
-        row_to_id = None
-        for array in arrays:
-            recorded = sums.get(array)
-            if recorded is None:
-                continue
-            for c in range(len(recorded)):
-                report.checked_chunks += 1
-                if seglib.file_crc32c(seglib.chunk_path(seg_dir, array, c)) == int(recorded[c]):
-                    continue
-                if row_to_id is None:
-                    row_to_id = dict(id_locs)
-                lo, hi = c * cr, min(n, (c + 1) * cr)
-                ids = [row_to_id[r] for r in range(lo, hi) if r in row_to_id]
-                where = f"{name}: chunk {c} of {array} (rows {lo}-{hi - 1})"
-                if not ids:
-                    report.notes.append(f"{where} is damaged but holds only deleted rows")
-                    continue
-                report.damaged.append({"segment": seg, "array": array, "chunk": c, "rows": [lo, hi], "ids": ids})
-                shown = ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
-                problems.append(f"{where} is damaged (checksum mismatch); it holds {len(ids)} live id(s): "
-                                f"{shown}. Delete them and ingest them again")
-        return problems
-
 
 class _Written(NamedTuple):
     """A segment written but not yet published."""

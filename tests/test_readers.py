@@ -22,6 +22,7 @@ import pytest
 
 import asteria_store
 import asteria_store.store as store_mod
+import asteria_store.verify as verify_mod
 from asteria_store import CorruptStoreError, ReadOnlyError
 from asteria_store.storage import pins
 from asteria_store.storage.catalog import Catalog
@@ -129,17 +130,16 @@ def test_a_retrain_inside_get_returns_the_vectors_and_no_raw_error(two_segments,
 
 def test_a_retrain_inside_verify_finds_nothing_wrong(two_segments, monkeypatch) -> None:
     with asteria_store.open(two_segments, readonly=True) as reader:
-        original = store_mod.Store._verify_segment
-
+        original = verify_mod._verify_segment
         calls = []
 
-        def commit_then_check(self, *args, **kwargs):
+        def commit_then_check(store, *args, **kwargs):
             if not calls:
                 retrain_from_another_handle(two_segments)
             calls.append(1)
-            return original(self, *args, **kwargs)
+            return original(store, *args, **kwargs)
 
-        monkeypatch.setattr(store_mod.Store, "_verify_segment", commit_then_check)
+        monkeypatch.setattr(verify_mod, "_verify_segment", commit_then_check)
         report = reader.verify()
         assert report.ok, report.problems
         assert (report.checked_segments, len(calls)) == (2, 2)  # the two old segments, whole
