@@ -950,6 +950,8 @@ class Store:
         Args:
             probes: buckets visited per query, in the router's probe order. More probes:
                 higher recall, more latency and bytes read. ``"all"`` is exact brute force.
+                A query whose probed buckets hold fewer than ``k`` live rows (while the
+                store holds at least ``k``) probes on, doubling, until it has ``k``.
             candidates: stop probing once this many rows are gathered (caps latency on
                 large buckets at some cost in recall); ``None``: no cap.
             prune: with the learned router, read a probed row's LRSQ codes first and skip
@@ -981,8 +983,11 @@ class Store:
             view = snap.view
             _check_k_fits(k, len(qs), view.count)
             if probes != "all":
-                return search_batch(view, self._router, qs, k, int(probes), candidates, explain=bool(explain),
-                                    prune=prune)
+                out = search_batch(view, self._router, qs, k, int(probes), candidates, explain=bool(explain),
+                                   prune=prune)
+                if candidates is None:
+                    self._probe_on(view, qs, k, int(probes), out, prune)
+                return out
             ids, scores = search_exact(view, qs, k)
             if not explain:
                 return ids, scores
@@ -991,6 +996,29 @@ class Store:
             nq = len(qs)
             return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
                                             np.full(nq, stored * row_bytes), stored * row_bytes)
+
+    def _probe_on(self, view: View, qs: np.ndarray, k: int, probes: int, out: tuple, prune) -> None:
+        """Queries whose probed buckets held fewer than ``k`` live rows, while the store holds
+        at least ``k``, are searched again with twice the probes until they fill (or every
+        bucket is probed); their rows of ``out`` are replaced in place. A query's result is
+        then exactly the search at the probe count that filled it."""
+        want = min(k, view.count)
+        n_buckets = 2 ** int(self._router.bits)
+        ids, scores = out[0], out[1]
+        stats = out[2] if len(out) == 3 else None
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+        while len(short) and probes < n_buckets:
+            probes = min(2 * probes, n_buckets)
+            more = search_batch(view, self._router, qs[short], k, probes, None, explain=stats is not None,
+                                prune=prune)
+            ids[short], scores[short] = more[0], more[1]
+            if stats is not None:
+                for name in ("buckets", "scanned", "bytes_read", "pruned"):
+                    mine, theirs = getattr(stats, name), getattr(more[2], name)
+                    if mine is not None and theirs is not None:
+                        mine[short] = theirs
+                stats.batch_bytes += more[2].batch_bytes
+            short = short[(more[0] >= 0).sum(axis=1) < want]
 
     def query(
         self,

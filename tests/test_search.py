@@ -276,3 +276,32 @@ def test_auto_batch_prunes_only_small_bucket_groups(store, wordnet) -> None:
         one = store.query(queries[0], K, probes=8, explain=True)[2]
         assert one["pruned"] > 0
     assert PRUNE_GROUP_MAX >= 1
+
+
+def test_a_small_store_returns_k_results_for_every_query(wordnet, tmp_path) -> None:
+    """A 500-vector store below the training threshold keeps the sign router sized for a
+    million vectors (4,096 buckets): its probed buckets often hold fewer than k rows, so
+    queries probe on until they have k."""
+    base, queries = wordnet
+    with asteria_store.create(tmp_path / "store", dim=384) as store:
+        store.ingest(base[:500])
+        assert 2**store.router.bits == 4096
+        view = store._current_view()
+        qs = normalise(queries)
+        plain = search_batch(view, store.router, qs, K, 32, None, explain=True)
+        short = np.flatnonzero((plain[0] >= 0).sum(axis=1) < K)
+        assert len(short) > len(qs) // 4  # the case this fixes (fails without probing on)
+        ids, scores, stats = store.search(queries, K, explain=True)
+        assert (ids >= 0).all()
+        assert (stats.buckets[short] > 32).all()
+        # A query that probed on has exactly the result of the search at its final budget.
+        for row in short[:5]:
+            again = store.search(queries[row : row + 1], K, probes=int(stats.buckets[row]))
+            np.testing.assert_array_equal(again[0][0], ids[row])
+            np.testing.assert_allclose(again[1][0], scores[row], rtol=0, atol=1e-6)  # batch vs alone: an ulp
+        # The others are untouched.
+        full = np.setdiff1d(np.arange(len(qs)), short)
+        np.testing.assert_array_equal(ids[full], plain[0][full])
+        # Fewer live rows than k: every row, then -1.
+        ids, _ = store.search(queries[:3], 600)
+        assert ((ids >= 0).sum(axis=1) == 500).all()
