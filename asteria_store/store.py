@@ -54,14 +54,8 @@ from .model.fit import (
     train_config,
     training_sample,
 )
-from .model.router import (
-    Router,
-    SignHasher,
-    bits_for_size,
-    load_model_file,
-    load_router,
-    save_router,
-)
+from .model.persist import load_model_file, load_router, save_router
+from .model.router import Router, SignHasher, bits_for_size
 from .progress import ProgressLike, make_progress
 from .query.engine import (
     DEFAULT_PROBES,
@@ -137,7 +131,7 @@ def create(
             the baseline router serves). ``"sign"``: the baseline random-rotation sign
             hasher, never trained (the ablation baseline; routes 5-10x worse on real data).
         model: a model file from ``asteria-store train-model`` (or
-            :func:`~asteria_store.model.router.save_model_file`): the store uses it from
+            :func:`~asteria_store.model.persist.save_model_file`): the store uses it from
             the start and never trains at ingest.
         bits: bucket bits (2**bits buckets). More bits: smaller buckets, fewer rows read per
             probe, more probes needed for the same recall. Default: from ``expected_size``

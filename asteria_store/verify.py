@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import AsteriaError
-from .model.router import load_router
+from .model.persist import load_router
 from .progress import ProgressLike, make_progress
 from .results import VerifyReport
 from .storage import segments as seglib

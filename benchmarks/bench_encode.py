@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
 
-    from asteria_store.model.router import load_router, save_router
+    from asteria_store.model.persist import load_router, save_router
     from asteria_store.model.train import TrainConfig, train
 
     base = np.load(Path(args.data) / "base.f16.npy").astype(np.float32)

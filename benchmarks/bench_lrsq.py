@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from asteria_store.model.lrsq import LRSQ
-    from asteria_store.model.router import load_router, save_router
+    from asteria_store.model.persist import load_router, save_router
 
     d = Path(args.data)
     if not (Path(args.model_dir) / "router.json").exists():

@@ -121,9 +121,8 @@ def test_a_read_only_verify_flags_damage_for_its_own_handle(store_path: Path) ->
 
 
 def test_cli_verify_lists_damaged_ids_and_exits_1(store_path: Path) -> None:
-    from click.testing import CliRunner
-
     from asteria_store_cli.main import cli
+    from click.testing import CliRunner
 
     flip_byte(store_path, "lrsq_aux", 4)
     result = CliRunner().invoke(cli, ["verify", str(store_path), "--quiet"])

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import lmdb
 import numpy as np
 import pytest
+from asteria_store_cli.main import cli
 from click.testing import CliRunner
 
 import asteria_store
@@ -33,7 +34,6 @@ from asteria_store.storage import segments as seglib
 from asteria_store.storage.catalog import Catalog
 from asteria_store.testing import clustered_vectors
 from asteria_store.testing.faults import fail_on_call
-from asteria_store_cli.main import cli
 
 DIM = 16
 

@@ -27,7 +27,8 @@ from asteria_store.model.metrics import (
     recall_at_fractions,
     rows_to_reach,
 )
-from asteria_store.model.router import bits_to_keys, load_router, save_router
+from asteria_store.model.persist import load_router, save_router
+from asteria_store.model.router import bits_to_keys
 
 DATA = Path(__file__).parent / "data"
 
@@ -595,7 +596,7 @@ def test_occupancy() -> None:
 def test_a_trained_router_keeps_its_keys_through_save_and_load(tmp_path) -> None:
     """Regression: a training snapshot shared the offsets' memory with the live parameter,
     so the router used at ingest and the one saved (after more epochs) disagreed."""
-    from asteria_store.model.router import load_router, save_router
+    from asteria_store.model.persist import load_router, save_router
     from asteria_store.model.train import TrainConfig, train
     from asteria_store.testing import clustered_vectors
 

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import shutil
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -373,9 +372,8 @@ def test_a_read_only_catalog_cannot_be_written(two_segments) -> None:
 
 
 def test_cli_reads_with_no_lock(two_segments, disk_snapshot) -> None:
-    from click.testing import CliRunner
-
     from asteria_store_cli.main import cli
+    from click.testing import CliRunner
 
     before = disk_snapshot(two_segments)
     runner = CliRunner()

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 
 from asteria_store import CorruptStoreError, UnsupportedFormatError
+from asteria_store.model.persist import load_router, save_router
 from asteria_store.model.router import (
     MODEL_FORMAT_VERSION,
     SignHasher,
     bits_for_size,
     bits_to_keys,
     flip_sets,
-    load_router,
-    save_router,
 )
 
 

@@ -56,7 +56,7 @@ def train_model(
 
     router, history = train(x, cfg, progress=progress)
     if save is not None:
-        from .router import save_model_file
+        from .persist import save_model_file
 
         save_model_file(router, save)
     return router, history
