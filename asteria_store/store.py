@@ -4,13 +4,18 @@ A store is a directory::
 
     mystore/
       catalog.lmdb/     LMDB catalog, the single source of truth (see storage/catalog.py)
-      model/<name>/     the router (JSON + little-endian .npy, see model/router.py)
+      model/<name>/     the router (JSON + little-endian .npy, see model/persist.py)
       segments.zarr/    Zarr v3 group, one immutable sub-group per segment (storage/segments.py)
       writer.lock       advisory lock held by the one writing process
+      readers/          one pin file per open handle (storage/pins.py)
 
 Every write builds its data, fsyncs it, and publishes it in ONE LMDB write transaction.
 A crash at any point leaves either the old state or the new one; the only debris is an
 orphan segment directory, removed by the next writable open or by ``verify(repair=True)``.
+
+Every read runs in ONE LMDB read transaction (a snapshot) with its generation pinned, so
+directories that a commit retires (a retrain's old segments and model) are collected only
+once no reader can still need them (``_retire``, ``_collect_garbage``).
 """
 
 from __future__ import annotations
