@@ -15,12 +15,11 @@ orphan segment directory, removed by the next writable open or by ``verify(repai
 
 Every read runs in ONE LMDB read transaction (a snapshot) with its generation pinned, so
 directories that a commit retires (a retrain's old segments and model) are collected only
-once no reader can still need them (``_retire``, ``_collect_garbage``).
+once no reader can still need them (``Catalog.retire``, ``_collect_garbage``).
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import shutil
@@ -72,8 +71,8 @@ from .query.engine import (
 )
 from .results import DeleteResult, IngestResult, TrainResult, VerifyReport
 from .storage import segments as seglib
-from .storage.catalog import Catalog, segment_name
-from .storage.lock import WriterLock
+from .storage.catalog import Catalog, retired_dirs, retired_name, segment_name
+from .storage.lock import WriterLock, lock_is_free
 from .storage.pins import READERS_DIR, ReaderPin, oldest_pin
 from .translate import CATALOG_ERRORS, boundary, catalog_error
 from .verify import damage_from_meta, damage_message, quarantined, verify_snapshot
@@ -211,10 +210,7 @@ def create(
             target.rmdir()  # empty directory (checked above)
         os.rename(tmp, target)
         seglib.fsync_dir(target.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise catalog_error(target, exc) from None
-    except lmdb.Error as exc:
+    except (OSError, lmdb.Error) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise catalog_error(target, exc) from None
     except BaseException:
@@ -273,7 +269,7 @@ class Store:
             self._catalog = Catalog(cat_dir, readonly=readonly, lock=lock)
         except lmdb.Error as exc:
             raise catalog_error(self.path, exc) from None
-        try:
+        try:  # a damaged catalog or model: close, and say so in one line
             with self._catalog.read() as txn:
                 meta = self._catalog.all_meta(txn)
             version = meta.get("format_version")
@@ -289,14 +285,10 @@ class Store:
             self._router: Router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
             self._router_digest = router_rec["digest"]
             self._pin = self._open_pin()
-        except AsteriaError:
+        except BaseException as exc:
             self._catalog.close()
-            raise
-        except (*CATALOG_ERRORS, OSError) as exc:
-            self._catalog.close()
-            raise catalog_error(self.path, exc) from None
-        except BaseException:
-            self._catalog.close()
+            if isinstance(exc, (*CATALOG_ERRORS, OSError)) and not isinstance(exc, AsteriaError):
+                raise catalog_error(self.path, exc) from None
             raise
         self._closed = False
         self._readers: dict[int, seglib.SegmentReader] = {}
@@ -653,7 +645,7 @@ class Store:
             cat.put_meta(txn, "router", model)
             cat.put_meta(txn, "pending_training", None)
             cat.put_meta(txn, "damaged", None)  # every damaged chunk was in a retired segment
-            _retire(cat, txn, generation, segments=list(view.segments), model=old_model)
+            cat.retire(txn, generation, segments=list(view.segments), model=old_model)
             cat.put_meta(txn, "generation", generation)
 
         self._commit(publish)
@@ -734,13 +726,9 @@ class Store:
 
     def _write_error(self, exc: OSError, n: int) -> AsteriaError:
         """A failed write (nothing was published) as an asteria error naming what it needed."""
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return DiskFullError(
-                f"No space left on the device of {str(self.path)!r} while writing {n:,} rows (about "
-                f"{_mib(self._segment_bytes(n))} needed, {_mib(shutil.disk_usage(self.path).free)} free "
-                "after cleanup). Free some space and retry; the store is unchanged."
-            )
-        return catalog_error(self.path, exc)
+        return catalog_error(self.path, exc, writing=(
+            f"while writing {n:,} rows (about {_mib(self._segment_bytes(n))} needed, "
+            f"{_mib(shutil.disk_usage(self.path).free)} free after cleanup)"))
 
     def _discard_unpublished(self, seg: int, model: dict | None = None) -> None:
         """Remove the directory of segment ``seg`` unless the catalog has published it, and
@@ -831,7 +819,7 @@ class Store:
             cat.put_meta(txn, "next_id", next_id)
             cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + len(written.ids))
             if model is not None:  # the model trained for this segment goes live with it
-                _retire(cat, txn, generation, model=cat.get_meta(txn, "router")["dir"])
+                cat.retire(txn, generation, model=cat.get_meta(txn, "router")["dir"])
                 cat.put_meta(txn, "router", model)
                 cat.put_meta(txn, "pending_training", None)
             cat.put_meta(txn, "generation", generation)
@@ -844,24 +832,19 @@ class Store:
         if self.readonly or self._catalog.readonly_env:
             return []
         with self._catalog.read() as txn:
-            retired = self._catalog.get_meta(txn, "retired") or []
+            retired = self._catalog.retired(txn)
         if not retired:
             return []
         floor = oldest_pin(self.path)
         done = [r for r in retired if floor is None or r["at"] <= floor]
         for r in done:
-            target = self._segments_root / segment_name(r["segment"]) if "segment" in r else self.path / r["model"]
+            target = self._segments_root / retired_name(r) if "segment" in r else self.path / retired_name(r)
             if target.exists():
                 shutil.rmtree(target)
         if done:
             seglib.fsync_dir(self._segments_root)
-
-            def forget(txn):
-                now = self._catalog.get_meta(txn, "retired") or []
-                self._catalog.put_meta(txn, "retired", [r for r in now if r not in done])
-
-            self._catalog.write(forget)
-        return [segment_name(r["segment"]) if "segment" in r else r["model"] for r in done]
+            self._catalog.write(lambda txn: self._catalog.forget_retired(txn, done))
+        return [retired_name(r) for r in done]
 
     def _commit(self, fn) -> None:
         """Publish ``fn``'s changes in one durable transaction."""
@@ -1046,22 +1029,19 @@ class Store:
     def _retired(self) -> tuple[set[str], set[str]]:
         """Names of retired segment dirs and model dirs (kept while readers pin them)."""
         with self._catalog.read() as txn:
-            retired = self._catalog.get_meta(txn, "retired") or []
-        return ({segment_name(r["segment"]) for r in retired if "segment" in r},
-                {r["model"] for r in retired if "model" in r})
+            return retired_dirs(self._catalog.retired(txn))
 
     def _orphans(self) -> list[str]:
         with self._catalog.read() as txn:
             live = {segment_name(s) for s in self._catalog.segments(txn)}
-        retired = self._retired()[0]
-        return [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live and d not in retired]
+            retired = retired_dirs(self._catalog.retired(txn))[0]
+        return [d for d in seglib.list_segment_dirs(self._segments_root) if d not in live | retired]
 
     def _orphan_models(self) -> list[str]:
         """Model directories no catalog record points at (one trained by an ingest or
         ``train`` that did not commit), as ``model/<name>``; retired ones are not orphans."""
         with self._catalog.read() as txn:
-            live = self._catalog.get_meta(txn, "router")["dir"]
-        keep = {live} | self._retired()[1]
+            keep = {self._catalog.get_meta(txn, "router")["dir"]} | retired_dirs(self._catalog.retired(txn))[1]
         root = self.path / MODEL_DIR
         return sorted(f"{MODEL_DIR}/{p.name}" for p in root.iterdir() if p.is_dir() and f"{MODEL_DIR}/{p.name}" not in keep)
 
@@ -1167,35 +1147,17 @@ class _Written(NamedTuple):
     checksums: dict[str, np.ndarray]  # CRC-32C per chunk, per array
 
 
-def _retire(cat: Catalog, txn, generation: int, *, segments: list[int] = (), model: str | None = None) -> None:
-    """Record directories that stop being visible at ``generation`` (their removal waits
-    until no reader pins an older generation; see :meth:`Store._collect_garbage`)."""
-    retired = cat.get_meta(txn, "retired") or []
-    retired += [{"segment": int(s), "at": generation} for s in segments]
-    if model is not None:
-        retired.append({"model": model, "at": generation})
-    cat.put_meta(txn, "retired", retired)
-
-
 def _remove_stale_creations(path: Path) -> None:
     """Remove ``.NAME.creating-*`` directories of ``create`` calls that were killed (their
     flock on ``.creating.lock`` is free; one with no lock file, after an hour)."""
     for tmp in path.parent.glob(f".{path.name}.creating-*"):
         lock_file = tmp / _CREATING_LOCK
         try:
-            if lock_file.exists():
-                fd = os.open(lock_file, os.O_RDONLY)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a create is running
-                finally:
-                    os.close(fd)
-            elif time.time() - tmp.stat().st_mtime < 3600:
-                continue
-            shutil.rmtree(tmp, ignore_errors=True)
+            stale = lock_is_free(lock_file) if lock_file.exists() else time.time() - tmp.stat().st_mtime > 3600
         except FileNotFoundError:
-            continue
+            continue  # its create finished (renamed) or failed (removed) meanwhile
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

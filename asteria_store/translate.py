@@ -25,14 +25,17 @@ CATALOG_ERRORS = (lmdb.Error, struct.error, json.JSONDecodeError, UnicodeDecodeE
                    tokenize.TokenError)
 
 
-def catalog_error(path: Path, exc: BaseException) -> AsteriaError:
-    """The one-line asteria error for a raw error from the catalog or the file system."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"No space left on the device of {str(path)!r} ({exc.strerror}). "
+def catalog_error(path: Path, exc: BaseException, *, writing: str | None = None) -> AsteriaError:
+    """The one-line asteria error for a raw error from the catalog or the file system;
+    ``writing`` says what a write was doing when the disk filled (the default: the OS's
+    reason, or the catalog commit)."""
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (isinstance(exc, lmdb.Error) and ("No space left" in str(exc) or "Disk quota" in str(exc)))
+    if full:
+        if writing is None:
+            writing = f"({exc.strerror})" if isinstance(exc, OSError) else "while committing to the catalog"
+        return DiskFullError(f"No space left on the device of {str(path)!r} {writing}. "
                              "Free some space and retry; the store is unchanged.")
-    if isinstance(exc, lmdb.Error) and ("No space left" in str(exc) or "Disk quota" in str(exc)):
-        return DiskFullError(f"No space left on the device of {str(path)!r} while committing to the "
-                             "catalog. Free some space and retry; the store is unchanged.")
     if isinstance(exc, lmdb.ReadonlyError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)) \
             or (isinstance(exc, lmdb.Error) and ("Read-only file system" in str(exc) or "Permission denied" in str(exc))):
         return ReadOnlyError(f"The store {str(path)!r} cannot be written here ({_reason(exc)}); "

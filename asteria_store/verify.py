@@ -17,7 +17,7 @@ from .model.persist import load_router
 from .progress import ProgressLike, make_progress
 from .results import VerifyReport
 from .storage import segments as seglib
-from .storage.catalog import segment_name
+from .storage.catalog import retired_dirs, segment_name
 
 
 def damage_from_meta(raw: dict) -> dict[int, dict[tuple[str, int], str]]:
@@ -84,7 +84,7 @@ def verify_snapshot(store, txn, report: VerifyReport, quick: bool, progress: Pro
     for seg in set(extents) - set(segs):
         report.problems.append(f"bucket extents point to unknown segment {seg}")
     live = {segment_name(s) for s in segs}
-    retired = {segment_name(r["segment"]) for r in meta.get("retired") or [] if "segment" in r}
+    retired = retired_dirs(cat.retired(txn))[0]
     report.orphans = [d for d in seglib.list_segment_dirs(store._segments_root)
                       if d not in live and d not in retired]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,24 @@ def tmp_store(tmp_path: Path) -> Iterator[asteria_store.Store]:
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture(scope="session")
+def small_learned_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained learned store built once per session: 1,200 clustered rows of dim 16
+    (12 clusters, seed 0) in one segment, chunks of 256 rows. Use ``small_learned``."""
+    path = tmp_path_factory.mktemp("small-learned") / "store"
+    with asteria_store.create(path, dim=16, chunk_rows=256) as store:
+        store.ingest(clustered_vectors(1200, 16, clusters=12, seed=0))  # trains the model
+    return path
+
+
+@pytest.fixture
+def small_learned(small_learned_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of ``small_learned_template`` (the path of a closed store)."""
+    path = tmp_path / "store"
+    shutil.copytree(small_learned_template, path)
+    return path
 
 
 @pytest.fixture(scope="session")

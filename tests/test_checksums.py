@@ -3,7 +3,6 @@ the rows it holds, and no read returns a damaged value without an error once it 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,27 +11,17 @@ import pytest
 import asteria_store
 from asteria_store import CorruptStoreError
 from asteria_store.storage.segments import chunk_path
-from asteria_store.testing import clustered_vectors
 
 DIM = 16
 N = 1200
 CHUNK = 256
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "store"
-    with asteria_store.create(path, dim=DIM, chunk_rows=CHUNK) as store:
-        store.ingest(clustered_vectors(N, DIM, clusters=12, seed=0))  # trains: built once
-    return path
-
-
 @pytest.fixture
-def store_path(template: Path, tmp_path: Path) -> Path:
-    """A learned store (vectors, ids, LRSQ codes) of one segment, chunks of 256 rows."""
-    path = tmp_path / "store"
-    shutil.copytree(template, path)
-    return path
+def store_path(small_learned: Path) -> Path:
+    """A learned store (vectors, ids, LRSQ codes) of N rows in one segment, chunks of CHUNK
+    rows (conftest's ``small_learned``)."""
+    return small_learned
 
 
 def flip_byte(path: Path, array: str, chunk: int, offset: int = 100) -> None:

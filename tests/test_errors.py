@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,20 +37,9 @@ from asteria_store.testing.faults import fail_on_call
 DIM = 16
 
 
-@pytest.fixture(scope="module")
-def learned_template(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "store"
-    with asteria_store.create(path, dim=DIM, chunk_rows=256) as store:
-        store.ingest(clustered_vectors(1200, DIM, clusters=12, seed=0))  # trains: built once
-    return path
-
-
 @pytest.fixture
-def learned(learned_template: Path, tmp_path: Path) -> Path:
-    """A trained learned store of 1,200 rows (a copy of one built once per module)."""
-    path = tmp_path / "store"
-    shutil.copytree(learned_template, path)
-    return path
+def learned(small_learned: Path) -> Path:
+    return small_learned  # conftest: 1,200 trained rows, dim 16, chunks of 256
 
 
 def x(n: int, seed: int = 1) -> np.ndarray:

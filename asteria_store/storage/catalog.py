@@ -75,6 +75,17 @@ def segment_name(segment: int) -> str:
     return f"seg-{segment:08d}"
 
 
+def retired_name(record: dict[str, Any]) -> str:
+    """The directory of a retired record: a segment name, or ``model/<name>``."""
+    return segment_name(record["segment"]) if "segment" in record else record["model"]
+
+
+def retired_dirs(records: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
+    """Retired records as (segment directory names, model directories)."""
+    return ({retired_name(r) for r in records if "segment" in r},
+            {retired_name(r) for r in records if "model" in r})
+
+
 # --- environment cache ------------------------------------------------------------------
 
 _envs: dict[str, list[Any]] = {}
@@ -278,6 +289,27 @@ class Catalog:
 
     def put_segment(self, txn: lmdb.Transaction, segment: int, record: dict[str, Any]) -> None:
         txn.put(_SEG_KEY.pack(segment), json.dumps(record, sort_keys=True).encode(), db=self.dbs["segments"])
+
+    # -- retired directories -------------------------------------------------------------
+
+    def retired(self, txn: lmdb.Transaction) -> list[dict[str, Any]]:
+        """Directories no commit shows any more, awaiting collection: ``{"segment": id,
+        "at": g}`` or ``{"model": "model/<name>", "at": g}``, ``g`` being the first
+        generation that cannot see them (readers of older ones may still use them)."""
+        return self.get_meta(txn, "retired") or []
+
+    def retire(self, txn: lmdb.Transaction, generation: int, *, segments: list[int] = (),
+               model: str | None = None) -> None:
+        """Record directories that stop being visible at ``generation``."""
+        records = self.retired(txn)
+        records += [{"segment": int(s), "at": generation} for s in segments]
+        if model is not None:
+            records.append({"model": model, "at": generation})
+        self.put_meta(txn, "retired", records)
+
+    def forget_retired(self, txn: lmdb.Transaction, records: list[dict[str, Any]]) -> None:
+        """Drop ``records`` (their directories were removed) from the retired list."""
+        self.put_meta(txn, "retired", [r for r in self.retired(txn) if r not in records])
 
     # -- checksums -----------------------------------------------------------------------
 

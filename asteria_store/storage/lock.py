@@ -14,6 +14,20 @@ from pathlib import Path
 from ..errors import StoreLockedError
 
 
+def lock_is_free(path: str | os.PathLike[str]) -> bool:
+    """Whether no process holds an ``flock`` on ``path`` (a holder that died released it):
+    how dead readers' pins and killed ``create``s are told from live ones. Raises
+    FileNotFoundError if the file is gone."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+    return True
+
+
 class WriterLock:
     """Exclusive advisory lock on ``<store>/writer.lock``; a context manager."""
 

@@ -36,6 +36,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .lock import lock_is_free
+
 READERS_DIR = "readers"
 IDLE = -1
 _PIN = struct.Struct("<qq")
@@ -149,23 +151,14 @@ def oldest_pin(store_path: str | os.PathLike[str]) -> int | None:
         if not name.endswith(".pin"):
             continue
         try:
-            fd = os.open(path, os.O_RDONLY)
+            if lock_is_free(path):  # its owner is gone: the pin has expired
+                path.unlink(missing_ok=True)
+                continue
+            gen = _unpack(path.read_bytes()[: _PIN.size])
         except FileNotFoundError:
             continue  # its reader closed meanwhile
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # a live reader holds it
-                gen = _unpack(os.pread(fd, _PIN.size, 0))
-                if gen != IDLE:
-                    oldest = gen if oldest is None else min(oldest, gen)
-            else:  # its owner is gone: the pin has expired
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-        finally:
-            os.close(fd)
+        if gen != IDLE:
+            oldest = gen if oldest is None else min(oldest, gen)
     return oldest
 
 
