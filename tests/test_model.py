@@ -627,3 +627,202 @@ def test_training_logits_shortcut_equals_margins_through_the_code() -> None:
         fast = model.code_logits(y)
         slow = model.margins(y) @ model.code_matrix
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+# --- training: epochs, warm starts, threads ---------------------------------------------
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Training tests run on one torch thread (tiny models train fastest so, and a busy
+    machine does not slow them down); the caller's setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def recall_at_probes(router, base: np.ndarray, queries: np.ndarray, probes: int, k: int = 10) -> float:
+    """Share of each query's exact top-k in ``base`` lying in its first ``probes`` buckets."""
+    from asteria_store.testing import brute_force_topk
+
+    truth, _ = brute_force_topk(base, queries, k)
+    keys = router.keys(base).astype(np.int64)
+    order = router.probe_order(queries, probes)
+    return float(np.mean([np.isin(keys[t], o).mean() for t, o in zip(truth, order)]))
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of rows whose ``a``-cell maps, by majority, to their ``b``-cell (1.0: the two
+    labelings are the same partition up to renaming)."""
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+    best = {}
+    for (ka, _), count in zip(*pairs):
+        best[ka] = max(best.get(ka, 0), count)
+    return sum(best.values()) / len(a)
+
+
+def test_epochs_zero_is_the_default_and_never_runs_adam(monkeypatch, one_torch_thread) -> None:
+    from asteria_store.model import train as tm
+    from asteria_store.testing import clustered_vectors
+
+    assert tm.TrainConfig().epochs == 0
+    calls = []
+    inner = tm.exact_neighbours
+    monkeypatch.setattr(tm, "exact_neighbours", lambda *a, **kw: calls.append(len(a[1])) or inner(*a, **kw))
+    monkeypatch.setattr(torch.optim, "Adam", None)  # any use of the epoch loop fails
+    x = clustered_vectors(3000, 16, clusters=20, seed=1)
+    lines: list[str] = []
+    router, history = tm.train(x, tm.TrainConfig(bits=5, device="cpu"), log=lines.append)
+    assert [h["epoch"] for h in history] == [0, "probe-means"]
+    assert calls == [300]  # the held-out truth only: no anchor neighbours without epochs
+    assert lines[0].startswith("epoch 0 (init k-means): held-out scan for recall 0.90 = ")
+    # k-means routing: every training row is in the bucket of its nearest centroid
+    cents = router._centroids.T
+    assert (router.keys(x).astype(np.int64) == (x @ cents.T + router._centroid_bias).argmax(1)).all()
+    assert router.info["holdout_scan"] == history[-1]["holdout_scan"]
+
+
+def test_epochs_log_every_loss_component(one_torch_thread) -> None:
+    from asteria_store.model.train import TrainConfig, train
+    from asteria_store.testing import clustered_vectors
+
+    x = clustered_vectors(2000, 16, clusters=20, seed=2)
+    lines: list[str] = []
+    _, history = train(x, TrainConfig(bits=4, epochs=2, patience=5, device="cpu"), log=lines.append)
+    assert [h["epoch"] for h in history] == [0, 1, 2, "probe-means"]
+    for h in history[1:3]:
+        assert {"pair", "balance", "quant", "holdout_scan"} <= set(h)
+        assert np.isfinite([h["pair"], h["balance"], h["quant"]]).all()
+    assert [line.split(":")[0] for line in lines[1:3]] == ["epoch 1", "epoch 2"]
+    assert all(" pair " in line and " balance " in line and " quant " in line for line in lines[1:3])
+
+
+@pytest.mark.parametrize("ecc, train_rotation, learns", [(True, None, False), (False, None, True),
+                                                          (True, True, True)])
+def test_the_rotation_is_learned_only_where_it_can_change_routing(monkeypatch, ecc: bool, train_rotation,
+                                                                  learns: bool, one_torch_thread) -> None:
+    """With the full code the centroids absorb any rotation: by default the BOR angles are
+    not optimised and the rotation stays the PCA basis; sign bits learn them."""
+    from asteria_store.model.train import TrainConfig, train
+    from asteria_store.testing import clustered_vectors
+
+    groups = []
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kw: groups.append(len(params)) or adam(params, **kw))
+    x = clustered_vectors(2000, 16, clusters=20, seed=3)
+    cfg = TrainConfig(bits=4, ecc=ecc, epochs=1, train_rotation=train_rotation, device="cpu")
+    router, _ = train(x, cfg)
+    assert groups == [2 if learns else 1]
+    if not learns:
+        start, _ = train(x, TrainConfig(bits=4, ecc=ecc, epochs=0, device="cpu"))
+        np.testing.assert_array_equal(router.rotation, start.rotation)
+
+
+def test_training_uses_the_threads_asked_and_restores_the_callers(one_torch_thread) -> None:
+    from asteria_store.model.train import TrainConfig, train, training_threads
+    from asteria_store.testing import clustered_vectors
+
+    assert training_threads(3) == 3
+    assert 1 <= training_threads() <= torch.get_num_threads() == 1
+    router, _ = train(clustered_vectors(1000, 8, clusters=8, seed=0), TrainConfig(bits=3, threads=2, device="cpu"))
+    assert router.info["threads"] == 2
+    assert torch.get_num_threads() == 1
+
+
+def test_train_config_epochs_none_is_the_default_and_zero_is_allowed() -> None:
+    from asteria_store.errors import InvalidArgumentError
+    from asteria_store.model.fit import train_config
+    from asteria_store.model.train import TrainConfig
+
+    common = {"bits": None, "ecc": True, "batch_size": 1024, "rank": None, "seed": 0, "device": "cpu",
+              "expected_size": 10}
+    assert train_config(epochs=None, **common).epochs == TrainConfig().epochs
+    assert train_config(epochs=0, **common).epochs == 0
+    assert train_config(epochs=3, **common).epochs == 3
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(InvalidArgumentError, match=r"^epochs must be a non-negative integer or None, got "):
+            train_config(epochs=bad, **common)
+
+
+# Warm starts, on the real-embedding slice: the old model was trained on the first half (as
+# a store that has since doubled), the re-fit on all 3,000 rows.
+
+
+def test_a_warm_start_seeds_kmeans_with_the_old_buckets(wordnet, one_torch_thread) -> None:
+    """With no Lloyd step after the seeding, the re-fit's buckets ARE the old model's
+    (same bits) or refine them (one more bit). An ignored init, or seeds that are not the
+    old buckets' directions, fail this."""
+    from asteria_store.model.train import TrainConfig, train
+
+    base, _, _ = wordnet
+    old, _ = train(base[:1500], TrainConfig(bits=5, device="cpu", seed=1))
+    by_old = (base @ old.probe_centroids.T).argmax(1)  # the old buckets' directions
+    same, _ = train(base, TrainConfig(bits=5, warm_iters=0, device="cpu"), init=old)
+    assert same.info["warm_start"] == {"from_bits": 5, "splits": 0, "iters": 0}
+    assert same_partition(same.keys(base).astype(np.int64), by_old) > 0.99
+    assert same_partition(by_old, same.keys(base).astype(np.int64)) > 0.99
+    grown, _ = train(base, TrainConfig(bits=6, warm_iters=0, device="cpu"), init=old)
+    assert grown.info["warm_start"] == {"from_bits": 5, "splits": 1, "iters": 0}
+    # 64 cells, nearly each inside one of the 32 (a cold fit: 0.55)
+    assert same_partition(grown.keys(base).astype(np.int64), by_old) > 0.8
+    # the control: a cold fit is another partition altogether (measured 0.48)
+    cold, _ = train(base, TrainConfig(bits=5, device="cpu"))
+    assert same.info["warm_start"] is not None and cold.info["warm_start"] is None
+    assert same_partition(cold.keys(base).astype(np.int64), by_old) < 0.7
+
+
+@pytest.mark.parametrize("old_bits", [5, 4])
+def test_a_warm_refit_routes_as_well_as_a_cold_fit(wordnet, old_bits: int, one_torch_thread) -> None:
+    from asteria_store.model.train import TrainConfig, train
+
+    base, queries, _ = wordnet
+    old, _ = train(base[:1500], TrainConfig(bits=old_bits, device="cpu", seed=1))
+    cold, _ = train(base, TrainConfig(bits=5, device="cpu"))
+    warm, _ = train(base, TrainConfig(bits=5, device="cpu"), init=old)
+    assert warm.info["warm_start"]["from_bits"] == old_bits
+    r_cold = recall_at_probes(cold, base, queries, 3)
+    r_warm = recall_at_probes(warm, base, queries, 3)
+    # measured over seeds 0-2: cold 0.656-0.664; warm from 32 buckets 0.655-0.660, from 16
+    # (one split) 0.634-0.655
+    assert r_warm >= r_cold - 0.03, (r_warm, r_cold)
+    assert warm.info["holdout_scan"] <= cold.info["holdout_scan"] * 1.15
+
+
+def test_a_warm_start_needs_fewer_steps_only_from_the_right_seeds(wordnet, one_torch_thread) -> None:
+    """One Lloyd step from the old model's buckets already routes within tolerance of a
+    cold fit; from garbage directions it routes far worse (measured 0.64 against 0.51)."""
+    from asteria_store.model.ecvh import ECVHRouter
+    from asteria_store.model.train import TrainConfig, train
+
+    base, queries, _ = wordnet
+    old, _ = train(base[:1500], TrainConfig(bits=5, device="cpu", seed=1))
+    cold, _ = train(base, TrainConfig(bits=5, device="cpu"))
+    r_cold = recall_at_probes(cold, base, queries, 3)
+    noise = np.random.default_rng(0).standard_normal((32, base.shape[1])).astype(np.float32)
+    garbage = ECVHRouter(old.rotation, old.vantages, old.offsets, bits=old.bits, ecc=True, lrsq=old.lrsq,
+                         probe_centroids=noise / np.linalg.norm(noise, axis=1, keepdims=True))
+    one_step = TrainConfig(bits=5, warm_iters=1, device="cpu")
+    assert recall_at_probes(train(base, one_step, init=old)[0], base, queries, 3) >= r_cold - 0.03
+    assert recall_at_probes(train(base, one_step, init=garbage)[0], base, queries, 3) < r_cold - 0.08
+
+
+def test_an_unusable_init_starts_cold_and_says_why(wordnet, one_torch_thread) -> None:
+    from asteria_store.model.router import SignHasher
+    from asteria_store.model.train import TrainConfig, train
+
+    base, _, _ = wordnet
+    cold, _ = train(base, TrainConfig(bits=4, device="cpu"))
+    big, _ = train(base[:1500], TrainConfig(bits=5, device="cpu"))
+    for init, reason in ((SignHasher.random(384, 4), "cold start: init is a SignHasher, not an ECVH router"),
+                         (big, "cold start: init has 5 bits, more than the 4 wanted")):
+        lines: list[str] = []
+        router, _ = train(base, TrainConfig(bits=4, device="cpu"), init=init, log=lines.append)
+        assert lines[0] == reason
+        assert router.info["warm_start"] is None
+        np.testing.assert_array_equal(router.keys(base), cold.keys(base))
+    other_dim, _ = train(base[:, :64].copy() / np.linalg.norm(base[:, :64], axis=1, keepdims=True),
+                         TrainConfig(bits=4, device="cpu"))
+    lines = []
+    train(base, TrainConfig(bits=4, device="cpu"), init=other_dim, log=lines.append)
+    assert lines[0] == "cold start: init has dimension 64, the vectors 384"

@@ -31,7 +31,7 @@ def train_model(
     bits: int | None = None,
     expected_size: int | None = None,
     ecc: bool = True,
-    epochs: int = 5,
+    epochs: int | None = None,
     batch_size: int = 1024,
     rank: int | None = None,
     seed: int = 0,
@@ -43,7 +43,8 @@ def train_model(
 
     ``dim`` checks the vectors' dimension; ``metric`` must be the future store's (cosine
     normalises the sample). ``expected_size`` (default: the number of vectors) sizes the
-    buckets when ``bits`` is None. Returns the router and the per-epoch history.
+    buckets when ``bits`` is None. ``epochs`` None: ``TrainConfig``'s default. Returns the
+    router and the per-epoch history.
     """
     if metric not in ("cosine", "ip"):
         raise InvalidArgumentError(f"metric must be 'cosine' or 'ip', got {metric!r}.")
@@ -63,12 +64,16 @@ def train_model(
 
 
 def train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_size):
-    """A validated :class:`~asteria_store.model.train.TrainConfig` (one-line errors)."""
+    """A validated :class:`~asteria_store.model.train.TrainConfig` (one-line errors).
+
+    ``epochs`` None means ``TrainConfig``'s default; 0 keeps the k-means start untrained.
+    """
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 20):
         raise InvalidArgumentError(f"bits must be an integer in [1, 20], got {bits!r}.")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0):
+        raise InvalidArgumentError(f"epochs must be a non-negative integer or None, got {epochs!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 32 or rank % 32):
         raise InvalidArgumentError(f"rank must be a positive multiple of 32, got {rank!r}.")
     if device not in ("auto", "cpu", "cuda"):
@@ -80,8 +85,9 @@ def train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_
             raise InvalidArgumentError("device 'cuda' was asked for, but torch sees no CUDA device. Use 'auto'.")
     from .train import TrainConfig
 
-    return TrainConfig(bits=bits, ecc=bool(ecc), epochs=epochs, batch_size=batch_size, rank=rank,
-                       seed=seed, device=device, expected_size=expected_size)
+    optional = {} if epochs is None else {"epochs": epochs}
+    return TrainConfig(bits=bits, ecc=bool(ecc), batch_size=batch_size, rank=rank, seed=seed, device=device,
+                       expected_size=expected_size, **optional)
 
 
 def sample_indices(n: int, size: int, seed: int) -> np.ndarray:

@@ -2,15 +2,21 @@
 
 Steps, all seeded:
 
-1. Sample up to ``sample_size`` vectors; hold out ``holdout`` of them as queries; exact
-   k nearest neighbours of every training and held-out point within the sample.
+1. Sample up to ``sample_size`` vectors; hold out ``holdout`` of them as queries and find
+   their exact 10 nearest neighbours within the sample (the held-out metric's truth).
 2. Rotation: the PCA basis of the sample (energy first, so LRSQ's leading coordinates hold
    most of it), zero-padded to D = 2**ceil(log2 d), followed by a learnable butterfly (BOR)
    starting at the identity.
-3. Vantages: with a code (``ecc=True``), spherical k-means centroids of the rotated sample
-   folded into m vantage directions through the code (``V = -H_J^T C / 2**k``), so training
-   starts exactly at k-means routing; without a code, PCA + ITQ sign directions.
-4. Adam on (BOR angles, vantages, offsets) with three losses, printed per epoch:
+3. Vantages: with a code (``ecc=True``), spherical k-means centroids of the sample folded
+   into m vantage directions through the code (``V = -H_J^T C / 2**k``), so the model
+   routes exactly as k-means does; without a code, PCA + ITQ sign directions. A warm start
+   (``init=``, the model being replaced) seeds k-means with the old buckets' directions,
+   split in two per extra bit, and runs ``warm_iters`` Lloyd steps instead of
+   ``kmeans_iters``.
+4. Only when ``epochs > 0`` (default 0: on wordnet-minilm no epoch beat the k-means start,
+   docs/model.md): exact neighbours of ``anchors`` training points, then Adam on
+   (vantages, offsets, and the BOR angles where they can pay: punctured codes or sign bits)
+   with three losses, logged per epoch:
    * ``pair``: neighbours agree. With a code: ``-log sum_u p_x(u) p_y(u)`` (softmax of the
      codeword correlations at ``temperature``), the probability that x and its neighbour y
      share a bucket. Without: sign agreement ``1 - tanh(z_x) tanh(z_y)`` for neighbours,
@@ -19,14 +25,22 @@ Steps, all seeded:
      each bit ~50/50 and bits decorrelated.
    * ``quant``: LRSQ error of the rotated vectors (energy outside the rank + blockwise
      8-bit error), the only loss that shapes the rotation itself.
-5. After each epoch, the held-out routing metric (fraction of the sample scanned to find
+   After each epoch the held-out metric (fraction of the sample scanned to find
    ``target_recall`` of the held-out points' true neighbours, probing by soft cost) decides
    early stopping; the best epoch's parameters are kept.
+5. Probe centroids: the mean direction of each bucket's sample vectors.
+
+Speed (docs/benchmarks.md, "Re-fit speed"): the CPU cost is k-means, one
+(sample x 2**k x d) float32 product per Lloyd step, so the step count is the knob. Torch
+runs on :func:`training_threads` threads (one per core not busy with other work), and the
+caller's thread count is restored afterwards.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -53,26 +67,39 @@ class TrainConfig:
             ``bucket_rows``. More bits: smaller buckets, less scanned per probe, more probes.
         expected_size: vectors the store will hold (sizes the buckets when bits is None).
         bucket_rows: target mean rows per bucket when bits is None.
-        ecc: True: ECVH with a Hadamard code (routing as good as k-means and better after
-            training); False: plain learned sign hashing (cheaper to train, routes worse).
+        ecc: True: ECVH with a Hadamard code (routes as k-means does); False: plain learned
+            sign hashing (routes worse; needs epochs to learn anything beyond PCA + ITQ).
         code_length: m, vantages/code length with ecc. None: 2**bits (the full code, most
             expressive). Smaller: cheaper margins, constrained buckets.
         rank: LRSQ rank. None: smallest multiple of ``block`` keeping ``energy`` of the
             sample's energy. Higher: tighter bounds (more pruning), more bytes per vector.
         block: LRSQ block size (coordinates sharing one 8-bit affine map).
         energy: energy fraction kept by the automatic rank.
-        epochs, batch_size, lr, temperature: optimisation.
+        epochs: Adam epochs after the k-means start. 0 (default): none, the k-means routing
+            is kept (measured: no epoch improved it on wordnet-minilm, and 5 epochs cost
+            ~100 s of CPU per 100,000-row fit). More: a chance to improve routing, minutes
+            of CPU; the held-out metric keeps the best epoch, k-means included.
+        batch_size, lr, temperature: optimisation.
+        rotation_lr_scale: the BOR angles' learning rate relative to ``lr``.
+        train_rotation: learn the BOR angles. None: only where they can change routing
+            (punctured codes, sign bits); with the full code the centroids absorb any
+            rotation, so the angles are left at the identity (faster epochs).
         balance_weight, quant_weight: loss weights (pair loss has weight 1).
         neighbours: exact neighbours per anchor used by the pair loss.
-        anchors: training points whose exact neighbours are computed (the pair loss's
-            population; exact kNN costs anchors x sample x d).
+        anchors: training points whose exact neighbours are computed when epochs run (the
+            pair loss's population; exact kNN costs anchors x sample x d).
         sample_size: at most this many vectors are used (a uniform sample).
-        holdout: held-out points for early stopping.
+        holdout: held-out points for the held-out metric and early stopping.
         patience: epochs without improvement before stopping.
         target_recall: recall at which the held-out scan fraction is measured.
-        kmeans_iters: k-means iterations for the initial centroids.
+        kmeans_iters: Lloyd steps of a cold start. More: slightly better cells, each step
+            costs one sample x 2**k x d product (~1 s for 100,000 x 1,024 x 384 on a core).
+        warm_iters: Lloyd steps after a warm start (``init=``), on top of splitting the old
+            cells when bits grow.
         probe_means: probe buckets by the mean direction of their training vectors (True,
             measured better) instead of by soft cost.
+        threads: torch threads while training. None: :func:`training_threads` (one per
+            core not busy with other work, at most the caller's torch setting).
         seed: every random choice.
         device: "auto" (CUDA when available), "cpu" or "cuda".
     """
@@ -85,10 +112,11 @@ class TrainConfig:
     rank: int | None = None
     block: int = 32
     energy: float = 0.97
-    epochs: int = 5
+    epochs: int = 0
     batch_size: int = 1024
     lr: float = 1e-3
     rotation_lr_scale: float = 0.1
+    train_rotation: bool | None = None
     temperature: float = 0.05
     balance_weight: float = 5.0
     quant_weight: float = 1.0
@@ -98,8 +126,10 @@ class TrainConfig:
     holdout: int = 1000
     patience: int = 2
     target_recall: float = 0.9
-    kmeans_iters: int = 20
+    kmeans_iters: int = 10
+    warm_iters: int = 4
     probe_means: bool = True
+    threads: int | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -119,6 +149,42 @@ def resolve_device(device: str) -> torch.device:
 
 def choose_bits(n: int, bucket_rows: int) -> int:
     return int(np.clip(round(math.log2(max(n, 2) / bucket_rows)), 1, 20))
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
+    """Cores kept busy by other work right now: the median count of runnable tasks in
+    ``/proc/loadavg`` over a few samples, less this thread (the 1-minute load average,
+    which lags and counts this process's own past work, where /proc is missing)."""
+    try:
+        counts = []
+        for i in range(samples):
+            with open("/proc/loadavg") as fh:
+                counts.append(int(fh.read().split()[3].split("/")[0]))
+            if i + 1 < samples:
+                time.sleep(interval)
+        return max(0, int(statistics.median(counts)) - 1)
+    except (OSError, ValueError, IndexError):
+        return int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+
+
+def training_threads(requested: int | None = None) -> int:
+    """Torch threads for a fit: ``requested``, else one per usable core not busy with
+    other work (at least 1, at most the caller's ``torch.get_num_threads()``).
+
+    A thread sharing a core with a busy process slows every parallel step to that core's
+    share, so a machine with one core busy runs the fit on the others (measured in
+    docs/benchmarks.md, "Re-fit speed").
+    """
+    if requested is not None:
+        return max(1, int(requested))
+    return max(1, min(torch.get_num_threads(), usable_cores() - busy_cores()))
 
 
 # --- building blocks ---------------------------------------------------------------------
@@ -142,20 +208,75 @@ def exact_neighbours(x: torch.Tensor, queries: torch.Tensor, k: int, *, exclude_
     return torch.cat(out)
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Unit centroids (k, D) by Lloyd's algorithm on the sphere (k-means++-free, seeded)."""
-    init = torch.randperm(len(x), generator=generator)[:k].to(x.device)
-    c = x[init].clone()
+def assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Index of the highest inner product with a row of ``c`` for each row of ``x``."""
+    ct = c.T.contiguous()
+    return torch.cat([(x[s : s + chunk] @ ct).argmax(1) for s in range(0, len(x), chunk)])
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
+                     init: torch.Tensor | None = None, bar=None) -> torch.Tensor:
+    """Unit centroids (k, D) by Lloyd's algorithm on the sphere: ``iters`` steps from
+    ``init``, else from k random rows of ``x`` (seeded). ``init`` may have k / 2**j rows
+    (a model with fewer buckets): each cell is first split in two j times."""
+    if init is None:
+        pick = torch.randperm(len(x), generator=generator)[:k].to(x.device)
+        c = x[pick].clone()
+    else:
+        c = init.to(x).clone()
+        while len(c) < k:  # a warm start with fewer buckets: split every cell
+            c = split_cells(x, c, generator)
+            if bar is not None:
+                bar.update(1)
+        if len(c) != k:
+            raise ValueError(f"init must have k / 2**j rows, got {len(init)} for k = {k}")
     for _ in range(iters):
-        assign = torch.cat([(x[s : s + 16384] @ c.T).argmax(1) for s in range(0, len(x), 16384)])
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k)
-        empty = counts == 0
-        if empty.any():  # re-seed empty cells with random points
-            pick = torch.randint(len(x), (int(empty.sum()),), generator=generator).to(x.device)
-            sums[empty] = x[pick]
-        c = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        c = lloyd_step(x, c, generator)
+        if bar is not None:
+            bar.update(1)
     return c
+
+
+def lloyd_step(x: torch.Tensor, c: torch.Tensor, generator: torch.Generator,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+    """One Lloyd step: assign rows to centroids (unless ``labels`` are given), then each
+    centroid becomes its cell's mean direction; empty cells re-seed at random rows."""
+    k = len(c)
+    labels = assign(x, c) if labels is None else labels
+    sums = torch.zeros_like(c).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=k)
+    empty = counts == 0
+    if empty.any():
+        pick = torch.randint(len(x), (int(empty.sum()),), generator=generator).to(x.device)
+        sums[empty] = x[pick]
+    return sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def split_cells(x: torch.Tensor, c: torch.Tensor, generator: torch.Generator, iters: int = 4) -> torch.Tensor:
+    """Twice as many centroids (2k, D): each cell of ``c`` split in two by a 2-means of its
+    own rows (children start at two of its rows), so a warm start can grow the bucket
+    count. Costs ``iters`` passes of 2 x d per row, not a k-column product."""
+    k = len(c)
+    labels = assign(x, c)
+    # two random members per cell: sort rows by (cell, random key), take each cell's first two
+    counts = torch.bincount(labels, minlength=k)
+    order = torch.argsort(labels * 2.0 + torch.rand(len(x), generator=generator).to(x.device), stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    a = order[first.clamp(max=len(x) - 1)]
+    b = order[(first + 1).clamp(max=len(x) - 1)]
+    small = counts < 2  # fewer than two rows: the old centroid and a random row
+    rand = torch.randint(len(x), (k,), generator=generator).to(x.device)
+    c0 = torch.where(small[:, None], c, x[a])
+    c1 = torch.where(small[:, None], x[rand], x[b])
+    for _ in range(iters):
+        diff = c1 - c0
+        side = torch.cat([(x[s : s + 16384] * diff[labels[s : s + 16384]]).sum(1) > 0
+                          for s in range(0, len(x), 16384)]).long()  # 1: nearer child 1
+        child = labels * 2 + side
+        both = torch.cat([c0, c1], dim=1).reshape(2 * k, -1)  # rows 2u, 2u+1: cell u's children
+        new = lloyd_step(x, both, generator, labels=child).reshape(k, 2, -1)
+        c0, c1 = new[:, 0], new[:, 1]
+    return torch.stack([c0, c1], dim=1).reshape(2 * k, -1)
 
 
 def bisection_order(c: np.ndarray) -> np.ndarray:
@@ -194,10 +315,11 @@ class ECVHModel(torch.nn.Module):
     def __init__(self, pca: torch.Tensor, vantages: torch.Tensor, offsets: torch.Tensor,
                  bits: int, code: HadamardCode | None, rank: int, block: int, seed: int):
         super().__init__()
-        d, size = pca.shape
+        size = pca.shape[1]
         self.register_buffer("pca", pca)  # (d, D)
         self.bor = ButterflyRotation(size, seed=seed)
         self.bits, self.code, self.rank, self.block = bits, code, rank, block
+        self.full_code = False
         if code is not None:
             # With a code, the trained tensor is the bucket centroids C (2**k x D); the
             # vantages are their image through the code, V = -H_J C / 2**k (exact for the
@@ -214,8 +336,13 @@ class ECVHModel(torch.nn.Module):
             self.weights = torch.nn.Parameter(vantages.clone())  # the sign directions
         self.offsets = torch.nn.Parameter(offsets.clone())
 
+    def rotation(self) -> torch.Tensor:
+        """The whole rotation (d, D), PCA then BOR, as one dense matrix: applying it is one
+        matmul (the butterfly's small per-layer ops cost ~10x more per training step)."""
+        return self.pca @ self.bor.matrix()
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bor(x @ self.pca)
+        return x @ self.rotation()
 
     @property
     def vantages(self) -> torch.Tensor:
@@ -232,6 +359,22 @@ class ECVHModel(torch.nn.Module):
             return y @ self.weights.T + self.offsets @ self.code_matrix
         return self.margins(y) @ self.code_matrix
 
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+        """Bucket of each row of ``x`` (n, d), as the exported router's ``keys`` gives it
+        (up to float rounding), computed in torch: one (n x d x 2**k) product."""
+        rot = self.rotation()
+        if self.code is None:
+            w = rot @ self.weights.T
+            bits = torch.cat([x[s : s + chunk] @ w + self.offsets > 0 for s in range(0, len(x), chunk)])
+            return (bits.long() << torch.arange(self.bits, device=x.device)).sum(1)
+        if self.full_code:  # fold the rotation into the centroids
+            w, bias = rot @ self.weights.T, self.offsets @ self.code_matrix
+            return torch.cat([(x[s : s + chunk] @ w + bias).argmax(1) for s in range(0, len(x), chunk)])
+        w = rot @ self.vantages.T
+        return torch.cat([((x[s : s + chunk] @ w + self.offsets) @ self.code_matrix).argmax(1)
+                          for s in range(0, len(x), chunk)])
+
     def quant_loss(self, y: torch.Tensor) -> torch.Tensor:
         """Energy outside the rank + expected blockwise 8-bit error (uniform rounding)."""
         tail = (y[:, self.rank :] ** 2).sum(1)
@@ -240,14 +383,25 @@ class ECVHModel(torch.nn.Module):
         rounding = (span / 255.0) ** 2 / 12.0 * self.block
         return (tail + rounding.sum(1)).mean()
 
-    def export(self, lrsq: LRSQ, info: dict) -> ECVHRouter:
+    def export(self, lrsq: LRSQ, info: dict, probe_centroids: np.ndarray | None = None) -> ECVHRouter:
         with torch.no_grad():
-            rotation = (self.pca @ self.bor.matrix()).cpu().numpy()
-            return ECVHRouter(rotation, self.vantages.detach().cpu().numpy(),
+            return ECVHRouter(self.rotation().cpu().numpy(), self.vantages.detach().cpu().numpy(),
                               self.offsets.detach().cpu().numpy(), bits=self.bits,
                               ecc=self.code is not None,
                               positions=None if self.code is None else self.code.positions,
-                              lrsq=lrsq, info=info)
+                              lrsq=lrsq, info=info, probe_centroids=probe_centroids)
+
+    @torch.no_grad()
+    def probe_means(self, x: torch.Tensor, keys: torch.Tensor) -> np.ndarray:
+        """Probe centroids (2**k, d): the mean direction of each bucket's rows of ``x``
+        (``keys``: their buckets); a bucket ``x`` leaves empty keeps the code's centroid
+        direction (full code), else zero."""
+        nb = 2**self.bits
+        sums = torch.zeros(nb, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, keys, x.double())
+        empty = torch.bincount(keys, minlength=nb) == 0
+        if empty.any() and self.full_code:
+            sums[empty] = (self.weights @ self.rotation().T).double()[empty]
+        return (sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)).float().cpu().numpy()
 
 
 def _pair_loss_ecc(cx, cy, tau):
@@ -269,13 +423,34 @@ def _pair_loss_sign(zx, zy, zr, tau):
     return pair, balance
 
 
-def holdout_metric(router: ECVHRouter, train: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-                   target: float) -> tuple[float, dict]:
-    """Fraction of ``train`` scanned to reach ``target`` recall for the held-out queries."""
-    keys = router.keys(train).astype(np.int64)
+def holdout_metric(router: ECVHRouter, model: ECVHModel, x: torch.Tensor, queries: np.ndarray,
+                   truth: np.ndarray, target: float, keys: torch.Tensor | None = None
+                   ) -> tuple[float, dict, torch.Tensor]:
+    """Fraction of the sample ``x`` scanned to reach ``target`` recall for the held-out
+    queries, probing in ``router``'s order; with the occupancy and the sample's keys
+    (``keys``: already known, e.g. for a new probe order of the same partition)."""
+    keys = model.keys(x) if keys is None else keys
+    keys_np = keys.cpu().numpy()
     nb = 2**router.bits
-    reach = rows_to_reach(router.probe_scores(queries), keys, truth, nb)
-    return fraction_for_recall(reach, len(train), target), occupancy(keys, nb)
+    reach = rows_to_reach(router.probe_scores(queries), keys_np, truth, nb)
+    return fraction_for_recall(reach, len(keys_np), target), occupancy(keys_np, nb), keys
+
+
+def warm_directions(init: Any, dim: int, bits: int) -> tuple[np.ndarray | None, str]:
+    """The old model's bucket directions (2**init.bits, dim) to seed k-means from, or None
+    with the reason a warm start is not possible."""
+    if not isinstance(init, ECVHRouter):
+        return None, f"init is a {type(init).__name__}, not an ECVH router"
+    if init.dim != dim:
+        return None, f"init has dimension {init.dim}, the vectors {dim}"
+    if init.bits > bits:
+        return None, f"init has {init.bits} bits, more than the {bits} wanted"
+    if init.probe_centroids is not None:
+        return init.probe_centroids, "probe centroids"
+    if init.ecc and init._centroids is not None:
+        c = init._centroids.T
+        return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12), "code centroids"
+    return None, "init has neither probe centroids nor a full code"
 
 
 def train(
@@ -284,15 +459,31 @@ def train(
     *,
     progress: ProgressLike = None,
     log=None,
+    init: ECVHRouter | None = None,
 ) -> tuple[ECVHRouter, list[dict]]:
     """Train an ECVH router on ``vectors`` (n, d), L2-normalised float32.
 
-    Returns the router (LRSQ included) and the per-epoch history (loss components and
-    held-out metric). ``log`` (a callable taking one line) receives the per-epoch lines;
-    with ``progress=True`` they go to stderr.
+    Returns the router (LRSQ included) and the history (the k-means start's held-out
+    metric, then per epoch the loss components and held-out metric). ``log`` (a callable
+    taking one line) receives the per-step lines; with ``progress=True`` they go to stderr.
+
+    ``init``: the model being replaced (a re-fit as the store grows), or None. An ECVH
+    router of the same dimension and at most ``bits`` bits seeds k-means with its buckets'
+    directions (each cell split in two per extra bit) and runs ``config.warm_iters`` Lloyd
+    steps instead of ``config.kmeans_iters``; anything else starts cold (logged).
     """
     if log is None:
         log = (lambda line: print(line, file=sys.stderr)) if progress is True else (lambda line: None)
+    threads = training_threads(config.threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(vectors, config, progress, log, init, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> tuple[ECVHRouter, list[dict]]:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -314,12 +505,6 @@ def train(
 
     x = torch.from_numpy(train_np).to(device)
     hold = torch.from_numpy(hold_np).to(device)
-    kk = min(config.neighbours, n - 1)
-    anchors = torch.from_numpy(np.sort(rng.choice(n, min(n, config.anchors), replace=False))).to(device)
-    nbrs = exact_neighbours(x, x[anchors], kk + 1, exclude_self=False)[:, 1:]  # drop self
-    pair_a = anchors.repeat_interleave(kk)  # every (anchor, neighbour) pair, once per epoch
-    pair_b = nbrs.reshape(-1)
-    n_pairs = len(pair_a)
     truth = exact_neighbours(x, hold, min(10, n), exclude_self=False).cpu().numpy()
 
     # PCA basis (uncentred second moment: scores are inner products), energy first.
@@ -332,34 +517,83 @@ def train(
     rank = config.rank or int(min(d, block * math.ceil((np.searchsorted(energy, config.energy) + 1) / block)))
     rank = min(max(block, rank - rank % block), size)
     lrsq = LRSQ(rank=rank, block=block)
-    y0 = x @ pca
 
+    warm = None
     if config.ecc:
         code = HadamardCode.punctured(bits, config.code_length or 2**bits, seed=config.seed)
-        cents = spherical_kmeans(y0, 2**bits, config.kmeans_iters, gen)
+        seeds, how = (None, "no init") if init is None else warm_directions(init, d, bits)
+        if init is not None:
+            log(f"warm start from the previous model's {how} ({init.bits} -> {bits} bits)" if seeds is not None
+                else f"cold start: {how}")
+        iters = config.kmeans_iters if seeds is None else config.warm_iters
+        splits = 0 if seeds is None else bits - init.bits
+        warm = None if seeds is None else {"from_bits": init.bits, "splits": splits, "iters": iters}
+        bar = make_progress(progress, total=iters + splits, desc="k-means", unit="step")
+        try:
+            # The rotation is orthogonal: k-means of x, then rotate the centroids (d < D).
+            cents = spherical_kmeans(x, 2**bits, iters, gen, bar=bar,
+                                     init=None if seeds is None else torch.from_numpy(seeds))
+        finally:
+            bar.close()
         cents = cents[torch.from_numpy(bisection_order(cents.cpu().numpy())).to(device)]
-        vantages = cents  # ECVHModel maps centroids to vantages through the code
+        vantages = cents @ pca  # ECVHModel maps centroids to vantages through the code
         offsets = torch.zeros(code.m, device=device)
     else:
         code = None
-        vantages = itq(y0, bits, 50, gen)
+        vantages = itq(x @ pca, bits, 50, gen)
         offsets = torch.zeros(bits, device=device)
     model = ECVHModel(pca, vantages, offsets, bits, code, rank, block, config.seed).to(device)
-    opt = torch.optim.Adam([
-        {"params": [model.weights, model.offsets], "lr": config.lr},
-        {"params": model.bor.parameters(), "lr": config.lr * config.rotation_lr_scale},
-    ])
-    info = {"bits": bits, "ecc": config.ecc, "rank": rank, "trained_on": n, "config": config.to_dict()}
+    info = {"bits": bits, "ecc": config.ecc, "rank": rank, "trained_on": n, "threads": threads,
+            "warm_start": warm, "config": config.to_dict()}
 
-    def snapshot() -> ECVHRouter:
-        return model.export(lrsq, info)
-
-    best_router = snapshot()
-    best_metric, occ = holdout_metric(best_router, train_np, hold_np, truth, config.target_recall)
+    best_router = model.export(lrsq, info)
+    best_metric, occ, best_keys = holdout_metric(best_router, model, x, hold_np, truth, config.target_recall)
     history = [{"epoch": 0, "holdout_scan": best_metric, **occ}]
-    log(f"epoch 0 (init {'k-means' if config.ecc else 'PCA+ITQ'}): held-out scan for recall "
+    start_name = ("warm k-means" if warm else "k-means") if config.ecc else "PCA+ITQ"
+    log(f"epoch 0 (init {start_name}): held-out scan for recall "
         f"{config.target_recall:.2f} = {best_metric:.2%}, max/mean bucket {occ['max_over_mean']:.1f}")
-    stale = 0
+    if config.epochs > 0:
+        best_state, best_router, best_metric, best_keys = _epochs(
+            model, x, hold_np, truth, lrsq, info, history, config, gen, rng, progress, log,
+            (best_router, best_metric, best_keys))
+        model.load_state_dict(best_state)
+    # Probe order: the mean direction of each bucket's training vectors (fitted to the final
+    # partition, like a last Lloyd step) beats the soft-cost order (docs/model.md).
+    if config.probe_means:
+        best_router = model.export(lrsq, info, probe_centroids=model.probe_means(x, best_keys))
+        metric, occ, _ = holdout_metric(best_router, model, x, hold_np, truth, config.target_recall,
+                                        keys=best_keys)
+        history.append({"epoch": "probe-means", "holdout_scan": metric, **occ})
+        log(f"probe by bucket means: held-out scan {metric:.2%} (soft-cost order: {best_metric:.2%})")
+        best_metric = metric
+    best_router.info["train_seconds"] = round(time.perf_counter() - started, 2)
+    best_router.info["holdout_scan"] = best_metric
+    return best_router, history
+
+
+def _epochs(model: ECVHModel, x, hold_np, truth, lrsq, info, history, config: TrainConfig, gen, rng,
+            progress, log, best):
+    """Adam epochs over (anchor, exact neighbour) pairs; returns the best epoch's (or the
+    start's) parameters, router, held-out metric and sample keys."""
+    best_router, best_metric, best_keys = best
+    device, n = x.device, len(x)
+    kk = min(config.neighbours, n - 1)
+    anchors = torch.from_numpy(np.sort(rng.choice(n, min(n, config.anchors), replace=False))).to(device)
+    nbrs = exact_neighbours(x, x[anchors], kk + 1, exclude_self=False)[:, 1:]  # drop self
+    pair_a = anchors.repeat_interleave(kk)  # every (anchor, neighbour) pair, once per epoch
+    pair_b = nbrs.reshape(-1)
+    n_pairs = len(pair_a)
+    # The BOR angles only matter where the centroids cannot absorb a rotation.
+    learn_rotation = config.train_rotation
+    if learn_rotation is None:
+        learn_rotation = model.code is None or not model.full_code
+    model.bor.angles.requires_grad_(learn_rotation)
+    groups = [{"params": [model.weights, model.offsets], "lr": config.lr}]
+    if learn_rotation:
+        groups.append({"params": model.bor.parameters(), "lr": config.lr * config.rotation_lr_scale})
+    opt = torch.optim.Adam(groups)
+    fixed = None if learn_rotation else model.rotate(x).detach()  # rotated once for all epochs
+    best_state, stale = {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
     for epoch in range(1, config.epochs + 1):
         order_t = torch.randperm(n_pairs, generator=gen).to(device)
         sums = {"pair": 0.0, "balance": 0.0, "quant": 0.0}
@@ -368,15 +602,17 @@ def train(
         try:
             for start in range(0, n_pairs, config.batch_size):
                 idx = order_t[start : start + config.batch_size]
-                xb, yb = x[pair_a[idx]], x[pair_b[idx]]
-                ry = model.rotate(torch.cat([xb, yb]))
-                if config.ecc:
+                rows = torch.cat([pair_a[idx], pair_b[idx]])
+                rot = None if fixed is not None else model.rotation()  # one dense matrix per step
+                ry = fixed[rows] if fixed is not None else x[rows] @ rot
+                if model.code is not None:
                     c = model.code_logits(ry)
                     pair, balance = _pair_loss_ecc(c[: len(idx)], c[len(idx) :], config.temperature)
                 else:
-                    zx, zy = model.margins(ry[: len(idx)]), model.margins(ry[len(idx) :])
-                    rnd = x[torch.randint(n, (len(idx),), generator=gen).to(device)]
-                    pair, balance = _pair_loss_sign(zx, zy, model.margins(model.rotate(rnd)), config.temperature)
+                    rnd = torch.randint(n, (len(idx),), generator=gen).to(device)
+                    ryr = fixed[rnd] if fixed is not None else x[rnd] @ rot
+                    pair, balance = _pair_loss_sign(model.margins(ry[: len(idx)]), model.margins(ry[len(idx) :]),
+                                                    model.margins(ryr), config.temperature)
                 quant = model.quant_loss(ry[: len(idx)])
                 loss = pair + config.balance_weight * balance + config.quant_weight * quant
                 opt.zero_grad()
@@ -389,27 +625,18 @@ def train(
                 bar.update(len(idx))
         finally:
             bar.close()
-        router = snapshot()
-        metric, occ = holdout_metric(router, train_np, hold_np, truth, config.target_recall)
+        router = model.export(lrsq, info)
+        metric, occ, keys = holdout_metric(router, model, x, hold_np, truth, config.target_recall)
         row = {"epoch": epoch, **{k: v / steps for k, v in sums.items()}, "holdout_scan": metric, **occ}
         history.append(row)
         log(f"epoch {epoch}: pair {row['pair']:.4f}  balance {row['balance']:.4f}  quant {row['quant']:.5f}  "
             f"held-out scan {metric:.2%}  max/mean bucket {occ['max_over_mean']:.1f}")
         if metric < best_metric - 1e-6:
-            best_metric, best_router, stale = metric, router, 0
+            best_metric, best_router, best_keys, stale = metric, router, keys, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
             if stale >= config.patience:
                 log(f"early stop: no held-out improvement for {stale} epoch(s)")
                 break
-    # Probe order: the mean direction of each bucket's training vectors (fitted to the final
-    # partition, like a last Lloyd step) beats the soft-cost order (docs/model.md).
-    if config.probe_means:
-        best_router = best_router.with_probe_centroids(train_np)
-        metric, occ = holdout_metric(best_router, train_np, hold_np, truth, config.target_recall)
-        history.append({"epoch": "probe-means", "holdout_scan": metric, **occ})
-        log(f"probe by bucket means: held-out scan {metric:.2%} (soft-cost order: {best_metric:.2%})")
-        best_metric = metric
-    best_router.info["train_seconds"] = round(time.perf_counter() - started, 2)
-    best_router.info["holdout_scan"] = best_metric
-    return best_router, history
+    return best_state, best_router, best_metric, best_keys
