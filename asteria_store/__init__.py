@@ -27,11 +27,12 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .model.fit import train_model
-from .store import DeleteResult, IngestResult, Store, TrainResult, VerifyReport, create, open
+from .store import CompactResult, DeleteResult, IngestResult, Store, TrainResult, VerifyReport, create, open
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactResult",
     "FORMAT_VERSION",
     "AsteriaError",
     "CorruptStoreError",

@@ -23,6 +23,14 @@ class IngestResult:
     trained: bool = False
     #: Seconds spent training (0 when it did not train).
     train_seconds: float = 0.0
+    #: Rows of ids already stored that this ingest replaced (``on_conflict="replace"``).
+    replaced: int = 0
+    #: True when the store had outgrown its index and this ingest re-fitted it (writes.py).
+    refitted: bool = False
+    #: Segments the tiered merge policy merged after this ingest.
+    merged_segments: int = 0
+    #: Seconds of that upkeep (training, re-fit or merges), included in ``seconds``.
+    upkeep_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,19 @@ class TrainResult:
 @dataclass(frozen=True)
 class DeleteResult:
     rows: int
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    """What :meth:`Store.compact` did: every segment merged into one, deleted rows dropped
+    (their space comes back once no reader pins the old segments)."""
+
+    segments_before: int
+    segments_after: int
+    rows: int
+    #: Deleted rows whose space was reclaimed.
+    dropped: int
+    seconds: float = 0.0
 
 
 @dataclass
@@ -65,4 +86,4 @@ class VerifyReport:
         return not self.problems
 
 
-__all__ = ["DeleteResult", "IngestResult", "TrainResult", "VerifyReport"]
+__all__ = ["CompactResult", "DeleteResult", "IngestResult", "TrainResult", "VerifyReport"]

@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 import asteria_store
 from asteria_store import IdNotFoundError
-from asteria_store.store import MIN_TRAIN_ROWS
+from asteria_store.writes import MIN_TRAIN_ROWS
 from asteria_store.testing import clustered_vectors
 
 DIM = 16

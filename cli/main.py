@@ -112,25 +112,55 @@ def create(path: Path, dim: int, metric: Metric, dtype: StorageDtype, router: st
 @npy_argument("vectors", "FILE.npy")
 @click.option("--ids", type=path_type(), metavar="IDS.npy",
               help="External ids, one per vector (1-D integer .npy). Default: consecutive ids.")
+@click.option("--on-conflict", type=click.Choice(["error", "replace"]),
+              default=library_default(Store.ingest, "on_conflict"), show_default=True,
+              help="An id already in the store: fail and write nothing (error), or replace its "
+                   "vector in the same commit (replace: an upsert).")
 @quiet_option
-def ingest(path: Path, vectors: Path, ids: Path | None, quiet: bool) -> None:
+def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, quiet: bool) -> None:
     """Add vectors from a .npy file as one new segment.
 
     FILE.npy holds an (n, d) numeric array; it is streamed, not loaded whole. Progress bars
-    go to stderr.
+    go to stderr. The index then looks after itself: it trains, re-fits as the store grows,
+    and merges segments. Another process writing to the store makes this one wait.
 
     \b
     Example:
-        asteria-store ingest mystore vectors.npy --ids ids.npy
+        asteria-store ingest mystore vectors.npy --ids ids.npy --on-conflict replace
     """
     with asteria_store.open(path) as store:
-        result = store.ingest(vectors, ids=ids, progress=not quiet)
+        result = store.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)
+        routing = store.router.config()
         if result.trained:
-            routing = store.router.config()
-            click.echo(f"Trained the store's model on a sample of its vectors in {result.train_seconds:.1f} s: "
-                       f"{2 ** routing['bits']:,} buckets, LRSQ rank {routing['lrsq']['rank']}.")
-    click.echo(f"Added {result.rows:,} vectors as segment {result.segment} in {result.seconds:.2f} s "
+            click.echo(f"{'Re-fitted' if result.refitted else 'Trained'} the store's model on a sample of its "
+                       f"vectors in {result.train_seconds:.1f} s: {2 ** routing['bits']:,} buckets, LRSQ rank "
+                       f"{routing['lrsq']['rank']}.")
+        elif result.refitted:
+            click.echo(f"Re-sized the index to {2 ** routing['bits']:,} buckets as the store grew.")
+        if result.merged_segments:
+            click.echo(f"Merged {result.merged_segments} segments into fewer ({result.upkeep_seconds:.1f} s).")
+    replaced = f", replacing {result.replaced:,}" if result.replaced else ""
+    click.echo(f"Added {result.rows:,} vectors{replaced} as segment {result.segment} in {result.seconds:.2f} s "
                f"({result.rows / result.seconds:,.0f} vectors/s).")
+
+
+@cli.command()
+@store_path
+@quiet_option
+def compact(path: Path, quiet: bool) -> None:
+    """Merge every segment into one and drop deleted rows.
+
+    Their disk space comes back once no reader still reads the old segments. Readers are
+    never blocked; another process writing to the store waits until this is done.
+
+    \b
+    Example:
+        asteria-store compact mystore
+    """
+    with asteria_store.open(path) as store:
+        result = store.compact(progress=not quiet)
+    click.echo(f"Compacted {result.segments_before} segment(s) into {result.segments_after}: {result.rows:,} "
+               f"vectors kept, {result.dropped:,} deleted rows dropped, in {result.seconds:.1f} s.")
 
 
 @cli.command()

@@ -384,7 +384,7 @@ def test_ids_already_in_store(tmp_path: Path, store: Path, base_file: Path):
     before = snapshot(store)
     assert_error(run("ingest", store, base_file, "--ids", save(tmp_path, "ids.npy", ids)),
                  "Error: Expected new ids, got 1 already in the store (first: 5). "
-                 "Delete them first or choose other ids.")
+                 "Delete them first, choose other ids, or replace them (upsert, or ingest --on-conflict replace).")
     assert snapshot(store) == before
 
 

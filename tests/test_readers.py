@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import asteria_store
-import asteria_store.store as store_mod
+import asteria_store.reads as reads_mod
 import asteria_store.verify as verify_mod
 from asteria_store import CorruptStoreError, ReadOnlyError
 from asteria_store.storage import pins
@@ -72,13 +72,13 @@ def test_a_retrain_inside_an_exact_search_changes_nothing_it_returns(two_segment
     with asteria_store.open(two_segments, readonly=True) as reader:
         before = reader.search(QUERIES, ALL, probes="all")
         seen = []
-        original = store_mod.search_exact
+        original = reads_mod.search_exact
 
         def commit_then_search(view, queries, k):
             seen.append(retrain_from_another_handle(two_segments))
             return original(view, queries, k)
 
-        monkeypatch.setattr(store_mod, "search_exact", commit_then_search)
+        monkeypatch.setattr(reads_mod, "search_exact", commit_then_search)
         during = reader.search(QUERIES, ALL, probes="all")
         monkeypatch.undo()
         # The old segments were retired by the commit but kept for this reader's read.
@@ -98,13 +98,13 @@ def test_a_retrain_inside_an_exact_search_changes_nothing_it_returns(two_segment
 def test_a_retrain_inside_a_routed_search_keeps_its_model_and_rows(two_segments, monkeypatch) -> None:
     with asteria_store.open(two_segments, readonly=True) as reader:
         before = reader.search(QUERIES, 10, probes=4)
-        original = store_mod.search_batch
+        original = reads_mod.search_batch
 
         def commit_then_search(view, router, *args, **kwargs):
             retrain_from_another_handle(two_segments)
             return original(view, router, *args, **kwargs)
 
-        monkeypatch.setattr(store_mod, "search_batch", commit_then_search)
+        monkeypatch.setattr(reads_mod, "search_batch", commit_then_search)
         during = reader.search(QUERIES, 10, probes=4)
         np.testing.assert_array_equal(during[0], before[0])
         np.testing.assert_array_equal(during[1], before[1])
@@ -150,7 +150,7 @@ def test_without_pins_the_same_injection_breaks_the_read(two_segments, monkeypat
     reader is about to read, and it fails. The tests above can fail."""
     monkeypatch.setattr(pins.ReaderPin, "pin", lambda self, generation: None)
     with asteria_store.open(two_segments, readonly=True) as reader:
-        original = store_mod.search_exact
+        original = reads_mod.search_exact
 
         def commit_then_search(view, queries, k):
             for r in view.segments.values():
@@ -158,7 +158,7 @@ def test_without_pins_the_same_injection_breaks_the_read(two_segments, monkeypat
             assert retrain_from_another_handle(two_segments) == ["seg-00000003"]
             return original(view, queries, k)
 
-        monkeypatch.setattr(store_mod, "search_exact", commit_then_search)
+        monkeypatch.setattr(reads_mod, "search_exact", commit_then_search)
         with pytest.raises(CorruptStoreError, match="is missing or truncated"):
             reader.search(QUERIES, ALL, probes="all")
 

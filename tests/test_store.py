@@ -16,7 +16,7 @@ import pytest
 
 import asteria_store
 import asteria_store.io as io_mod
-import asteria_store.store as store_mod
+import asteria_store.writes as writes_mod
 from asteria_store import (
     FORMAT_VERSION,
     AsteriaError,
@@ -147,10 +147,11 @@ def test_info_keys_and_values(tmp_store) -> None:
     assert set(info) == {
         "path", "format_version", "dim", "metric", "dtype", "chunk_rows", "count", "segments",
         "rows_stored", "deleted", "router", "extents", "generation", "disk_bytes", "pending_training",
-        "retired",
+        "retired", "buckets", "fitted_rows", "grows", "maintenance",
     }
-    expected_bits = bits_for_size(1_000_000)
-    assert expected_bits == 12
+    # A learned store's baseline serves until MIN_TRAIN_ROWS vectors: sized for that many.
+    expected_bits = bits_for_size(1_000)
+    assert expected_bits == 2
     keys = tmp_store.router.keys(tmp_store.get(np.setdiff1d(np.arange(100), [0, 5, 70])))
     assert info["path"] == str(tmp_store.path)
     assert info["format_version"] == FORMAT_VERSION
@@ -245,8 +246,8 @@ def test_ingest_in_many_blocks_and_windows_equals_ingest_in_one(
         one.ingest(x)
         want_vectors = one.get(np.arange(1000))
         want = one.search(clustered.queries, 10, probes=4)
-    monkeypatch.setattr(store_mod, "_HASH_BLOCK_ROWS", 97)
-    monkeypatch.setattr(store_mod, "_WRITE_WINDOW_BYTES", 3 * 64 * DIM * 4)  # 3 chunks a window
+    monkeypatch.setattr(writes_mod, "_HASH_BLOCK_ROWS", 97)
+    monkeypatch.setattr(writes_mod, "_WRITE_WINDOW_BYTES", 3 * 64 * DIM * 4)  # 3 chunks a window
     monkeypatch.setattr(io_mod, "_GATHER_ROWS", 13)
     with asteria_store.create(tmp_path / "many", dim=DIM, bits=6, chunk_rows=64) as many:
         many.ingest(tmp_path / "x.npy")

@@ -27,7 +27,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -290,6 +290,24 @@ class Catalog:
     def put_segment(self, txn: lmdb.Transaction, segment: int, record: dict[str, Any]) -> None:
         txn.put(_SEG_KEY.pack(segment), json.dumps(record, sort_keys=True).encode(), db=self.dbs["segments"])
 
+    def drop_segment(self, txn: lmdb.Transaction, segment: int, buckets: Iterable[int]) -> None:
+        """Remove a segment's record, its extents (in ``buckets``), tombstones and checksums;
+        the id map is the caller's (a merge re-maps its live ids)."""
+        txn.delete(_SEG_KEY.pack(segment), db=self.dbs["segments"])
+        bdb = self.dbs["buckets"]
+        for b in buckets:
+            txn.delete(_BUCKET_KEY.pack(int(b), segment), db=bdb)
+        prefix = _SEG_KEY.pack(segment)
+        for name in ("tombstones", "checksums"):
+            db = self.dbs.get(name)
+            if db is None:
+                continue
+            with txn.cursor(db=db) as cur:
+                if cur.set_range(prefix):
+                    while bytes(cur.key()[:4]) == prefix:
+                        if not cur.delete():
+                            break
+
     # -- retired directories -------------------------------------------------------------
 
     def retired(self, txn: lmdb.Transaction) -> list[dict[str, Any]]:
@@ -369,13 +387,14 @@ class Catalog:
 
     # -- ids -----------------------------------------------------------------------------
 
-    def put_ids(self, txn: lmdb.Transaction, segment: int, ids: np.ndarray) -> None:
-        """Map ``ids[row] -> (segment, row)`` for every row of a new segment."""
+    def put_ids(self, txn: lmdb.Transaction, segment: int, ids: np.ndarray, *, overwrite: bool = False) -> None:
+        """Map ``ids[row] -> (segment, row)`` for every row of a new segment (``overwrite``:
+        also for ids already mapped, as a merge moves them)."""
         perm = np.argsort(ids, kind="stable")
         keys = pack_ids(ids[perm])
         rows = perm.tolist()
         with txn.cursor(db=self.dbs["ids"]) as cur:
-            cur.putmulti(zip(keys, (pack_loc(segment, r) for r in rows)), overwrite=False)
+            cur.putmulti(zip(keys, (pack_loc(segment, r) for r in rows)), overwrite=overwrite)
 
     def existing_ids(self, txn: lmdb.Transaction, ids: np.ndarray) -> np.ndarray:
         """The subset of ``ids`` already in the store."""

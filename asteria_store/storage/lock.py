@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StoreLockedError
@@ -31,9 +32,14 @@ def lock_is_free(path: str | os.PathLike[str]) -> bool:
 class WriterLock:
     """Exclusive advisory lock on ``<store>/writer.lock``; a context manager."""
 
-    def __init__(self, store_path: str | os.PathLike[str], *, timeout: float = 30.0):
+    def __init__(self, store_path: str | os.PathLike[str], *, timeout: float | None = 30.0,
+                 on_wait: Callable[[], None] | None = None):
         self.path = Path(store_path) / "writer.lock"
+        #: Seconds to wait for another writer; None: wait as long as it writes (writers
+        #: queue: a dead holder's flock is released, so the wait ends with its process).
         self.timeout = timeout
+        #: Called once if the lock is not free within a second (to say why nothing moves).
+        self.on_wait = on_wait
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
@@ -47,14 +53,19 @@ class WriterLock:
         return True
 
     def acquire(self) -> None:
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        told = False
         while not self.try_acquire():
-            if time.monotonic() >= deadline:
+            waited = time.monotonic() - started
+            if self.timeout is not None and waited >= self.timeout:
                 raise StoreLockedError(
                     f"Another process is writing to {str(self.path.parent)!r} "
                     f"(waited {self.timeout:g} s for its writer lock). Retry when it is done."
                 )
-            time.sleep(0.05)
+            if not told and waited >= 1.0 and self.on_wait is not None:
+                self.on_wait()
+                told = True
+            time.sleep(0.05 if waited < 1.0 else 0.2)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -1,0 +1,292 @@
+"""The read side of a store: the open handle's state, consistent snapshots, and search.
+
+:class:`ReadSide` owns what every operation of an open handle shares: the catalog, the
+routing model as of the newest generation read, the memory-mapped segment readers and
+this handle's reader pin. Every read runs in ONE LMDB read transaction (a snapshot) with
+its generation pinned (storage/pins.py), so directories that a commit retires stay on disk
+until no reader can still need them. The write side (writes.py) reads through it too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import lmdb
+import numpy as np
+
+from .config import StoreConfig
+from .errors import IdNotFoundError, InvalidArgumentError, InvalidInputError
+from .io import ArrayLike, VectorSource, normalise_rows, read_array
+from .model.persist import load_router
+from .model.router import Router
+from .query.engine import Probes, SearchStats, View, search_batch, search_exact
+from .storage import segments as seglib
+from .storage.catalog import Catalog, segment_name
+from .storage.pins import ReaderPin
+from .verify import damage_from_meta, quarantined
+
+SEGMENTS_DIR = "segments.zarr"
+
+#: Rows read per block from a query source.
+QUERY_BLOCK_ROWS = 16384
+
+#: ``k`` may exceed the live count (results are padded with -1) up to this many.
+_K_PAD_MAX = 65536
+#: Largest result arrays one search may allocate (ids and scores, 12 bytes per cell).
+_RESULT_BYTES_MAX = 8 << 30
+
+
+class Snapshot(NamedTuple):
+    txn: lmdb.Transaction
+    view: View
+
+
+def _no_lookup(bucket: int) -> list[tuple[int, int, int]]:
+    raise RuntimeError("a cached View is only searched through a snapshot")
+
+
+class ReadSide:
+    """An open handle's shared state and its reads (one snapshot each)."""
+
+    def __init__(self, path: Path, config: StoreConfig, catalog: Catalog, router: Router,
+                 router_digest: str, pin: ReaderPin | None):
+        self.path = path
+        self.config = config
+        self.catalog = catalog
+        self.router = router
+        self.router_digest = router_digest
+        self.pin = pin
+        self.segments_root = path / SEGMENTS_DIR
+        self.readers: dict[int, seglib.SegmentReader] = {}
+        self.view: View | None = None
+        #: A generation this handle has seen: a lower bound of any it will read next.
+        self.seen_generation = 0
+        #: Chunks this handle's own ``verify`` found damaged (a read-only handle cannot
+        #: record them in the catalog): ``{segment: {(array, chunk): message}}``.
+        self.local_damage: dict[int, dict[tuple[str, int], str]] = {}
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+        self.readers.clear()
+        self.view = None
+        if self.pin is not None:
+            self.pin.close()
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """One consistent read: an LMDB read transaction and the :class:`View` of its
+        generation, whose files stay on disk until the ``with`` block ends (pinned)."""
+        floor = self.seen_generation  # <= the generation the transaction below sees
+        if self.pin is not None:
+            self.pin.pin(floor)
+        try:
+            with self.catalog.read() as txn:
+                view = self.view_at(txn)
+                yield Snapshot(txn, view.bound(partial(self.catalog.extents, txn)))
+        finally:
+            if self.pin is not None:
+                self.pin.unpin(floor)
+
+    def view_at(self, txn) -> View:
+        """The state as of ``txn``, reusing cached extents while the generation is unchanged.
+        Building a new one drops the memory maps of segments it no longer has."""
+        cat = self.catalog
+        generation = int(cat.get_meta(txn, "generation"))
+        self.seen_generation = max(self.seen_generation, generation)
+        view = self.view
+        if view is not None and view.generation == generation:
+            return view
+        count = int(cat.get_meta(txn, "count"))
+        segs = cat.segments(txn)
+        deleted = cat.tombstones(txn)
+        router_rec = cat.get_meta(txn, "router")
+        damage = damage_from_meta(cat.get_meta(txn, "damaged") or {})
+        if router_rec["digest"] != self.router_digest:  # (re)trained since we loaded it
+            self.router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
+            self.router_digest = router_rec["digest"]
+        readers = {}
+        for seg, rec in segs.items():
+            r = self.readers.get(seg)
+            if r is None:
+                r = seglib.SegmentReader(
+                    self.segments_root, segment_name(seg), n=rec["rows"], dim=self.config.dim,
+                    dtype=self.config.dtype, chunk_rows=rec.get("chunk_rows", self.config.chunk_rows),
+                    lrsq=rec.get("lrsq"),
+                )
+                self.readers[seg] = r
+            r.quarantine(quarantined(seg, r, {**damage.get(seg, {}), **self.local_damage.get(seg, {})},
+                                           deleted.get(seg)))
+            readers[seg] = r
+        for seg in [s for s in self.readers if s not in segs]:  # retired since the last view
+            self.readers.pop(seg).close()
+        view = View(generation=generation, count=count, segments=readers, deleted=deleted,
+                    lookup_extents=_no_lookup, router_digest=self.router_digest)
+        self.view = view
+        return view
+
+    def current_view(self) -> View:
+        """The state now, for a writer holding the writer lock (no other process commits
+        meanwhile, so the view stays current): extents are read in short transactions."""
+        with self.snapshot() as snap:
+            view = snap.view
+        cat = self.catalog
+
+        def lookup(bucket: int) -> list[tuple[int, int, int]]:
+            with cat.read() as t:
+                return cat.extents(t, bucket)
+
+        return view.bound(lookup)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        with self.snapshot() as snap:
+            cat, txn = self.catalog, snap.txn
+            meta = cat.all_meta(txn)
+            segs = cat.segments(txn)
+            n_extents = sum(1 for _ in cat.iter_extents(txn))
+            router = self.router
+            digest = self.router_digest
+        disk = 0
+        for root, _dirs, files in os.walk(self.path):  # skips directories removed meanwhile
+            for name in files:
+                try:
+                    disk += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:  # removed by a writer's collection meanwhile
+                    pass
+        growth = meta.get("growth") or {}
+        return {
+            "path": str(self.path),
+            "format_version": meta["format_version"],
+            **self.config.to_dict(),
+            "count": meta["count"],
+            "segments": len(segs),
+            "rows_stored": sum(s["rows"] for s in segs.values()),
+            "deleted": sum(s["rows"] for s in segs.values()) - meta["count"],
+            "router": {**router.config(), "digest": digest[:16]},
+            "buckets": 2 ** int(router.bits),
+            # True while a learned store waits for its first big enough ingest to train.
+            "pending_training": meta.get("pending_training") is not None,
+            # The live count the routing model was sized and fitted for, and whether the
+            # index re-fits itself as the store outgrows it (see writes.py).
+            "fitted_rows": growth.get("fitted_rows"),
+            "grows": bool(growth.get("grow", False)),
+            "extents": n_extents,
+            "generation": meta["generation"],
+            # Segment and model directories retired by a commit, kept while readers pin them.
+            "retired": len(meta.get("retired") or []),
+            # Re-fits and merges so far: how many, rows rewritten, seconds.
+            "maintenance": meta.get("maintenance") or {},
+            "disk_bytes": disk,
+        }
+
+    def get(self, ids: ArrayLike) -> np.ndarray:
+        id_arr = as_id_array(ids)
+        with self.snapshot() as snap:
+            found, segs, rows = self.catalog.locate(snap.txn, id_arr)
+            if not found.all():
+                raise IdNotFoundError(f"Id {int(id_arr[~found][0])} is not in the store.")
+            out = np.empty((len(id_arr), self.config.dim), dtype=np.float32)
+            for seg in np.unique(segs).tolist():
+                sel = segs == seg
+                out[sel] = snap.view.segments[seg].take_vectors(rows[sel])
+        return out
+
+    def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
+               prune: bool | Literal["auto"], explain: bool):
+        k = check_k(k)
+        q = VectorSource(queries, dim=self.config.dim, what="queries")
+        qs = np.concatenate([b for _, b in q.blocks(QUERY_BLOCK_ROWS)]) if q.n > QUERY_BLOCK_ROWS \
+            else next(q.blocks(QUERY_BLOCK_ROWS))[1]
+        qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))
+        if probes != "all":
+            if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
+                raise InvalidArgumentError(f"probes must be a positive integer or 'all', got {probes!r}.")
+            if candidates is not None and (not isinstance(candidates, (int, np.integer)) or candidates < 1):
+                raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
+            if prune not in (True, False, "auto"):
+                raise InvalidArgumentError(f"prune must be True, False or 'auto', got {prune!r}.")
+        with self.snapshot() as snap:
+            view = snap.view
+            check_k_fits(k, len(qs), view.count)
+            if probes != "all":
+                out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain),
+                                   prune=prune)
+                if candidates is None:
+                    self._probe_on(view, qs, k, int(probes), out, prune)
+                return out
+            ids, scores = search_exact(view, qs, k)
+            if not explain:
+                return ids, scores
+            row_bytes = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
+            stored = sum(r.n for r in view.segments.values())
+            nq = len(qs)
+            return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
+                                            np.full(nq, stored * row_bytes), stored * row_bytes)
+
+    def _probe_on(self, view: View, qs: np.ndarray, k: int, probes: int, out: tuple, prune) -> None:
+        """Queries whose probed buckets held fewer than ``k`` live rows, while the store holds
+        at least ``k``, are searched again with twice the probes until they fill (or every
+        bucket is probed); their rows of ``out`` are replaced in place. A query's result is
+        then exactly the search at the probe count that filled it."""
+        want = min(k, view.count)
+        n_buckets = 2 ** int(self.router.bits)
+        ids, scores = out[0], out[1]
+        stats = out[2] if len(out) == 3 else None
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+        while len(short) and probes < n_buckets:
+            probes = min(2 * probes, n_buckets)
+            more = search_batch(view, self.router, qs[short], k, probes, None, explain=stats is not None,
+                                prune=prune)
+            ids[short], scores[short] = more[0], more[1]
+            if stats is not None:
+                for name in ("buckets", "scanned", "bytes_read", "pruned"):
+                    mine, theirs = getattr(stats, name), getattr(more[2], name)
+                    if mine is not None and theirs is not None:
+                        mine[short] = theirs
+                stats.batch_bytes += more[2].batch_bytes
+            short = short[(more[0] >= 0).sum(axis=1) < want]
+
+
+def as_id_array(ids: ArrayLike) -> np.ndarray:
+    arr = np.atleast_1d(read_array(ids, "ids"))
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise InvalidInputError(f"Expected a 1-D array of integer ids, got {arr.dtype} of shape {arr.shape}.")
+    if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
+        raise InvalidInputError(f"Expected non-negative ids, got {int(arr.min())}.")
+    return arr.astype(np.uint64)
+
+
+def check_k_fits(k: int, n_queries: int, count: int) -> None:
+    """Refuse a ``k`` that asks for far more results than the store can return."""
+    if k > max(count, _K_PAD_MAX):
+        raise InvalidArgumentError(
+            f"k={k:,} is more than the {count:,} vectors in the store can fill; at most "
+            f"{max(count, _K_PAD_MAX):,} is allowed (results beyond the live count are -1)."
+        )
+    if n_queries * k * 12 > _RESULT_BYTES_MAX:
+        raise InvalidArgumentError(
+            f"{n_queries:,} queries x k={k:,} need {mib(n_queries * k * 12)} of results; search "
+            "in smaller batches of queries or with a smaller k."
+        )
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidArgumentError(f"k must be a positive integer, got {k!r}.")
+    return int(k)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+__all__ = ["ReadSide", "Snapshot", "as_id_array", "check_k", "check_k_fits", "mib"]
