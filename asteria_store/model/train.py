@@ -281,18 +281,21 @@ def split_cells(x: torch.Tensor, c: torch.Tensor, generator: torch.Generator, it
 
 def bisection_order(c: np.ndarray) -> np.ndarray:
     """A permutation of centroids so that keys sharing a prefix are geometric neighbours:
-    recursive halving along each group's principal direction (the key's top bit first)."""
+    recursive halving along each group's principal direction (the key's top bit first).
+    In torch, so its ~2**k small SVDs run on the training's threads (NumPy's BLAS would
+    start its own, one per core, busy or not)."""
+    ct = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
 
-    def split(idx: np.ndarray) -> list[np.ndarray]:
+    def split(idx: torch.Tensor) -> list[torch.Tensor]:
         if len(idx) <= 1:
             return [idx]
-        sub = c[idx] - c[idx].mean(axis=0)
-        direction = np.linalg.svd(sub, full_matrices=False)[2][0]
-        order = idx[np.argsort(sub @ direction, kind="stable")]
+        sub = ct[idx] - ct[idx].mean(0)
+        direction = torch.linalg.svd(sub, full_matrices=False)[2][0]
+        order = idx[torch.argsort(sub @ direction, stable=True)]
         half = len(order) // 2
         return split(order[:half]) + split(order[half:])
 
-    return np.concatenate(split(np.arange(len(c))))
+    return torch.cat(split(torch.arange(len(c)))).numpy()
 
 
 def itq(y: torch.Tensor, bits: int, iters: int, generator: torch.Generator) -> torch.Tensor:
