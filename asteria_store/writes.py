@@ -26,7 +26,6 @@ delayed, never failed. Readers are never blocked: they read their own snapshot.
 
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 import sys
@@ -325,8 +324,7 @@ class WriteSide:
                            rank=settings.get("rank"), seed=settings.get("seed", 0),
                            device=settings.get("device", "auto"), expected_size=expected)
         warm = init is not None and getattr(init, "kind", "") == "ecvh" and getattr(init, "dim", None) == self.config.dim
-        kwargs = {"init": init} if warm and "init" in inspect.signature(train).parameters else {}
-        return train(sample, cfg, progress=progress, **kwargs)
+        return train(sample, cfg, progress=progress, init=init if warm else None)
 
     def _rebucket(self, router: Router, view: View, stored: StoredRows, progress: ProgressLike, *,
                   started: float, pinned_bits: int | None, upkeep: bool) -> None:

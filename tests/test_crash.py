@@ -229,12 +229,12 @@ def test_kill_at_random_time_leaves_old_or_new_state(tmp_path, python_child, del
     with asteria_store.open(path, readonly=True) as store:
         report = store.verify()
         assert report.ok, report.problems
-        assert report.orphans in ([], [B_SEGMENT])
         if len(store) == N_A:
             assert not finished
+            assert report.orphans in ([], [B_SEGMENT])
             assert_holds_exactly_a(store, data, arrays, k=k)
-        else:
-            assert report.orphans == []
+        else:  # B committed; the training that follows may have been killed (its segment)
+            assert report.orphans in ([], ["seg-00000003"])
             assert_holds_a_and_b(store, data, arrays, k=k)
     with asteria_store.open(path) as store:
         assert store.verify().orphans == []

@@ -180,7 +180,7 @@ def test_a_long_lived_reader_lets_go_of_retired_segments(two_segments) -> None:
             writer.train(epochs=1)  # retires every segment; idle readers pin nothing: collected
             assert len(segment_dirs(two_segments)) == 1
         reader.search(QUERIES, ALL, probes="all")  # the new view drops the old maps
-        assert sorted(reader._readers) == sorted(writer._current_view().segments)
+        assert sorted(reader._reads.readers) == sorted(writer._current_view().segments)
         assert deleted_maps() <= base
 
 
@@ -204,7 +204,7 @@ def test_a_dead_readers_pin_expires(two_segments, python_child) -> None:
         child.kill()
         child.wait()
         assert pins.oldest_pin(two_segments) is None  # its flock is gone: the pin expired
-        assert writer._collect_garbage() == ["seg-00000001", "seg-00000002", "model/ecvh-g1"]
+        assert writer._writes.collect_garbage() == ["seg-00000001", "seg-00000002", "model/ecvh-g1"]
     assert segment_dirs(two_segments) == ["seg-00000003"]
     assert os.listdir(two_segments / "readers") == []
 

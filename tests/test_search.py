@@ -279,11 +279,10 @@ def test_auto_batch_prunes_only_small_bucket_groups(store, wordnet) -> None:
 
 
 def test_a_small_store_returns_k_results_for_every_query(wordnet, tmp_path) -> None:
-    """A 500-vector store below the training threshold keeps the sign router sized for a
-    million vectors (4,096 buckets): its probed buckets often hold fewer than k rows, so
-    queries probe on until they have k."""
+    """A 500-vector sign store sized for a million vectors (4,096 buckets): its probed
+    buckets often hold fewer than k rows, so queries probe on until they have k."""
     base, queries = wordnet
-    with asteria_store.create(tmp_path / "store", dim=384) as store:
+    with asteria_store.create(tmp_path / "store", dim=384, router="sign", expected_size=1_000_000) as store:
         store.ingest(base[:500])
         assert 2**store.router.bits == 4096
         view = store._current_view()

@@ -687,7 +687,8 @@ BAD_CALLS = [
     pytest.param(lambda s, p: s.ingest(ONES, ids=[100, 101, 100]), DuplicateIdError, ValueError,
                  "Expected unique ids, got id 100 more than once in this batch.", id="duplicate-in-batch"),
     pytest.param(lambda s, p: s.ingest(ONES, ids=[20, 5, 3]), DuplicateIdError, ValueError,
-                 "Expected new ids, got 2 already in the store (first: 3). Delete them first or choose other ids.",
+                 "Expected new ids, got 2 already in the store (first: 3). Delete them first, choose other ids, "
+                 "or replace them (upsert, or ingest --on-conflict replace).",
                  id="duplicate-in-store"),
     pytest.param(lambda s, p: s.ingest(ONES, ids=[1, 2]), InvalidInputError, ValueError,
                  "Expected 3 ids (one per vector), got 2.", id="ids-wrong-length"),
