@@ -1,0 +1,447 @@
+"""A store grown by many ingests against one built in one ingest: recall, speed, upkeep, disk.
+
+    python benchmarks/growth_data.py --n 10000000 --out /tmp/asteria-bench/growth-10m --seed 0 \\
+        --gt-at 1000000,3000000,10000000
+    python benchmarks/bench_growth.py --data /tmp/asteria-bench/growth-10m \\
+        --store /tmp/asteria-bench/growth-stores --batches 100 --first 10000 \\
+        --checkpoints 1000000,3000000,10000000 --probes 8,16,32,64 \\
+        --out benchmarks/results/growth_10m.json --table docs/growth_10m_table.md
+
+``--data`` is a folder written by ``growth_data.py`` (``base.f16.npy``, ``queries.f16.npy``,
+``gt_{N}_ids.npy`` for every checkpoint N). Phases, each in its own ``python bench_growth.py
+--child ...`` process so that its peak RSS (VmHWM) is its own:
+
+* **grown**: an empty store (float16, learned router, default settings) at
+  ``STORE/grown`` gets the base rows in ``--batches`` ingests (the first of ``--first`` rows,
+  the rest equal, split where a checkpoint falls; ids = row numbers). Every ingest is timed
+  and followed by ``store.info()`` (segments, extents, buckets, generation, disk bytes,
+  re-fits and merges: whatever the store reports, read with ``.get``).
+  ``store.compact()`` is never called: the store has to look after itself.
+* **one-shot** (``--oneshot-at``, default: the last checkpoint): a store at ``STORE/oneshot-N``
+  built from the first N rows in ONE ingest (of the ``.npy`` path when N is all of the
+  file, else of a temporary prefix copy next to the stores, deleted after).
+* **serve** (at each checkpoint, for each store there): recall@10 of the ``gt_{N}`` queries,
+  batch QPS (one ``search`` of all queries after an untimed warm-up), one-query p50/p95
+  latency (``query`` of the first ``--single``), rows scanned and KiB read per query
+  (SearchStats), extents per probed bucket (catalog), at each of ``--probes``.
+* **cold** (same processes): every file under the store is flushed and evicted from the
+  page cache (``posix_fadvise(DONTNEED)``); the store is opened and the first ``--cold``
+  queries are issued one at a time: open time, first and mean latency, bytes the process
+  read from storage (``/proc/self/io`` read_bytes) and bytes SearchStats counts.
+
+Writes every row (ingests, builds, serving, cold) to ``--out`` (JSON) and prints Markdown
+tables (``--table``: also to that file) ready for docs/benchmarks.md. Threads are pinned
+(``--threads``, default 1) before numpy is imported, in every phase.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_threads = "1"
+for _i, _a in enumerate(sys.argv):
+    if _a == "--threads" and _i + 1 < len(sys.argv):
+        _threads = sys.argv[_i + 1]
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = _threads
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROW = "@@ROW "  # child stdout lines carrying a JSON row
+
+
+def ints(s: str | None) -> list[int]:
+    return [int(v) for v in str(s).split(",")] if s else []
+
+
+def proc(field: str, path: str = "/proc/self/status") -> int:
+    """A counter of this process: VmHWM/VmRSS in KiB (status) or read_bytes (io)."""
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def peak_mib() -> float:
+    return proc("VmHWM") / 1024
+
+
+def read_bytes() -> int:
+    return proc("read_bytes", "/proc/self/io")
+
+
+def emit(row: dict) -> None:
+    print(ROW + json.dumps(row), flush=True)
+
+
+def plan(total: int, batches: int, first: int, checkpoints: list[int]) -> list[int]:
+    """Batch ends: the first batch of ``first`` rows, the rest of equal size, plus a cut at
+    every checkpoint (so each checkpoint is measured at exactly N rows)."""
+    ends = np.linspace(min(first, total), total, max(batches, 1)).round().astype(int)
+    return sorted({int(e) for e in ends} | {c for c in checkpoints if c <= total})
+
+
+def store_info(store) -> dict:
+    """What ``store.info()`` tells about the index's shape, defensively (fields come and go)."""
+    info = store.info()
+    router = info.get("router") or {}
+    bits = router.get("bits")
+    return {"count": info.get("count"), "segments": info.get("segments"), "extents": info.get("extents"),
+            "router_kind": router.get("kind"), "bits": bits,
+            "buckets": info.get("buckets", 2 ** bits if bits is not None else None),
+            "generation": info.get("generation"), "disk_bytes": info.get("disk_bytes"),
+            "fitted_rows": info.get("fitted_rows"), "pending_training": info.get("pending_training"),
+            "maintenance": info.get("maintenance") or {},
+            **{k: info[k] for k in ("refits", "merges") if k in info}}
+
+
+RESULT_FIELDS = ("rows", "seconds", "trained", "train_seconds", "refitted", "merged_segments", "upkeep_seconds")
+
+
+# ----------------------------------------------------------------------------- children
+def child_ingest(a: argparse.Namespace) -> None:
+    """Ingest batches ``a.ends[i-1]:a.ends[i]`` for i in [a.lo, a.hi) into STORE/grown."""
+    import torch
+
+    import asteria_store
+    torch.set_num_threads(int(a.threads))
+    path = Path(a.store) / "grown"
+    base = np.load(Path(a.data) / "base.f16.npy", mmap_mode="r")
+    ends = ints(a.ends)
+    store = (asteria_store.open(path) if path.exists()
+             else asteria_store.create(path, dim=base.shape[1], dtype="float16", router="learned"))
+    with store:
+        for i in range(a.lo, a.hi):
+            start, stop = (ends[i - 1] if i else 0), ends[i]
+            vec, ids = np.array(base[start:stop]), np.arange(start, stop, dtype=np.int64)
+            t = time.perf_counter()
+            res = store.ingest(vec, ids)
+            wall = time.perf_counter() - t
+            emit({"phase": "ingest", "batch": i, "start": start, "stop": stop, "wall_s": wall,
+                  **{f: getattr(res, f) for f in RESULT_FIELDS if hasattr(res, f)},
+                  **store_info(store), "peak_rss_mib": peak_mib()})
+
+
+def child_oneshot(a: argparse.Namespace) -> None:
+    import torch
+
+    import asteria_store
+    torch.set_num_threads(int(a.threads))
+    n, src = a.n, Path(a.data) / "base.f16.npy"
+    base = np.load(src, mmap_mode="r")
+    path, tmp = Path(a.store) / f"oneshot-{n}", None
+    if path.exists():
+        shutil.rmtree(path)
+    t = time.perf_counter()
+    if n < len(base):  # ingest streams a .npy path in blocks; an array slice would be mapped whole
+        tmp = Path(a.store) / f"prefix-{n}.f16.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=base.dtype, shape=(n, base.shape[1]))
+        for s in range(0, n, 262144):
+            out[s : s + 262144] = base[s : min(n, s + 262144)]
+        out.flush()
+        del out
+        src = tmp
+    copy_s = time.perf_counter() - t
+    with asteria_store.create(path, dim=base.shape[1], dtype="float16", router="learned") as store:
+        t = time.perf_counter()
+        res = store.ingest(src, np.arange(n, dtype=np.int64))
+        wall = time.perf_counter() - t
+        emit({"phase": "oneshot", "n": n, "wall_s": wall, "prefix_copy_s": copy_s,
+              **{f: getattr(res, f) for f in RESULT_FIELDS if hasattr(res, f)}, **store_info(store),
+              "peak_rss_mib": peak_mib()})
+    if tmp is not None:
+        tmp.unlink()
+
+
+def evict(path: Path) -> int:
+    """Flush and drop every file under ``path`` from the page cache; returns files evicted."""
+    count = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                count += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return count
+
+
+def extents_per_probe(store, queries: np.ndarray, probes: int) -> float | None:
+    """Mean extents (contiguous runs in segments) of the buckets each query probes first,
+    from the catalog. Internals: None if they moved."""
+    try:
+        from asteria_store.query.engine import probe_order
+
+        keys = probe_order(store.router, queries, probes)
+        with store._reads.snapshot() as snap:
+            per = {int(k): len(snap.view.extents(int(k))) for k in np.unique(keys)}
+        return float(np.mean([per[int(k)] for k in keys.ravel()]))
+    except Exception as exc:  # noqa: BLE001 - a diagnostic, never worth failing the run
+        print(f"extents per probed bucket unavailable: {exc!r}", file=sys.stderr)
+        return None
+
+
+def child_serve(a: argparse.Namespace) -> None:
+    import torch
+
+    import asteria_store
+    from asteria_store.testing import recall_at_k
+    torch.set_num_threads(int(a.threads))
+    path = Path(a.store) / a.which
+    q = np.load(Path(a.data) / "queries.f16.npy").astype(np.float32)
+    truth = np.load(Path(a.data) / f"gt_{a.n}_ids.npy")
+    probes = ints(a.probes)
+    head = {"store": a.which.split("-")[0], "n": a.n}
+
+    # cold first: nothing of this store has been read by this process yet
+    for p in probes:
+        evicted = evict(path)
+        r0, t = read_bytes(), time.perf_counter()
+        store = asteria_store.open(path, readonly=True)
+        open_s, open_read = time.perf_counter() - t, read_bytes() - r0
+        lat, io, stat, t_end = [], [], [], time.perf_counter() + a.budget_s
+        for v in q[: a.cold]:
+            if len(lat) >= 5 and time.perf_counter() > t_end:
+                break
+            r0, t = read_bytes(), time.perf_counter()
+            out = store.query(v, 10, probes=p, explain=True)
+            lat.append(time.perf_counter() - t)
+            io.append(read_bytes() - r0)
+            stat.append(out[2]["bytes_read"])
+        store.close()
+        emit({**head, "phase": "cold", "probes": p, "files_evicted": evicted, "open_ms": open_s * 1000,
+              "open_kib_read": open_read / 1024, "first_ms": lat[0] * 1000,
+              "mean_ms": float(np.mean(lat)) * 1000, "p50_ms": float(np.median(lat)) * 1000,
+              "first_kib_read": io[0] / 1024, "mean_kib_read": float(np.mean(io)) / 1024,
+              "mean_kib_stats": float(np.mean(stat)) / 1024, "queries": len(lat)})
+
+    store = asteria_store.open(path, readonly=True)
+    info = store_info(store)
+    if info["count"] != a.n:
+        sys.exit(f"{path} holds {info['count']:,} vectors, expected {a.n:,}")
+    for p in probes:
+        store.search(q, 10, probes=p)  # warm-up: page cache, catalog, memory maps
+        t = time.perf_counter()
+        ids, _ = store.search(q, 10, probes=p)
+        batch_s = time.perf_counter() - t
+        lat, t_end = [], time.perf_counter() + a.budget_s
+        for v in q[: a.single]:
+            if len(lat) >= 20 and time.perf_counter() > t_end:
+                break
+            t = time.perf_counter()
+            store.query(v, 10, probes=p)
+            lat.append(time.perf_counter() - t)
+        lat = np.array(lat) * 1000
+        _, _, st = store.search(q, 10, probes=p, explain=True)
+        emit({**head, "phase": "serve", "probes": p, "recall@10": recall_at_k(ids, truth, 10),
+              "batch_qps": len(q) / batch_s, "p50_ms": float(np.percentile(lat, 50)),
+              "p95_ms": float(np.percentile(lat, 95)), "single_n": len(lat),
+              "buckets_probed": float(np.mean(st.buckets)), "scanned_per_query": float(np.mean(st.scanned)),
+              "kib_read_per_query": float(np.mean(st.bytes_read)) / 1024,
+              "extents_per_probed_bucket": extents_per_probe(store, q, p),
+              "segments": info["segments"], "buckets": info["buckets"], "extents": info["extents"],
+              "disk_bytes": info["disk_bytes"], "peak_rss_mib": peak_mib()})
+    store.close()
+
+
+# ----------------------------------------------------------------------------- parent
+def run_child(a: argparse.Namespace, args: list[str]) -> list[dict]:
+    cmd = [sys.executable, __file__, "--data", a.data, "--store", a.store, "--threads", str(a.threads),
+           "--probes", a.probes, "--single", str(a.single), "--cold", str(a.cold),
+           "--budget-s", str(a.budget_s), *args]
+    proc_ = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    rows = []
+    for line in proc_.stdout:
+        if line.startswith(ROW):
+            rows.append(json.loads(line[len(ROW):]))
+            r = rows[-1]
+            if r["phase"] == "ingest":
+                print(f"ingest {r['batch']:4d} rows {r['stop']:>11,} {r['wall_s']:7.2f} s  "
+                      f"segments {r['segments']} extents {r['extents']} buckets {r['buckets']} "
+                      f"gen {r['generation']} disk {r['disk_bytes'] / 2**20:,.0f} MiB"
+                      + ("  refit" if r.get("refitted") else "") + ("  trained" if r.get("trained") else "")
+                      + (f"  merged {r['merged_segments']}" if r.get("merged_segments") else ""), file=sys.stderr)
+            else:
+                print(json.dumps(r), file=sys.stderr)
+        else:
+            sys.stderr.write(line)
+    if proc_.wait() != 0:
+        sys.exit(f"child {' '.join(args)} failed (exit {proc_.returncode})")
+    return rows
+
+
+def parent(a: argparse.Namespace) -> None:
+    data = Path(a.data)
+    n_base = np.load(data / "base.f16.npy", mmap_mode="r").shape[0]
+    checkpoints = ints(a.checkpoints) or [n_base]
+    total = max(checkpoints)
+    if total > n_base:
+        sys.exit(f"--checkpoints go to {total:,} but {data}/base.f16.npy holds {n_base:,} rows")
+    for n in checkpoints:
+        if not (data / f"gt_{n}_ids.npy").exists():
+            sys.exit(f"no ground truth {data}/gt_{n}_ids.npy: run growth_data.py with --gt-at {a.checkpoints}")
+    oneshot = set(ints(a.oneshot_at) if a.oneshot_at else [total])
+    ends = plan(total, a.batches, a.first, checkpoints)
+    store = Path(a.store)
+    if (store / "grown").exists():
+        sys.exit(f"{store / 'grown'} exists: pass a new --store (the grown store starts empty)")
+    store.mkdir(parents=True, exist_ok=True)
+    print(f"{len(ends)} ingests: first {ends[0]:,} rows, then ~{(total - ends[0]) // max(1, len(ends) - 1):,}; "
+          f"checkpoints {checkpoints}, one-shot at {sorted(oneshot)}", file=sys.stderr)
+    rows, lo, t0 = [], 0, time.perf_counter()
+    for n in sorted(checkpoints):
+        hi = ends.index(n) + 1
+        rows += run_child(a, ["--child", "ingest", "--ends", ",".join(map(str, ends)), "--lo", str(lo), "--hi", str(hi)])
+        lo = hi
+        rows += run_child(a, ["--child", "serve", "--which", "grown", "--n", str(n)])
+        if n in oneshot:
+            rows += run_child(a, ["--child", "oneshot", "--n", str(n)])
+            rows += run_child(a, ["--child", "serve", "--which", f"oneshot-{n}", "--n", str(n)])
+            if not a.keep:
+                shutil.rmtree(store / f"oneshot-{n}")
+    meta = {"data": str(data.resolve()), "n_base": n_base, "checkpoints": checkpoints, "batches": len(ends),
+            "first": ends[0], "probes": ints(a.probes), "threads": int(a.threads), "single": a.single,
+            "cold": a.cold, "budget_s": a.budget_s, "oneshot_at": sorted(oneshot), "wall_s": time.perf_counter() - t0,
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "generator": json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else None}
+    result = {"meta": meta, "rows": rows}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    text = report(result)
+    print(text)
+    if a.table:
+        Path(a.table).write_text(text + "\n")
+
+
+def summarise(rows: list[dict], n: int, which: str) -> dict | None:
+    """Build figures of one store at N: ingest seconds, rate, peak RSS, disk, shape."""
+    if which == "grown":
+        ing = [r for r in rows if r["phase"] == "ingest" and r["stop"] <= n]
+        if not ing or ing[-1]["stop"] != n:
+            return None
+        last, secs = ing[-1], sum(r["wall_s"] for r in ing)
+        upkeep = sum(r.get("upkeep_seconds") or 0 for r in ing)
+        return {"ingests": len(ing), "ingest_s": secs, "upkeep_s": upkeep, "rate": n / secs,
+                "slowest_s": max(r["wall_s"] for r in ing), "refits": sum(bool(r.get("refitted")) for r in ing),
+                "merged": sum(r.get("merged_segments") or 0 for r in ing),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in ing), **{k: last[k] for k in (
+                    "segments", "extents", "buckets", "generation", "disk_bytes")}}
+    one = [r for r in rows if r["phase"] == "oneshot" and r["n"] == n]
+    if not one:
+        return None
+    r = one[0]
+    return {"ingests": 1, "ingest_s": r["wall_s"], "upkeep_s": r.get("upkeep_seconds") or 0, "rate": n / r["wall_s"],
+            "slowest_s": r["wall_s"], "refits": int(bool(r.get("refitted"))), "merged": r.get("merged_segments") or 0,
+            "peak_rss_mib": r["peak_rss_mib"], **{k: r[k] for k in ("segments", "extents", "buckets", "generation",
+                                                                      "disk_bytes")}}
+
+
+def report(result: dict) -> str:
+    rows, meta = result["rows"], result["meta"]
+    dim = 384
+    out = [(f"Growth benchmark: {meta['batches']} ingests (first {meta['first']:,} rows), checkpoints "
+            f"{', '.join(f'{n:,}' for n in meta['checkpoints'])}, {meta['threads']} thread(s), {meta['machine']}, "
+            f"{meta['date']}; total wall {meta['wall_s'] / 60:.1f} min."), "",
+           ("| N | store | ingests | ingest s | rows/s | slowest ingest s | upkeep s | re-fits | segments merged | "
+            "segments | buckets | extents | disk GiB | disk / raw f16 | peak RSS MiB (ingest) |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    builds = {}
+    for n in meta["checkpoints"]:
+        for which in ("grown", "oneshot"):
+            s = summarise(rows, n, which)
+            if s is None:
+                continue
+            builds[n, which] = s
+            out.append(f"| {n:,} | {which} | {s['ingests']} | {s['ingest_s']:,.0f} | {s['rate']:,.0f} | "
+                       f"{s['slowest_s']:,.1f} | {s['upkeep_s']:,.0f} | {s['refits']} | {s['merged']} | "
+                       f"{s['segments']} | {s['buckets']:,} | {s['extents']:,} | {s['disk_bytes'] / 2**30:.2f} | "
+                       f"{s['disk_bytes'] / (n * dim * 2):.2f} | {s['peak_rss_mib']:,.0f} |")
+    out += ["", ("| N | store | probes | recall@10 | batch QPS | p50 ms | p95 ms | timed 1 by 1 | rows scanned/q | "
+                 "KiB read/q | extents per probed bucket | peak RSS MiB (serve) |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    serve = {(r["n"], r["store"], r["probes"]): r for r in rows if r["phase"] == "serve"}
+    for (n, which, p), r in sorted(serve.items()):
+        ext = r["extents_per_probed_bucket"]
+        out.append(f"| {n:,} | {which} | {p} | {r['recall@10']:.3f} | {r['batch_qps']:,.0f} | {r['p50_ms']:.2f} | "
+                   f"{r['p95_ms']:.2f} | {r['single_n']} | {r['scanned_per_query']:,.0f} | {r['kib_read_per_query']:,.0f} | "
+                   f"{'-' if ext is None else f'{ext:.1f}'} | {r['peak_rss_mib']:,.0f} |")
+    pairs = [(n, p) for (n, w, p) in serve if w == "oneshot" and (n, "grown", p) in serve]
+    if pairs:
+        out += ["", "Grown / one-shot ratios (1.00: growing cost nothing):", "",
+                ("| N | probes | recall@10 | batch QPS | p50 ms | p95 ms | KiB read/q | segments | extents | "
+                 "disk | ingest s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n, p in sorted(pairs):
+            g, o = serve[n, "grown", p], serve[n, "oneshot", p]
+            bg, bo = builds.get((n, "grown")), builds.get((n, "oneshot"))
+
+            def ratio(x, y):
+                return f"{x / y:.2f}" if y else "-"
+            out.append(f"| {n:,} | {p} | {ratio(g['recall@10'], o['recall@10'])} | "
+                       f"{ratio(g['batch_qps'], o['batch_qps'])} | {ratio(g['p50_ms'], o['p50_ms'])} | "
+                       f"{ratio(g['p95_ms'], o['p95_ms'])} | {ratio(g['kib_read_per_query'], o['kib_read_per_query'])} | "
+                       f"{ratio(g['segments'], o['segments'])} | {ratio(g['extents'], o['extents'])} | "
+                       f"{ratio(g['disk_bytes'], o['disk_bytes'])} | "
+                       f"{ratio(bg['ingest_s'], bo['ingest_s']) if bg and bo else '-'} |")
+    cold = sorted((r for r in rows if r["phase"] == "cold"), key=lambda r: (r["n"], r["store"], r["probes"]))
+    if cold:
+        out += ["", "Cold page cache (store files evicted, then opened; first queries one at a time):", "",
+                ("| N | store | probes | open ms | first query ms | mean ms | p50 ms | first query KiB read (OS) | "
+                 "mean KiB read/q (OS) | mean KiB read/q (SearchStats) | queries |"),
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in cold:
+            out.append(f"| {r['n']:,} | {r['store']} | {r['probes']} | {r['open_ms']:.0f} | {r['first_ms']:.1f} | "
+                       f"{r['mean_ms']:.1f} | {r['p50_ms']:.1f} | {r['first_kib_read']:,.0f} | "
+                       f"{r['mean_kib_read']:,.0f} | {r['mean_kib_stats']:,.0f} | {r['queries']} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder written by growth_data.py")
+    ap.add_argument("--store", required=True, help="folder for the stores (grown/, oneshot-N/); must be new")
+    ap.add_argument("--batches", type=int, default=100, help="ingests of the grown store (>= this many)")
+    ap.add_argument("--first", type=int, default=10_000, help="rows of the first ingest")
+    ap.add_argument("--checkpoints", default=None, help="comma-separated N to measure at (default: all rows)")
+    ap.add_argument("--oneshot-at", default=None, help="checkpoints with a one-shot store too (default: the last)")
+    ap.add_argument("--probes", default="8,16,32,64")
+    ap.add_argument("--single", type=int, default=200, help="queries timed one by one")
+    ap.add_argument("--cold", type=int, default=20, help="queries timed one by one after evicting the store")
+    ap.add_argument("--budget-s", type=float, default=120.0,
+                    help="stop a one-by-one timing loop (--single, --cold) after this many seconds "
+                         "(at least 20 / 5 queries): a store that scans everything stays measurable")
+    ap.add_argument("--threads", default="1")
+    ap.add_argument("--keep", action="store_true", help="keep the one-shot stores (default: removed when measured)")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--table", default=None, help="also write the Markdown tables here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ends", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--lo", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--hi", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--which", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        {"ingest": child_ingest, "oneshot": child_oneshot, "serve": child_serve}[a.child](a)
+    else:
+        parent(a)
+
+
+if __name__ == "__main__":
+    main()
