@@ -75,7 +75,7 @@ MIN_TRAIN_ROWS = 1_000
 
 #: The index is re-fitted when the live count reaches this multiple of what it was fitted
 #: for (and the fit would change): every row is rewritten O(log N / log GROWTH_FACTOR) times.
-GROWTH_FACTOR = 4
+GROWTH_FACTOR = 2
 
 #: Target mean rows per bucket when sizing a model to the data (learned; sign).
 LEARNED_BUCKET_ROWS = 128
@@ -296,21 +296,22 @@ class WriteSide:
         train_config(**settings, expected_size=1)  # validate before any work
         src = VectorSource(sample, dim=self.config.dim, what="training vectors") if sample is not None else None
         with self.lock(progress):
-            result = self._retrain(src, settings, init=None, progress=progress)
+            result = self._retrain(src, settings, init=None, progress=progress, pinned_bits=settings.get("bits"))
             self.collect_garbage()
         return result
 
     def _retrain(self, src: VectorSource | None, settings: dict, *, init: Router | None,
-                 progress: ProgressLike, upkeep: bool = False) -> TrainResult:
+                 progress: ProgressLike, upkeep: bool = False, pinned_bits: int | None = None) -> TrainResult:
         """Train a model on ``src`` (None: a sample of the stored rows) and re-bucket the
-        store with it (the writer lock is held)."""
+        store with it (the writer lock is held). ``pinned_bits``: bits the store keeps as it
+        grows (the user's choice; a growth re-fit's own target is not pinned)."""
         started = time.perf_counter()
         view = self.reads.current_view()
         stored = StoredRows(view)
         x = self._sample_rows(src if src is not None else stored, TRAIN_SAMPLE_ROWS, settings.get("seed", 0))
         router, history = self._fit(check_sample_size(x), settings, expected=max(stored.n, len(x)), init=init,
                                     progress=progress)
-        self._rebucket(router, view, stored, progress, started=started, pinned_bits=settings.get("bits"),
+        self._rebucket(router, view, stored, progress, started=started, pinned_bits=pinned_bits,
                        upkeep=upkeep)
         return TrainResult(rows_trained_on=len(x), rows_rebucketed=stored.n, buckets=2**router.bits,
                            history=history, seconds=time.perf_counter() - started)
@@ -463,7 +464,7 @@ class WriteSide:
             # Earlier small batches went to the baseline router: now that the store holds
             # enough, train on a sample of it and re-bucket it.
             result = self._retrain(None, {"bits": pending.get("bits"), "seed": pending.get("seed", 0)},
-                                   init=None, progress=progress)
+                                   init=None, progress=progress, pinned_bits=pending.get("bits"))
             self.collect_garbage()
             return _Upkeep(trained=True, train_seconds=result.seconds, seconds=time.perf_counter() - started)
         target = self._growth_target(view.count)
@@ -478,7 +479,7 @@ class WriteSide:
                 self.collect_garbage()
                 return _Upkeep(refitted=True, seconds=time.perf_counter() - started)
             result = self._retrain(None, {"bits": growth.get("bits") or target, "seed": growth.get("seed", 0)},
-                                   init=router, progress=progress, upkeep=True)
+                                   init=router, progress=progress, upkeep=True, pinned_bits=growth.get("bits"))
             self.collect_garbage()
             return _Upkeep(trained=True, refitted=True, train_seconds=result.seconds,
                            seconds=time.perf_counter() - started)
