@@ -9,11 +9,12 @@ reader pins a generation that still shows them (reads.py, storage/pins.py).
 Upkeep after each ingest, under the same writer lock (one step at most, each its own commit):
 
 * **First training** of a learned store, once it holds ``MIN_TRAIN_ROWS`` vectors.
-* **Growth re-fit**: the routing model was sized for ``fitted_rows`` live vectors; once the
-  store holds ``GROWTH_FACTOR`` times that, and the bucket count the data now calls for
-  (or the training sample it allows) differs, the model is re-fitted on a sample of the
-  stored rows (warm-started from the current one) and every row is re-bucketed into one
-  new segment. Sign stores re-draw their hasher with more bits.
+* **Growth re-fit**: once the data calls for more buckets than the model has (the bucket
+  count one ingest of all of it would get: one more bit per doubling), or a learned model's
+  training sample could be twice as big (the store grew ``GROWTH_FACTOR``-fold since the
+  fit), the model is re-fitted on a sample of the stored rows (warm-started from the
+  current one) and every row is re-bucketed into one new segment. Sign stores re-draw
+  their hasher with more bits. Each row is rewritten ~2x in all as the store doubles.
 * **Tiered merge** (LSM-like): segments fall in tiers by live rows (``MERGE_MIN_ROWS`` and
   then powers of ``MERGE_FACTOR``); a tier holding ``MERGE_FACTOR`` segments is merged into
   one, dropping deleted rows. Bucket keys and LRSQ codes are copied, not recomputed. The
@@ -73,8 +74,8 @@ MAX_ID = 2**63 - 1
 #: TRAIN_SAMPLE_ROWS (model/fit.py) of them.
 MIN_TRAIN_ROWS = 1_000
 
-#: The index is re-fitted when the live count reaches this multiple of what it was fitted
-#: for (and the fit would change): every row is rewritten O(log N / log GROWTH_FACTOR) times.
+#: A learned index is also re-fitted (same buckets, a bigger training sample) when the live
+#: count reaches this multiple of what it was fitted for, until the sample is full.
 GROWTH_FACTOR = 2
 
 #: Target mean rows per bucket when sizing a model to the data (learned; sign).
@@ -103,12 +104,13 @@ class Written(NamedTuple):
     checksums: dict[str, np.ndarray]  # CRC-32C per chunk, per array
 
 
-def learned_bits(count: int) -> int:
-    """Bucket bits a learned model trained now would get (model/train.py's sizing: ~128
-    rows per bucket, capped by the sample: at least 32 training points per bucket)."""
+def learned_bits(count: int, *, pinned: int | None = None) -> int:
+    """Bucket bits a learned model trained now on a store of ``count`` rows would get
+    (model/train.py's sizing: ~128 rows per bucket, or ``pinned``; capped by the sample:
+    at least 32 training points per bucket)."""
     sample = min(count, TRAIN_SAMPLE_ROWS)
     n_train = sample - min(1000, max(1, sample // 10))
-    by_size = int(np.clip(round(math.log2(max(count, 2) / LEARNED_BUCKET_ROWS)), 1, 20))
+    by_size = pinned or int(np.clip(round(math.log2(max(count, 2) / LEARNED_BUCKET_ROWS)), 1, 20))
     return max(1, min(by_size, int(math.log2(max(n_train // 32, 2)))))
 
 
@@ -372,24 +374,27 @@ class WriteSide:
                 self._discard_unpublished(seg, model_rec)
 
     def _growth_target(self, count: int) -> int | None:
-        """The bucket bits a growth re-fit would use now, or None when none is due."""
+        """The bucket bits a growth re-fit would use now, or None when none is due: when
+        the data now calls for more buckets than the model has (what one ingest of all of
+        it would get), or, for a learned model, when the store has grown GROWTH_FACTOR-fold
+        since the fit and the training sample could be twice as big."""
         with self.catalog.read() as txn:
             growth = self.catalog.get_meta(txn, "growth") or {}
             pending = self.catalog.get_meta(txn, "pending_training")
         if not growth.get("grow") or pending is not None:
             return None
-        fitted = int(growth.get("fitted_rows") or 0)
-        if count < GROWTH_FACTOR * max(fitted, 1):
-            return None
         router = self.reads.router
         pinned = growth.get("bits")
         if router.kind == "sign":
             target = pinned or bits_for_size(count, bucket_rows=SIGN_BUCKET_ROWS)
-            return target if target != router.bits else None
-        target = pinned or learned_bits(count)
+            return target if target > router.bits else None
+        target = learned_bits(count, pinned=pinned)
+        if target > router.bits:
+            return target
+        fitted = int(growth.get("fitted_rows") or 0)
         trained_on = int(getattr(router, "info", {}).get("trained_on") or 0)
         sample_grows = min(count, TRAIN_SAMPLE_ROWS) >= 2 * (trained_on + min(1000, max(1, trained_on // 9)))
-        return target if (target != router.bits or sample_grows) else None
+        return max(target, router.bits) if sample_grows and count >= GROWTH_FACTOR * max(fitted, 1) else None
 
     # -- merging -------------------------------------------------------------------------
 
