@@ -159,12 +159,13 @@ def perform(store: asteria_store.Store, intent: dict) -> dict:
     if intent["op"] == "ingest":
         ids = None if intent["ids"] is None else np.asarray(intent["ids"], dtype=np.uint64)
         result = store.ingest(op_vectors(intent["seed"], intent["n"]), ids=ids)
-        done.update(ids=result.ids.tolist(), trained=result.trained)
+        # trained: the first training, or a growth re-fit (refitted); either changes the model
+        done.update(ids=result.ids.tolist(), trained=result.trained, refitted=result.refitted)
     elif intent["op"] == "delete":
         store.delete(np.asarray(intent["ids"], dtype=np.uint64))
     else:
         store.train(epochs=1, seed=intent["seed"])
-    if intent["op"] == "train" or done.get("trained"):
+    if intent["op"] == "train" or done.get("trained") or done.get("refitted"):
         done["router"] = store.info()["router"]["digest"]
     return done
 
@@ -196,7 +197,7 @@ def child_main(workdir: Path) -> None:
         if intent["op"] == "ingest":
             live = np.concatenate([live, np.asarray(done["ids"], dtype=np.int64)])
             next_id = max(next_id, max(done["ids"]) + 1)
-            pending = pending and not done["trained"]
+            pending = pending and not (done["trained"] and not done.get("refitted"))
             has_segments = True
         elif intent["op"] == "delete":
             live = np.setdiff1d(live, intent["ids"])
@@ -277,7 +278,8 @@ class Journal:
             if record["ids"] != want:
                 problems.append(f"op {intent['seq']}: ingest returned ids {record['ids'][:5]}... "
                                 f"instead of {want[:5]}...")
-            if record["trained"] != (intent["kind"] == "auto-train"):
+            first_training = record["trained"] and not record.get("refitted", False)
+            if first_training != (intent["kind"] == "auto-train"):
                 problems.append(f"op {intent['seq']}: ingest of {intent['n']} rows trained={record['trained']}, "
                                 f"against the auto-training rule")
         if intent["op"] != "train" and (record["event"] == "done" or record["applied"]):
