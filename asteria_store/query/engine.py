@@ -218,15 +218,15 @@ class _Rows:
         """``array``'s live rows of every part in one array (of ``dtype``: a copy)."""
         out = [r.read(array, first, first + n) if live is None else r.read(array, first, first + n)[live]
                for r, first, n, live in self.parts]
-        if len(out) == 1:
-            return out[0] if dtype is None else out[0].astype(dtype)
-        return np.concatenate(out, dtype=dtype)
+        if len(out) == 1:  # a view of the mapped chunk when no conversion is needed
+            return out[0] if dtype is None or out[0].dtype == dtype else out[0].astype(dtype)
+        return np.concatenate(out, dtype=dtype)  # several parts: gather (and widen) in one pass
 
     def vectors(self, sel: np.ndarray | None = None) -> np.ndarray:
         """float32 vectors of all live rows, or of the rows ``sel`` (indices into ``ids``),
         gathered with one indexing per segment chunk."""
         if sel is None:
-            return np.asarray(self._cat("vectors"), dtype=np.float32)
+            return self._cat("vectors", np.float32)
         sizes = np.array([n if live is None else len(live) for _, _, n, live in self.parts])
         offsets = np.cumsum(sizes) - sizes
         part = np.searchsorted(offsets, sel, side="right") - 1
