@@ -82,11 +82,12 @@ def cli() -> None:
 @click.option("--model", type=path_type(), default=None, metavar="MODEL.pt",
               help="Use a model file from `asteria-store train-model` (no training at ingest).")
 @click.option("--bits", type=int, default=None, metavar="N",
-              help="Router bucket bits (2**N buckets). More bits: smaller buckets, fewer rows "
-                   "read per probe, more probes for the same recall. [default: from --expected-size]")
-@click.option("--expected-size", type=int, metavar="N",
-              default=library_default(asteria_store.create, "expected_size"), show_default=True,
-              help="How many vectors the store is expected to hold (sizes the buckets).")
+              help="Router bucket bits (2**N buckets), kept as the store grows. More bits: smaller "
+                   "buckets, fewer rows read per probe, more probes for the same recall. [default: sized "
+                   "to the data, growing with it]")
+@click.option("--expected-size", type=int, metavar="N", default=None,
+              help="How many vectors the store is expected to hold: sizes a sign store's first "
+                   "buckets and the first training's. [default: size to the data]")
 @click.option("--seed", type=int, metavar="N", default=library_default(asteria_store.create, "seed"),
               show_default=True, help="Seed of the router's random rotation.")
 def create(path: Path, dim: int, metric: Metric, dtype: StorageDtype, router: str, model: Path | None,
