@@ -31,6 +31,8 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -181,26 +183,20 @@ class WriteSide:
             next_id = max(next_id, int(id_arr.max()) + 1) if int(id_arr.max()) < MAX_ID else next_id
 
             router, model_rec, train_s = self.reads.router, None, 0.0
-            published = False
-            try:
+            with self._attempt(seg, n) as attempt:
                 if pending is not None and empty and n >= MIN_TRAIN_ROWS:
                     t0 = time.perf_counter()
                     sample = self._sample_rows(source, TRAIN_SAMPLE_ROWS, pending["seed"])
                     router, _ = self._fit(sample, pending, expected=max(n, pending.get("expected_size") or 0),
                                           init=None, progress=progress)
-                    model_rec = self._save_model(router)
+                    attempt.model = model_rec = self._save_model(router)
                     train_s = time.perf_counter() - t0
                 written = self._write_bucketed(
                     seg, source, id_arr, router, (model_rec or {"digest": self.reads.router_digest})["digest"],
                     progress)
                 replaced = self._publish_segment(seg, written, next_id=next_id, model=model_rec,
                                                  replace=on_conflict == "replace")
-                published = True
-            except OSError as exc:
-                raise self._write_error(exc, n) from None
-            finally:
-                if not published:
-                    self._discard_unpublished(seg, model_rec)
+                attempt.published = True
             self.collect_garbage()
             upkeep = self._upkeep(progress)
         trained = model_rec is not None or upkeep.trained
@@ -335,10 +331,9 @@ class WriteSide:
         with the model, retiring every old segment and the old model, in ONE transaction."""
         with self.catalog.read() as txn:
             seg = int(self.catalog.get_meta(txn, "next_segment"))
-        model_rec, published = None, False
-        try:
+        with self._attempt(seg, stored.n) as attempt:
             self._check_disk_space(stored.n)
-            model_rec = self._save_model(router)
+            attempt.model = model_rec = self._save_model(router)
             written = self._write_bucketed(seg, stored, stored.ids(), router, model_rec["digest"],
                                            progress) if stored.n else None
             seconds = time.perf_counter() - started
@@ -366,12 +361,7 @@ class WriteSide:
                 cat.put_meta(txn, "generation", generation)
 
             self._commit(publish)
-            published = True
-        except OSError as exc:
-            raise self._write_error(exc, stored.n) from None
-        finally:
-            if not published:
-                self._discard_unpublished(seg, model_rec)
+            attempt.published = True
 
     def _growth_target(self, count: int) -> int | None:
         """The bucket bits a growth re-fit would use now, or None when none is due: when
@@ -424,8 +414,7 @@ class WriteSide:
         rows = StoredRows(view, segs)
         row_keys = np.concatenate([keys[s][live] for s, (_, live) in zip(segs, rows.parts)]) \
             if rows.n else np.empty(0, dtype=np.uint64)
-        published = False
-        try:
+        with self._attempt(seg, rows.n) as attempt:
             self._check_disk_space(rows.n)
             written = self._write_bucketed(seg, rows, rows.ids(), self.reads.router, self.reads.router_digest,
                                            progress, keys=row_keys) if rows.n else None
@@ -448,12 +437,7 @@ class WriteSide:
                 cat.put_meta(txn, "generation", generation)
 
             self._commit(publish)
-            published = True
-        except OSError as exc:
-            raise self._write_error(exc, rows.n) from None
-        finally:
-            if not published:
-                self._discard_unpublished(seg)
+            attempt.published = True
 
     # -- upkeep after an ingest ----------------------------------------------------------
 
@@ -647,6 +631,20 @@ class WriteSide:
             f"while writing {n:,} rows (about {mib(self._segment_bytes(n))} needed, "
             f"{mib(shutil.disk_usage(self.path).free)} free after cleanup)"))
 
+    @contextmanager
+    def _attempt(self, seg: int, n: int) -> Iterator[_Attempt]:
+        """One write of segment ``seg`` (``n`` rows): unless the block marks it published,
+        its segment directory and the model saved for it (``attempt.model``) are removed
+        on the way out, and an OS error becomes a one-line asteria error."""
+        attempt = _Attempt()
+        try:
+            yield attempt
+        except OSError as exc:
+            raise self._write_error(exc, n) from None
+        finally:
+            if not attempt.published:
+                self._discard_unpublished(seg, attempt.model)
+
     def _discard_unpublished(self, seg: int, model: dict | None = None) -> None:
         """Remove the directory of segment ``seg`` unless the catalog has published it, and
         the directory of the newly saved ``model`` record, if any, with it."""
@@ -734,6 +732,14 @@ class WriteSide:
         finally:
             if not lock_held:
                 lock.release()
+
+
+class _Attempt:
+    """What :meth:`WriteSide._attempt` cleans up unless the write was published."""
+
+    def __init__(self) -> None:
+        self.model: dict | None = None
+        self.published = False
 
 
 class _Upkeep(NamedTuple):

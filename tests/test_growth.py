@@ -343,9 +343,8 @@ def test_info_reports_growth_fields_as_json(tmp_path) -> None:
 
 
 def test_cli_on_conflict_and_compact(tmp_path) -> None:
-    from click.testing import CliRunner
-
     from asteria_store_cli.main import cli
+    from click.testing import CliRunner
 
     x = clustered_vectors(300, DIM, clusters=5, seed=16)
     np.save(tmp_path / "x.npy", x)
