@@ -62,10 +62,9 @@ from .storage.lock import WriterLock, lock_is_free
 from .storage.pins import READERS_DIR, ReaderPin
 from .translate import CATALOG_ERRORS, boundary, catalog_error
 from .verify import damage_message, verify_snapshot
-from .writes import MIN_TRAIN_ROWS, SIGN_BUCKET_ROWS, OnConflict, WriteSide
+from .writes import MIN_TRAIN_ROWS, MODEL_DIR, OnConflict, WriteSide
 
 CATALOG_DIR = "catalog.lmdb"
-MODEL_DIR = "model"
 
 #: Held (flock) inside a ``.NAME.creating-*`` directory while ``create`` builds it.
 _CREATING_LOCK = ".creating.lock"
@@ -129,7 +128,7 @@ def create(
     requested_bits = bits
     if bits is None:  # a learned store's baseline serves fewer than MIN_TRAIN_ROWS vectors
         size = MIN_TRAIN_ROWS if router == "learned" else (expected_size or 1)
-        bits = bits_for_size(size, bucket_rows=SIGN_BUCKET_ROWS)
+        bits = bits_for_size(size)
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 62:
         raise InvalidArgumentError(f"bits must be an integer in [1, 62], got {bits!r}.")
     if router == "learned" and requested_bits is not None and requested_bits > 20:

@@ -50,6 +50,7 @@ from .io import ArrayLike, VectorSource, load_ids, normalise_rows
 from .model.fit import (
     TRAIN_SAMPLE_ROWS,
     check_sample_size,
+    model_bits,
     sample_indices,
     train_config,
     training_sample,
@@ -80,10 +81,6 @@ MIN_TRAIN_ROWS = 1_000
 #: count reaches this multiple of what it was fitted for, until the sample is full.
 GROWTH_FACTOR = 2
 
-#: Target mean rows per bucket when sizing a model to the data (learned; sign).
-LEARNED_BUCKET_ROWS = 128
-SIGN_BUCKET_ROWS = 256
-
 #: Tiered merging: segments under MERGE_MIN_ROWS live rows form tier 0, then tier t holds
 #: [MERGE_MIN_ROWS * F**(t-1), MERGE_MIN_ROWS * F**t); a tier with F segments is merged.
 MERGE_FACTOR = 4
@@ -107,13 +104,10 @@ class Written(NamedTuple):
 
 
 def learned_bits(count: int, *, pinned: int | None = None) -> int:
-    """Bucket bits a learned model trained now on a store of ``count`` rows would get
-    (model/train.py's sizing: ~128 rows per bucket, or ``pinned``; capped by the sample:
-    at least 32 training points per bucket)."""
-    sample = min(count, TRAIN_SAMPLE_ROWS)
-    n_train = sample - min(1000, max(1, sample // 10))
-    by_size = pinned or int(np.clip(round(math.log2(max(count, 2) / LEARNED_BUCKET_ROWS)), 1, 20))
-    return max(1, min(by_size, int(math.log2(max(n_train // 32, 2)))))
+    """Bucket bits a learned model trained now on a store of ``count`` rows would get (the
+    training's own sizing, model/fit.py ``model_bits``: ~128 rows per bucket, or ``pinned``,
+    capped by the sample)."""
+    return model_bits(count, min(count, TRAIN_SAMPLE_ROWS), bits=pinned)
 
 
 def merge_plan(live_rows: dict[int, int], *, factor: int = MERGE_FACTOR,
@@ -363,20 +357,18 @@ class WriteSide:
             self._commit(publish)
             attempt.published = True
 
-    def _growth_target(self, count: int) -> int | None:
-        """The bucket bits a growth re-fit would use now, or None when none is due: when
-        the data now calls for more buckets than the model has (what one ingest of all of
-        it would get), or, for a learned model, when the store has grown GROWTH_FACTOR-fold
-        since the fit and the training sample could be twice as big."""
-        with self.catalog.read() as txn:
-            growth = self.catalog.get_meta(txn, "growth") or {}
-            pending = self.catalog.get_meta(txn, "pending_training")
-        if not growth.get("grow") or pending is not None:
+    def _growth_target(self, count: int, growth: dict) -> int | None:
+        """The bucket bits a growth re-fit would use now (``growth``: the catalog's record),
+        or None when none is due: when the data now calls for more buckets than the model
+        has (what one ingest of all of it would get), or, for a learned model, when the
+        store has grown GROWTH_FACTOR-fold since the fit and the training sample could be
+        twice as big."""
+        if not growth.get("grow"):
             return None
         router = self.reads.router
         pinned = growth.get("bits")
         if router.kind == "sign":
-            target = pinned or bits_for_size(count, bucket_rows=SIGN_BUCKET_ROWS)
+            target = pinned or bits_for_size(count)
             return target if target > router.bits else None
         target = learned_bits(count, pinned=pinned)
         if target > router.bits:
@@ -447,6 +439,7 @@ class WriteSide:
         view = self.reads.current_view()
         with self.catalog.read() as txn:
             pending = self.catalog.get_meta(txn, "pending_training")
+            growth = self.catalog.get_meta(txn, "growth") or {}
         if pending is not None:
             if view.count < MIN_TRAIN_ROWS:
                 return _Upkeep()
@@ -456,11 +449,9 @@ class WriteSide:
                                    init=None, progress=progress, pinned_bits=pending.get("bits"))
             self.collect_garbage()
             return _Upkeep(trained=True, train_seconds=result.seconds, seconds=time.perf_counter() - started)
-        target = self._growth_target(view.count)
+        target = self._growth_target(view.count, growth)
         if target is not None:
             router = self.reads.router
-            with self.catalog.read() as txn:
-                growth = self.catalog.get_meta(txn, "growth") or {}
             if router.kind == "sign":
                 fresh = SignHasher.random(self.config.dim, target, seed=growth.get("seed", 0))
                 self._rebucket(fresh, view, StoredRows(view), progress, started=started,

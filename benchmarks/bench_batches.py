@@ -19,27 +19,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import time_search
+
+from asteria_store.testing import recall_at_k
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "wordnet-minilm"
-
-
-def recall(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(f[:k].tolist()) & set(t[:k].tolist())) / k for f, t in zip(found, truth)]))
 
 
 def measure(store, q: np.ndarray, gt: np.ndarray, probes: list[int]) -> list[dict]:
     rows = []
     for p in probes:
-        store.search(q[:50], 10, probes=p)  # warm
-        t0 = time.perf_counter()
-        ids, _, stats = store.search(q, 10, probes=p, explain=True)
-        batch_s = time.perf_counter() - t0
-        lat = []
-        for v in q[:200]:
-            t1 = time.perf_counter()
-            store.query(v, 10, probes=p)
-            lat.append(time.perf_counter() - t1)
-        rows.append({"probes": p, "recall@10": round(recall(ids, gt), 4),
+        (ids, _, stats), batch_s, lat = time_search(store, q, p, explain=True)
+        rows.append({"probes": p, "recall@10": round(recall_at_k(ids, gt, 10), 4),
                      "batch_qps": round(len(q) / batch_s, 1),
                      "one_query_p50_ms": round(1000 * float(np.median(lat)), 3),
                      "rows_scanned_per_query": int(np.mean(stats.scanned))})

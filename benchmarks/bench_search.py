@@ -20,12 +20,9 @@ from __future__ import annotations
 import os
 import sys
 
-_threads = "1"
-for _i, _a in enumerate(sys.argv):
-    if _a == "--threads" and _i + 1 < len(sys.argv):
-        _threads = sys.argv[_i + 1]
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = _threads
+from harness import pin_threads_from_argv
+
+pin_threads_from_argv()  # before numpy is imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -11,9 +11,9 @@ warm-up queries) and the QPS of one batch of all the queries.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from harness import time_search
 
 
 def main() -> None:
@@ -29,16 +29,7 @@ def main() -> None:
         with asteria_store.open(path, readonly=True) as s:
             segments = s.info()["segments"]
             for p in (int(x) for x in args.probes.split(",")):
-                for v in q[:30]:
-                    s.query(v, 10, probes=p)
-                lat = []
-                for v in q[:200]:
-                    t = time.perf_counter()
-                    s.query(v, 10, probes=p)
-                    lat.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                s.search(q, 10, probes=p)
-                batch = time.perf_counter() - t
+                _, batch, lat = time_search(s, q, p)
                 print(f"{path}: {segments} segments, probes {p}: one-query p50 {1000 * np.median(lat):.2f} ms, "
                       f"batch {len(q) / batch:.0f} QPS")
 

@@ -7,6 +7,7 @@ torch is imported only when a model is actually trained.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
@@ -20,6 +21,30 @@ from .router import Router
 
 #: Training uses a uniform sample of at most this many vectors.
 TRAIN_SAMPLE_ROWS = 100_000
+
+#: The training sample caps the bucket count: 2**bits <= training rows / MIN_POINTS_PER_CELL.
+MIN_POINTS_PER_CELL = 32
+
+
+def choose_bits(n: int, bucket_rows: int) -> int:
+    """Bits for ~``bucket_rows`` rows per bucket over ``n`` rows, in [1, 20]."""
+    return int(np.clip(round(math.log2(max(n, 2) / bucket_rows)), 1, 20))
+
+
+def holdout_rows(sample_rows: int, holdout: int = 1000) -> int:
+    """How many of a training sample's rows are held out (the rest train)."""
+    return min(holdout, max(1, sample_rows // 10))
+
+
+def model_bits(expected: int, sample_rows: int, *, bits: int | None = None, bucket_rows: int = 128,
+               holdout: int = 1000) -> int:
+    """The bucket bits a model trained on ``sample_rows`` rows for a store of ``expected``
+    gets: ``bits`` or ~``bucket_rows`` rows per bucket, capped so that k-means has at least
+    MIN_POINTS_PER_CELL training rows per bucket. Training and the store's growth check
+    (writes.py) both size models with it."""
+    n_train = sample_rows - holdout_rows(sample_rows, holdout)
+    wanted = bits or choose_bits(expected, bucket_rows)
+    return max(1, min(wanted, int(math.log2(max(n_train // MIN_POINTS_PER_CELL, 2)))))
 
 
 def train_model(

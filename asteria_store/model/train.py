@@ -54,6 +54,7 @@ from ..progress import ProgressLike, make_progress
 from .bor import ButterflyRotation, next_pow2
 from .codes import HadamardCode, fwht
 from .ecvh import ECVHRouter
+from .fit import MIN_POINTS_PER_CELL, choose_bits, holdout_rows, model_bits  # noqa: F401 (re-exported)
 from .lrsq import LRSQ
 from .metrics import fraction_for_recall, occupancy, rows_to_reach
 
@@ -137,18 +138,10 @@ class TrainConfig:
         return asdict(self)
 
 
-#: The training sample caps the bucket count: 2**bits <= sample / MIN_POINTS_PER_CELL.
-MIN_POINTS_PER_CELL = 32
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def choose_bits(n: int, bucket_rows: int) -> int:
-    return int(np.clip(round(math.log2(max(n, 2) / bucket_rows)), 1, 20))
 
 
 def usable_cores() -> int:
@@ -497,13 +490,12 @@ def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> t
     n_total, d = x_all.shape
     if n_total > config.sample_size:
         x_all = x_all[np.sort(rng.choice(n_total, config.sample_size, replace=False))]
-    n_hold = min(config.holdout, max(1, len(x_all) // 10))
+    n_hold = holdout_rows(len(x_all), config.holdout)
     perm = rng.permutation(len(x_all))
     hold_np, train_np = x_all[perm[:n_hold]], x_all[perm[n_hold:]]
     n = len(train_np)
-    bits = config.bits or choose_bits(config.expected_size or n_total, config.bucket_rows)
-    # k-means needs points to place its cells: at least MIN_POINTS_PER_CELL per bucket.
-    bits = max(1, min(bits, int(math.log2(max(n // MIN_POINTS_PER_CELL, 2)))))
+    bits = model_bits(config.expected_size or n_total, len(x_all), bits=config.bits,
+                      bucket_rows=config.bucket_rows, holdout=config.holdout)
     size = next_pow2(d)
 
     x = torch.from_numpy(train_np).to(device)

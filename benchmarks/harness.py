@@ -1,0 +1,41 @@
+"""Pieces the benchmark scripts share (import it from a script in this folder).
+
+* :func:`pin_threads_from_argv`: set the BLAS/OpenMP thread variables from ``--threads``
+  (default 1) before numpy is imported; call it first.
+* :func:`time_search`: the warm-up, one timed batch and a loop of timed single queries that
+  every speed table reports.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def pin_threads_from_argv(default: str = "1") -> str:
+    """Export ``--threads N`` (from sys.argv, else ``default``) as OMP/OpenBLAS/MKL thread
+    counts, so numpy's BLAS starts with them; returns N."""
+    threads = default
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            threads = sys.argv[i + 1]
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = threads
+    return threads
+
+
+def time_search(store, queries, probes, *, k: int = 10, single: int = 200, warm: int = 30, explain: bool = False):
+    """Search ``queries`` once as a batch (after ``warm`` untimed single queries) and the
+    first ``single`` one at a time: ``(batch result, batch seconds, single-query seconds)``."""
+    for v in queries[:warm]:
+        store.query(v, k, probes=probes)
+    t = time.perf_counter()
+    out = store.search(queries, k, probes=probes, explain=explain)
+    batch_s = time.perf_counter() - t
+    lat = []
+    for v in queries[:single]:
+        t = time.perf_counter()
+        store.query(v, k, probes=probes)
+        lat.append(time.perf_counter() - t)
+    return out, batch_s, lat
