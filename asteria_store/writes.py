@@ -110,9 +110,13 @@ def learned_bits(count: int, *, pinned: int | None = None) -> int:
     return model_bits(count, min(count, TRAIN_SAMPLE_ROWS), bits=pinned)
 
 
-def merge_plan(live_rows: dict[int, int], *, factor: int = MERGE_FACTOR,
-               min_rows: int = MERGE_MIN_ROWS) -> list[int]:
-    """The segments to merge next (the lowest tier holding ``factor`` of them), or []."""
+def merge_plan(live_rows: dict[int, int], *, factor: int | None = None,
+               min_rows: int | None = None) -> list[int]:
+    """The segments to merge next (the lowest tier holding ``factor`` of them), or [].
+    ``factor`` and ``min_rows`` default to MERGE_FACTOR and MERGE_MIN_ROWS as they are at
+    the call (tests and tools may change them)."""
+    factor = factor or MERGE_FACTOR
+    min_rows = min_rows or MERGE_MIN_ROWS
     tiers: dict[int, list[int]] = {}
     for seg, rows in live_rows.items():
         tier = 0 if rows < min_rows else 1 + int(math.log(rows / min_rows, factor) + 1e-9)

@@ -35,7 +35,10 @@ from asteria_store.storage import catalog, segments
 from asteria_store.testing.faults import kill_on_call
 
 path, data, op, point = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-writes_mod.MERGE_MIN_ROWS = 64 if op == "merge" else 10**9  # merges only where tested
+if op == "merge":  # small tiers, so that the fourth segment of b's size merges
+    writes_mod.MERGE_MIN_ROWS = 64
+else:  # no merge gets in the way of the operation under test
+    writes_mod.MERGE_FACTOR = 10**9
 store = asteria_store.open(path)
 # The n-th call of each step that belongs to the operation under test (an ingest that
 # triggers a merge or a re-fit first publishes its own segment: call 1).
