@@ -19,6 +19,7 @@ from .errors import (
     InvalidInputError,
     ModelFileError,
     ReadOnlyError,
+    StoreChangedError,
     StoreClosedError,
     StoreExistsError,
     StoreLockedError,
@@ -27,11 +28,13 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .model.fit import train_model
+from .batch import Collection, create_collection, open_collection
 from .store import CompactResult, DeleteResult, IngestResult, Store, TrainResult, VerifyReport, create, open
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Collection",
     "CompactResult",
     "FORMAT_VERSION",
     "AsteriaError",
@@ -47,6 +50,7 @@ __all__ = [
     "ModelFileError",
     "ReadOnlyError",
     "Store",
+    "StoreChangedError",
     "StoreClosedError",
     "StoreConfig",
     "StoreExistsError",
@@ -57,6 +61,8 @@ __all__ = [
     "UnsupportedFormatError",
     "VerifyReport",
     "create",
+    "create_collection",
     "open",
+    "open_collection",
     "train_model",
 ]

@@ -77,6 +77,11 @@ class ModelFileError(AsteriaError, ValueError):
     """A standalone model file is missing, unreadable, or not an asteria-store model."""
 
 
+class StoreChangedError(AsteriaError, RuntimeError):
+    """A writer committed to a store while a batch job read it (its results would mix two
+    states of the store)."""
+
+
 __all__ = [
     "AsteriaError",
     "CorruptStoreError",
@@ -88,6 +93,7 @@ __all__ = [
     "InvalidInputError",
     "ModelFileError",
     "ReadOnlyError",
+    "StoreChangedError",
     "StoreClosedError",
     "StoreExistsError",
     "StoreLockedError",

@@ -10,6 +10,7 @@ until no reader can still need them. The write side (writes.py) reads through it
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -69,6 +70,9 @@ class ReadSide:
         #: Chunks this handle's own ``verify`` found damaged (a read-only handle cannot
         #: record them in the catalog): ``{segment: {(array, chunk): message}}``.
         self.local_damage: dict[int, dict[tuple[str, int], str]] = {}
+        #: Threads sharing this handle (a batch job's worker threads) build a new view one
+        #: at a time; reads of a built view need no lock.
+        self._view_lock = threading.Lock()
 
     def close(self) -> None:
         for r in self.readers.values():
@@ -104,6 +108,14 @@ class ReadSide:
         view = self.view
         if view is not None and view.generation == generation:
             return view
+        with self._view_lock:
+            view = self.view
+            if view is not None and view.generation == generation:
+                return view
+            return self._build_view(txn, generation)
+
+    def _build_view(self, txn, generation: int) -> View:
+        cat = self.catalog
         count = int(cat.get_meta(txn, "count"))
         segs = cat.segments(txn)
         deleted = cat.tombstones(txn)
@@ -181,12 +193,20 @@ class ReadSide:
             "grows": bool(growth.get("grow", False)),
             "extents": n_extents,
             "generation": meta["generation"],
+            "next_id": meta["next_id"],
             # Segment and model directories retired by a commit, kept while readers pin them.
             "retired": len(meta.get("retired") or []),
             # Re-fits and merges so far: how many, rows rewritten, seconds.
             "maintenance": meta.get("maintenance") or {},
             "disk_bytes": disk,
         }
+
+    def ids(self) -> np.ndarray:
+        """Every live id, ascending (uint64), from one snapshot."""
+        with self.snapshot() as snap:
+            n = int(self.catalog.get_meta(snap.txn, "count"))
+            return np.fromiter((i for i, _seg, _row in self.catalog.iter_ids(snap.txn)), dtype=np.uint64,
+                               count=n)
 
     def get(self, ids: ArrayLike) -> np.ndarray:
         id_arr = as_id_array(ids)
@@ -201,7 +221,7 @@ class ReadSide:
         return out
 
     def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
-               prune: bool | Literal["auto"], explain: bool):
+               prune: bool | Literal["auto"], explain: bool, fill: bool = True):
         k = check_k(k)
         q = VectorSource(queries, dim=self.config.dim, what="queries")
         qs = np.concatenate([b for _, b in q.blocks(QUERY_BLOCK_ROWS)]) if q.n > QUERY_BLOCK_ROWS \
@@ -220,7 +240,7 @@ class ReadSide:
             if probes != "all":
                 out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain),
                                    prune=prune)
-                if candidates is None:
+                if candidates is None and fill:
                     self._probe_on(view, qs, k, int(probes), out, prune)
                 return out
             ids, scores = search_exact(view, qs, k)

@@ -465,6 +465,11 @@ class Store:
     # -- reads ---------------------------------------------------------------------------
 
     @boundary
+    def ids(self) -> np.ndarray:
+        """Every live id in the store, ascending (uint64)."""
+        self._check_open()
+        return self._reads.ids()
+
     def get(self, ids: ArrayLike) -> np.ndarray:
         """The stored vectors of ``ids`` (as float32, normalised if metric is cosine)."""
         self._check_open()
@@ -480,6 +485,7 @@ class Store:
         candidates: int | None = None,
         prune: bool | Literal["auto"] = "auto",
         explain: bool = False,
+        fill: bool = True,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
 
@@ -507,10 +513,14 @@ class Store:
             explain: also return a :class:`~asteria_store.query.engine.SearchStats`
                 (buckets probed, rows scanned, bytes read per query); for ``probes="all"``
                 buckets are reported as -1 (no routing).
+            fill: probe on (doubling) for queries whose probed buckets hold fewer than
+                ``k`` live rows, as described under ``probes``. ``False``: return what the
+                probed buckets hold (-1 beyond it); a sharded collection fills across its
+                shards instead, so that it returns what one store holding everything would.
         """
         self._check_open()
         return self._reads.search(queries, k, probes=probes, candidates=candidates, prune=prune,
-                                  explain=explain)
+                                  explain=explain, fill=bool(fill))
 
     def query(
         self,

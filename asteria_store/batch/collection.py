@@ -1,0 +1,395 @@
+"""Sharded collections: one logical set of vectors split over several ordinary stores.
+
+A collection is a directory::
+
+    coll/
+      collection.json    {"format": "asteria-collection", "version": 1, "shards": [...], ...}
+      model.pt           the routing model every shard uses (trained once, shared)
+      shard-000/ ...     ordinary stores, each usable on its own
+      writer.lock        one collection writer at a time (id assignment)
+
+Row placement: id ``i`` lives in shard ``i % n_shards``, so an id's shard is known without
+a lookup and an upsert lands where the old row is. Every shard routes with the same model
+file (a model-file store never re-fits), so a query probes the same buckets in every shard
+and the exact merge of the shards' top-k lists equals the result of one store holding
+everything, with the same model and probe settings: the shards are searched without their
+own probe-on (``fill=False``) and the collection probes on, across shards, for the queries
+whose probed buckets hold fewer than ``k`` rows in all.
+
+Writes are atomic per shard, not across shards: an ingest that fails part-way has
+published some shards' rows; re-run it with ``on_conflict="replace"`` (and explicit ids)
+to finish it idempotently. Creation is atomic: the directory appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..config import Metric, StorageDtype
+from ..errors import (
+    InvalidArgumentError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UnsupportedFormatError,
+)
+from ..io import ArrayLike, VectorSource, load_ids
+from ..progress import ProgressLike, make_progress
+from ..query.engine import DEFAULT_PROBES, Probes
+from ..reads import as_id_array, check_k
+from ..results import IngestResult
+from ..storage.lock import WriterLock
+from ..store import Store, create
+from .topk import merge_topk
+
+COLLECTION_FILE = "collection.json"
+MODEL_FILE = "model.pt"
+FORMAT = "asteria-collection"
+VERSION = 1
+#: Rows gathered for one shard before one ``Store.ingest`` call (bounds a task's memory).
+INGEST_ROWS = 262_144
+
+
+def is_collection(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / COLLECTION_FILE).is_file()
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_collection(
+    path: str | os.PathLike[str],
+    *,
+    shards: int,
+    dim: int,
+    model: str | os.PathLike[str] | None = None,
+    train: ArrayLike | None = None,
+    metric: Metric = "cosine",
+    dtype: StorageDtype = "float32",
+    bits: int | None = None,
+    expected_size: int | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: ProgressLike = None,
+) -> Collection:
+    """Create a collection of ``shards`` empty stores sharing one routing model.
+
+    The model is a model file (``model=``, from :func:`asteria_store.train_model`) or is
+    trained here on ``train`` (an array or ``.npy`` of sample vectors; ``expected_size``:
+    the collection's expected total, which sizes the buckets). Returns it open for writing.
+    """
+    from ..model.fit import train_model
+
+    path = Path(path)
+    if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= 4096:
+        raise InvalidArgumentError(f"shards must be an integer from 1 to 4096, got {shards!r}.")
+    if (model is None) == (train is None):
+        raise InvalidArgumentError(
+            "A collection needs one shared routing model: give model= (a model file from "
+            "train_model / `asteria-store train-model`) or train= (sample vectors to train one on)."
+        )
+    if path.exists():
+        raise StoreExistsError(f"{str(path)!r} already exists; choose a new path for the collection.")
+    if not path.parent.is_dir():
+        raise StoreNotFoundError(f"Cannot create {str(path)!r}: the directory {str(path.parent)!r} does not exist.")
+    staging = path.parent / f".{path.name}.creating-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        if train is not None:
+            train_model(train, save=staging / MODEL_FILE, dim=dim, metric=metric, bits=bits,
+                        expected_size=expected_size, epochs=epochs, seed=seed, progress=progress)
+        else:
+            if bits is not None:
+                raise InvalidArgumentError("bits= is for training (train=); a model file has its own.")
+            shutil.copyfile(model, staging / MODEL_FILE)
+        names = [f"shard-{i:03d}" for i in range(int(shards))]
+        for name in names:
+            create(staging / name, dim=dim, metric=metric, dtype=dtype, model=staging / MODEL_FILE,
+                   seed=seed).close()
+        _write_json_atomic(staging / COLLECTION_FILE, {
+            "format": FORMAT, "version": VERSION, "dim": int(dim), "metric": metric, "dtype": dtype,
+            "shards": names, "model": MODEL_FILE, "placement": "id % shards",
+        })
+        _fsync_dir(staging)
+        os.rename(staging, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Collection(path)
+
+
+def open_collection(path: str | os.PathLike[str], *, readonly: bool = False, lock: bool = True,
+                    lock_timeout: float | None = None) -> Collection:
+    """Open an existing collection (options as for :func:`asteria_store.open`)."""
+    return Collection(path, readonly=readonly, lock=lock, lock_timeout=lock_timeout)
+
+
+def _reopen(path: str, readonly: bool, lock: bool, lock_timeout: float | None) -> Collection:
+    return Collection(path, readonly=readonly, lock=lock, lock_timeout=lock_timeout)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / COLLECTION_FILE
+    if not file.is_file():
+        if path.exists():
+            raise StoreNotFoundError(f"{str(path)!r} is not an asteria-store collection (no {COLLECTION_FILE}).")
+        raise StoreNotFoundError(f"No collection at {str(path)!r}.")
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreNotFoundError(f"Cannot read {str(file)!r}: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("shards"), list):
+        raise StoreNotFoundError(f"{str(file)!r} is not an asteria-store collection record.")
+    if int(record.get("version", 0)) > VERSION:
+        raise UnsupportedFormatError(
+            f"The collection at {str(path)!r} has version {record['version']}; this asteria-store "
+            f"reads versions up to {VERSION}. Upgrade asteria-store."
+        )
+    return record
+
+
+@dataclass(frozen=True)
+class CollectionIngestResult:
+    """What one collection ingest did: rows per shard, and each shard's own result."""
+
+    rows: int
+    replaced: int
+    shards: tuple[IngestResult, ...]
+    seconds: float
+
+
+class Collection:
+    """Several stores searched as one (see the module docstring). Pickles as what reopens it."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, lock: bool = True,
+                 lock_timeout: float | None = None):
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock_option = lock
+        self._lock_timeout = lock_timeout
+        self.manifest = read_manifest(self.path)
+        self.shard_paths = [self.path / name for name in self.manifest["shards"]]
+        self.shards: list[Store] = []
+        try:
+            for p in self.shard_paths:
+                self.shards.append(Store(p, readonly=readonly, lock=lock, lock_timeout=lock_timeout))
+        except BaseException:
+            self.close()
+            raise
+
+    def __reduce__(self):
+        return (_reopen, (str(self.path), self.readonly, self._lock_option, self._lock_timeout))
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<asteria_store.Collection {str(self.path)!r} shards={len(self.shards)} count={len(self):,}>"
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def generation(self) -> tuple[int, ...]:
+        """Each shard's catalog generation (a batch job checks none changed under it)."""
+        return tuple(s.generation for s in self.shards)
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        return (np.asarray(ids, dtype=np.uint64) % np.uint64(len(self.shards))).astype(np.int64)
+
+    def info(self) -> dict[str, Any]:
+        infos = [s.info() for s in self.shards]
+        return {
+            "path": str(self.path), "kind": "collection", "shards": len(infos),
+            "placement": self.manifest["placement"], "dim": self.dim, "metric": self.manifest["metric"],
+            "count": sum(i["count"] for i in infos), "disk_bytes": sum(i["disk_bytes"] for i in infos),
+            "buckets": infos[0]["buckets"], "generation": [i["generation"] for i in infos],
+            "shard_counts": [i["count"] for i in infos],
+        }
+
+    def ids(self) -> np.ndarray:
+        """Every live id, ascending (uint64)."""
+        return np.sort(np.concatenate([s.ids() for s in self.shards]))
+
+    def get(self, ids: ArrayLike) -> np.ndarray:
+        id_arr = as_id_array(ids)
+        out = np.empty((len(id_arr), self.dim), dtype=np.float32)
+        where = self.shard_of(id_arr)
+        for s in np.unique(where).tolist():
+            sel = where == s
+            out[sel] = self.shards[s].get(id_arr[sel])
+        return out
+
+    # -- search --------------------------------------------------------------------------
+
+    def search(self, queries: ArrayLike, k: int = 10, *, probes: Probes = DEFAULT_PROBES,
+               prune: bool | Literal["auto"] = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of each query over all shards: ``(ids, scores)`` of shape (Q, k), equal to
+        one store holding every row with the same model and probes (see the module docs)."""
+        k = check_k(k)
+        qs = VectorSource(queries, dim=self.dim, what="queries")
+        q = np.concatenate([b for _, b in qs.blocks(65536)]) if qs.n > 65536 else next(qs.blocks(65536))[1]
+        return search_shards(self.shards, q, k, probes=probes, prune=prune)
+
+    # -- writes --------------------------------------------------------------------------
+
+    def ingest(self, vectors: ArrayLike, ids: ArrayLike | None = None, *,
+               on_conflict: Literal["error", "replace"] = "error", client: Any = None,
+               progress: ProgressLike = None) -> CollectionIngestResult:
+        """Add ``vectors`` (array or ``.npy``), each row to shard ``id % shards``.
+
+        ``ids`` default to the next free ones (above every shard's). With a Dask ``client``
+        the shards ingest in parallel, one task per shard (the file must be visible to the
+        workers; an in-memory array is sent in pieces); without, one after the other.
+        """
+        if self.readonly:
+            from ..errors import ReadOnlyError
+
+            raise ReadOnlyError(f"The collection {str(self.path)!r} was opened read-only.")
+        if on_conflict not in ("error", "replace"):
+            raise InvalidArgumentError(f"on_conflict must be 'error' or 'replace', got {on_conflict!r}.")
+        src = VectorSource(vectors, dim=self.dim, what="vectors")
+        t0 = time.perf_counter()
+        with WriterLock(self.path, timeout=self._lock_timeout):
+            if ids is None:
+                base = max(int(s.info()["next_id"]) for s in self.shards)
+                id_arr = np.arange(base, base + src.n, dtype=np.uint64)
+            else:
+                id_arr = load_ids(ids, n=src.n)
+            where = self.shard_of(id_arr)
+            n = len(self.shards)
+            bar = make_progress(progress, total=src.n, desc="ingest (shards)")
+            try:
+                if client is None:
+                    results = []
+                    for s in range(n):
+                        rows = np.flatnonzero(where == s)
+                        results.append(_ingest_rows(self.shards[s], src.array, rows, id_arr[rows], on_conflict))
+                        bar.update(len(rows))
+                else:
+                    results = self._ingest_on(client, src, id_arr, where, on_conflict, bar)
+            finally:
+                bar.close()
+        return CollectionIngestResult(rows=src.n, replaced=sum(r.replaced for r in results if r is not None),
+                                      shards=tuple(results), seconds=time.perf_counter() - t0)
+
+    def _ingest_on(self, client: Any, src: VectorSource, id_arr: np.ndarray, where: np.ndarray,
+                   on_conflict: str, bar: Any) -> list[IngestResult]:
+        from distributed import as_completed
+
+        futures = {}
+        for s, shard_path in enumerate(self.shard_paths):
+            rows = np.flatnonzero(where == s)
+            data = src.path if src.path is not None else np.asarray(src.array[rows])
+            sel = rows if src.path is not None else None
+            fut = client.submit(_ingest_task, str(shard_path), data, sel, id_arr[rows], on_conflict,
+                                self._lock_timeout, pure=False, key=f"asteria-ingest-{s}-{secrets.token_hex(4)}")
+            futures[fut] = (s, len(rows))
+        results: list[Any] = [None] * len(self.shard_paths)
+        for fut in as_completed(futures):
+            s, n_rows = futures[fut]
+            results[s] = fut.result()
+            bar.update(n_rows)
+        # The shards' handles in this process see the new generations on their next read.
+        return results
+
+
+def _ingest_rows(store: Store, data: np.ndarray, rows: np.ndarray, ids: np.ndarray,
+                 on_conflict: str) -> IngestResult | None:
+    """Ingest ``data[rows]`` with ``ids`` into ``store`` in pieces of ``INGEST_ROWS``;
+    the summed result (None when there were no rows)."""
+    total = None
+    for start in range(0, len(rows), INGEST_ROWS):
+        sel = rows[start:start + INGEST_ROWS]
+        res = store.ingest(np.asarray(data[sel]), ids=ids[start:start + INGEST_ROWS], on_conflict=on_conflict)
+        total = res if total is None else _add(total, res)
+    return total
+
+
+def _add(a: IngestResult, b: IngestResult) -> IngestResult:
+    from dataclasses import fields, replace
+
+    sums = {f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(a)
+            if isinstance(getattr(a, f.name), (int, float)) and not isinstance(getattr(a, f.name), bool)}
+    return replace(b, **sums)
+
+
+def _ingest_task(shard_path: str, data: Any, rows: np.ndarray | None, ids: np.ndarray, on_conflict: str,
+                 lock_timeout: float | None) -> IngestResult | None:
+    """One shard's part of a collection ingest, on a Dask worker."""
+    arr = VectorSource(data, what="vectors").array
+    if rows is None:
+        rows = np.arange(len(arr))
+    with Store(shard_path, lock_timeout=lock_timeout) as store:
+        return _ingest_rows(store, arr, rows, ids, on_conflict)
+
+
+def search_shards(shards: list[Store], q: np.ndarray, k: int, *, probes: Probes,
+                  prune: bool | Literal["auto"] = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Search every shard (without its own probe-on), merge exactly, then probe on across the
+    shards for queries whose probed buckets hold fewer than ``k`` rows in all."""
+    if probes == "all":
+        return merge_topk([s.search(q, k, probes="all") for s in shards], k)
+    ids, scores = merge_topk([s.search(q, k, probes=probes, prune=prune, fill=False) for s in shards], k)
+    fill_across(shards, q, k, probes, prune, ids, scores)
+    return ids, scores
+
+
+def fill_across(shards: list[Store], q: np.ndarray, k: int, probes: Any, prune: Any,
+                ids: np.ndarray, scores: np.ndarray) -> None:
+    """The collection's probe-on (``Store.search``'s ``fill``), in place: queries short of
+    ``min(k, total)`` results are searched again on every shard with twice the probes."""
+    want = min(k, sum(len(s) for s in shards))
+    n_buckets = 2 ** int(shards[0].router.bits)
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+    probes = int(probes)
+    while len(short) and probes < n_buckets:
+        probes = min(2 * probes, n_buckets)
+        more = merge_topk([s.search(q[short], k, probes=probes, prune=prune, fill=False) for s in shards], k)
+        ids[short], scores[short] = more
+        short = short[(more[0] >= 0).sum(axis=1) < want]
+
+
+__all__ = [
+    "Collection",
+    "CollectionIngestResult",
+    "create_collection",
+    "fill_across",
+    "is_collection",
+    "open_collection",
+    "search_shards",
+]
