@@ -10,17 +10,19 @@ usage errors exit with 2.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, get_args
 
 import click
 
 import asteria_store
-from asteria_store import AsteriaError, Store
+from asteria_store import AsteriaError, Store, batch
 from asteria_store.config import Metric, StorageDtype
 from asteria_store.demo import run_demo
 from asteria_store.query.engine import Probes
 
+from .batch_commands import create_collection, search_batch
 from .options import (
     ProbesType,
     json_option,
@@ -117,8 +119,11 @@ def create(path: Path, dim: int, metric: Metric, dtype: StorageDtype, router: st
               default=library_default(Store.ingest, "on_conflict"), show_default=True,
               help="An id already in the store: fail and write nothing (error), or replace its "
                    "vector in the same commit (replace: an upsert).")
+@click.option("--workers", type=int, metavar="N", default=0, show_default=True,
+              help="A collection only: ingest its shards in parallel on N local Dask workers (0: one "
+                   "shard after another, in this process).")
 @quiet_option
-def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, quiet: bool) -> None:
+def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, workers: int, quiet: bool) -> None:
     """Add vectors from a .npy file as one new segment.
 
     FILE.npy holds an (n, d) numeric array; it is streamed, not loaded whole. Progress bars
@@ -128,7 +133,13 @@ def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, quiet:
     \b
     Example:
         asteria-store ingest mystore vectors.npy --ids ids.npy --on-conflict replace
+        asteria-store ingest mycollection vectors.npy --workers 4
     """
+    if batch.is_collection(path):
+        _ingest_collection(path, vectors, ids, on_conflict, workers, quiet)
+        return
+    if workers:
+        raise click.UsageError("--workers is for collections; a store ingests in one process.")
     with asteria_store.open(path) as store:
         result = store.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)
         routing = store.router.config()
@@ -143,6 +154,25 @@ def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, quiet:
     replaced = f", replacing {result.replaced:,}" if result.replaced else ""
     click.echo(f"Added {result.rows:,} vectors{replaced} as segment {result.segment} in {result.seconds:.2f} s "
                f"({result.rows / result.seconds:,.0f} vectors/s).")
+
+
+def _ingest_collection(path: Path, vectors: Path, ids: Path | None, on_conflict: str, workers: int,
+                       quiet: bool) -> None:
+    if workers < 0:
+        raise click.UsageError("--workers must be >= 0.")
+    with asteria_store.open_collection(path) as coll:
+        if workers:
+            from distributed import Client, LocalCluster
+
+            with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
+                              silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                result = coll.ingest(vectors, ids=ids, on_conflict=on_conflict, client=client, progress=not quiet)
+        else:
+            result = coll.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)
+    per_shard = ", ".join(f"{r.rows:,}" if r is not None else "0" for r in result.shards)
+    replaced = f", replacing {result.replaced:,}" if result.replaced else ""
+    click.echo(f"Added {result.rows:,} vectors{replaced} to {len(result.shards)} shards ({per_shard}) in "
+               f"{result.seconds:.2f} s.")
 
 
 @cli.command()
@@ -232,7 +262,8 @@ def info(path: Path, as_json: bool, no_lock: bool) -> None:
         asteria-store info mystore
         asteria-store info mystore --json
     """
-    with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
+    opener = asteria_store.open_collection if batch.is_collection(path) else asteria_store.open
+    with opener(path, readonly=True, lock=not no_lock) as store:
         summary = store.info()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -400,5 +431,8 @@ def _human_bytes(n: int) -> str:
         size, i = size / 1024, i + 1
     return f"{size:.1f} {units[i]}"
 
+
+cli.add_command(search_batch)
+cli.add_command(create_collection)
 
 __all__ = ["AsteriaGroup", "cli"]

@@ -101,6 +101,7 @@ def create_collection(
     the collection's expected total, which sizes the buckets). Returns it open for writing.
     """
     from ..model.fit import train_model
+    from ..model.persist import load_model_file
 
     path = Path(path)
     if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= 4096:
@@ -123,6 +124,7 @@ def create_collection(
         else:
             if bits is not None:
                 raise InvalidArgumentError("bits= is for training (train=); a model file has its own.")
+            load_model_file(model)  # a missing or foreign file: one line, before any copy
             shutil.copyfile(model, staging / MODEL_FILE)
         names = [f"shard-{i:03d}" for i in range(int(shards))]
         for name in names:
@@ -314,6 +316,8 @@ class Collection:
         futures = {}
         for s, shard_path in enumerate(self.shard_paths):
             rows = np.flatnonzero(where == s)
+            if not len(rows):
+                continue
             data = src.path if src.path is not None else np.asarray(src.array[rows])
             sel = rows if src.path is not None else None
             fut = client.submit(_ingest_task, str(shard_path), data, sel, id_arr[rows], on_conflict,

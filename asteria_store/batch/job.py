@@ -377,7 +377,7 @@ def _client(client: Any, scheduler: str | None, workers: int | None, threads_per
         raise InvalidArgumentError(f"workers and threads_per_worker must be positive, got {workers!r} and "
                                    f"{threads_per_worker!r}.")
     with LocalCluster(n_workers=n, threads_per_worker=int(threads_per_worker), processes=processes,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as cl:
+                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as cl:
         yield cl
 
 

@@ -18,7 +18,9 @@ from ..store import Store
 from .collection import Collection
 
 _lock = threading.Lock()
-_open: dict[tuple[int, str, bool], Any] = {}
+_open: dict[tuple[int, str, bool, str], Any] = {}
+#: Handles this process has opened so far (what "opened once per worker" is checked by).
+opens = 0
 
 
 def where() -> str:
@@ -61,6 +63,8 @@ def _cached(path: str, lock: bool, cls: type) -> Any:
                     "shared filesystem, at the same path)"
                 ) from None
             _open[key] = store
+            global opens
+            opens += 1
     return store
 
 
