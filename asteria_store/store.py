@@ -470,6 +470,7 @@ class Store:
         self._check_open()
         return self._reads.ids()
 
+    @boundary
     def get(self, ids: ArrayLike) -> np.ndarray:
         """The stored vectors of ``ids`` (as float32, normalised if metric is cosine)."""
         self._check_open()

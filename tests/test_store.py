@@ -146,7 +146,7 @@ def test_info_keys_and_values(tmp_store) -> None:
     info = tmp_store.info()
     assert set(info) == {
         "path", "format_version", "dim", "metric", "dtype", "chunk_rows", "count", "segments",
-        "rows_stored", "deleted", "router", "extents", "generation", "disk_bytes", "pending_training",
+        "rows_stored", "deleted", "router", "extents", "generation", "next_id", "disk_bytes", "pending_training",
         "retired", "buckets", "fitted_rows", "grows", "maintenance",
     }
     # A learned store's baseline serves until MIN_TRAIN_ROWS vectors: sized for that many.
