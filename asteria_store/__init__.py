@@ -10,6 +10,7 @@
 from .config import FORMAT_VERSION, StoreConfig
 from .errors import (
     AsteriaError,
+    BatchJobError,
     CorruptStoreError,
     DimensionMismatchError,
     DiskFullError,
@@ -38,6 +39,7 @@ __all__ = [
     "CompactResult",
     "FORMAT_VERSION",
     "AsteriaError",
+    "BatchJobError",
     "CorruptStoreError",
     "DeleteResult",
     "DimensionMismatchError",

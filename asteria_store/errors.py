@@ -77,12 +77,17 @@ class ModelFileError(AsteriaError, ValueError):
     """A standalone model file is missing, unreadable, or not an asteria-store model."""
 
 
+class BatchJobError(AsteriaError, RuntimeError):
+    """A batch job could not finish (its workers kept dying); finished blocks are kept."""
+
+
 class StoreChangedError(AsteriaError, RuntimeError):
     """A writer committed to a store while a batch job read it (its results would mix two
     states of the store)."""
 
 
 __all__ = [
+    "BatchJobError",
     "AsteriaError",
     "CorruptStoreError",
     "DimensionMismatchError",

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from asteria_store_cli.main import cli
 from click.testing import CliRunner
 
 import asteria_store
@@ -35,7 +36,6 @@ from asteria_store.errors import (
     StoreNotFoundError,
 )
 from asteria_store.storage.lock import WriterLock
-from asteria_store_cli.main import cli
 
 distributed = pytest.importorskip("distributed")
 
@@ -409,7 +409,7 @@ def test_worker_processes_pickled_stores_and_a_killed_worker(built, tmp_path):
             np.testing.assert_array_equal(got[0], want5[0])
 
         pids = client.run(os.getpid)
-        victim = sorted(pids.values())[0]
+        victim = min(pids.values())
         killed = []
 
         def kill_one(done, total, desc):

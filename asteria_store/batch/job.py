@@ -34,6 +34,7 @@ import numpy as np
 from .. import errors
 from ..errors import (
     AsteriaError,
+    BatchJobError,
     InvalidArgumentError,
     StoreChangedError,
     StoreLockedError,
@@ -338,7 +339,7 @@ def _merge_task(job: _Job, block: int, given: np.ndarray | None, *parts) -> dict
 def _run_on(client: Any, job: _Job, todo: list[int], bar: Any) -> None:
     """Submit the blocks and wait, updating ``bar`` as blocks finish. A store: one task per
     block. A collection: one task per (block, shard), then one merge task per block."""
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
 
     token = secrets.token_hex(4)
     finals = {}
@@ -354,7 +355,13 @@ def _run_on(client: Any, job: _Job, todo: list[int], bar: Any) -> None:
         finals[fut] = b
     try:
         for fut in as_completed(finals):
-            fut.result()  # raises the task's error (one line for the library's own errors)
+            try:
+                fut.result()  # raises the task's error (one line for the library's own errors)
+            except KilledWorker:
+                raise BatchJobError(
+                    f"Block {finals[fut]} killed every worker that ran it (out of memory?); the finished "
+                    f"blocks are kept in {job.stage!r}: rerun with --resume (smaller --block-rows, more memory)."
+                ) from None
             bar.update(_rows(job, finals[fut]))
     except BaseException:
         client.cancel(list(finals))
