@@ -152,7 +152,7 @@ def search(
     if job is None:  # resume of a finished job
         return BatchResult(str(out_path), n_blocks[0], k, n_blocks[1], 0, n_blocks[1], 0.0, 0, 0)
     stage = Path(job.stage)
-    done_rows = sum(job.bounds(b)[1] - job.bounds(b)[0] for b in range(n_blocks) if b not in todo)
+    done_rows = job.n_queries - sum(_rows(job, b) for b in todo)
     bar = make_progress(progress, total=job.n_queries, desc="search-batch", unit="q")
     if done_rows:
         bar.update(done_rows)
