@@ -10,7 +10,6 @@ usage errors exit with 2.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, get_args
 
@@ -18,6 +17,7 @@ import click
 
 import asteria_store
 from asteria_store import AsteriaError, Store, batch
+from asteria_store.batch.cluster import local_client
 from asteria_store.config import Metric, StorageDtype
 from asteria_store.demo import run_demo
 from asteria_store.query.engine import Probes
@@ -162,10 +162,7 @@ def _ingest_collection(path: Path, vectors: Path, ids: Path | None, on_conflict:
         raise click.UsageError("--workers must be >= 0.")
     with asteria_store.open_collection(path) as coll:
         if workers:
-            from distributed import Client, LocalCluster
-
-            with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
-                              silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            with local_client(workers) as client:
                 result = coll.ingest(vectors, ids=ids, on_conflict=on_conflict, client=client, progress=not quiet)
         else:
             result = coll.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)

@@ -452,3 +452,14 @@ def test_cli_killed_mid_job_then_resumed(built, tmp_path):
     assert record["blocks_skipped"] >= deadline_blocks and record["blocks_run"] + record["blocks_skipped"] == 300
     want = by_blocks(built / "store", np.load(built / "q.npy"), rows=1)
     np.testing.assert_array_equal(results(out)[0], want[0])
+
+
+def test_local_cluster_workers_keep_glibc_trim_default_and_env_is_restored(monkeypatch):
+    from asteria_store.batch.cluster import local_client
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with local_client(1) as client:
+        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+    assert list(env.values()) == [(None, "1")]  # one BLAS/OpenMP thread per worker thread, no early trim
+    assert "OMP_NUM_THREADS" not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ

@@ -20,7 +20,6 @@ the baseline the Dask overhead is measured against (docs/benchmarks.md "Batch jo
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 import shutil
@@ -45,6 +44,7 @@ from ..reads import check_k, check_k_fits
 from ..storage.lock import lock_is_free
 from ..store import Store
 from . import output
+from .cluster import local_client
 from .collection import Collection, fill_across, is_collection
 from .sources import QuerySource, query_source
 from .topk import drop_self, merge_topk
@@ -332,8 +332,17 @@ def _run_block(job: _Job, block: int, given: np.ndarray | None) -> dict[str, Any
     return _finish_block(job, block, parts, given, started)
 
 
+def _shard_task(job: _Job, shard: int, block: int, given: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, float]:
+    started = time.perf_counter()
+    ids, scores = _search_shard(job, shard, block, given)
+    return ids, scores, time.perf_counter() - started
+
+
 def _merge_task(job: _Job, block: int, given: np.ndarray | None, *parts) -> dict[str, Any]:
-    return _finish_block(job, block, list(parts), given, time.perf_counter())
+    """A collection's block: merge its shards' parts and write it. The marker's seconds are
+    the shards' search seconds plus the merge's."""
+    searched = sum(p[2] for p in parts)
+    return _finish_block(job, block, [p[:2] for p in parts], given, time.perf_counter() - searched)
 
 
 def _run_on(client: Any, job: _Job, todo: list[int], bar: Any) -> None:
@@ -348,7 +357,7 @@ def _run_on(client: Any, job: _Job, todo: list[int], bar: Any) -> None:
         if job.kind == "store" or len(job.shards) == 1:
             fut = client.submit(_run_block, job, b, given, key=f"asteria-block-{token}-{b}", pure=False)
         else:
-            parts = [client.submit(_search_shard, job, s, b, given, key=f"asteria-shard-{token}-{b}-{s}", pure=False)
+            parts = [client.submit(_shard_task, job, s, b, given, key=f"asteria-shard-{token}-{b}-{s}", pure=False)
                      for s in range(len(job.shards))]
             fut = client.submit(_merge_task, job, b, given, *parts,
                                 key=f"asteria-merge-{token}-{b}", pure=False)
@@ -373,18 +382,13 @@ def _client(client: Any, scheduler: str | None, workers: int | None, threads_per
     if client is not None:
         yield client
         return
-    from distributed import Client, LocalCluster
-
     if scheduler is not None:
+        from distributed import Client
+
         with Client(scheduler) as cl:
             yield cl
         return
-    n = (os.cpu_count() or 1) if workers is None else int(workers)
-    if n < 1 or isinstance(threads_per_worker, bool) or int(threads_per_worker) < 1:
-        raise InvalidArgumentError(f"workers and threads_per_worker must be positive, got {workers!r} and "
-                                   f"{threads_per_worker!r}.")
-    with LocalCluster(n_workers=n, threads_per_worker=int(threads_per_worker), processes=processes,
-                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as cl:
+    with local_client(workers, threads_per_worker, processes) as cl:
         yield cl
 
 
