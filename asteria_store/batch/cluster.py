@@ -3,7 +3,8 @@
 Two of Dask's defaults are changed, both measured (docs/benchmarks.md "Batch jobs"):
 
 - ``MALLOC_TRIM_THRESHOLD_=65536``, which Dask's nanny exports to its workers so that they
-  hand freed memory back to the OS early, is not set: every block allocates and frees
+  hand freed memory back to the OS early, is not set (one already in this process's
+  environment is inherited as usual): every block allocates and frees
   large temporary arrays, and with the low threshold each block faulted its memory in
   afresh; blocks ran 35-60% slower on a worker than in one process. Worker memory is
   bounded by the block size instead.
@@ -50,8 +51,6 @@ def local_client(workers: int | None, threads_per_worker: int = 1, processes: bo
             raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
     config = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
     with _environ_restored(), dask.config.set(config):
-        if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":  # left by an earlier cluster
-            del os.environ["MALLOC_TRIM_THRESHOLD_"]
         with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
                           dashboard_address=":0", scheduler_kwargs={"dashboard": False},
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
