@@ -64,7 +64,7 @@ def begin(out: Path, manifest: dict[str, Any], *, resume: bool) -> tuple[Path, s
     stage = staging_path(out)
     if out.exists():
         raise StoreExistsError(
-            f"{str(out)!r} already exists" + (" (a finished job)" if resume else "")
+            f"{str(out)!r} already exists" + (" and is not this job's finished output" if resume else "")
             + "; choose a new --out path or remove it."
         )
     if stage.exists():
