@@ -463,3 +463,12 @@ def test_local_cluster_workers_keep_glibc_trim_default_and_env_is_restored(monke
         env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
     assert list(env.values()) == [(None, "1")]  # one BLAS/OpenMP thread per worker thread, no early trim
     assert "OMP_NUM_THREADS" not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
+def test_a_job_on_a_scheduler_address(built, tmp_path, thread_client):
+    queries = np.load(built / "q.npy")
+    address = thread_client.scheduler.address
+    res = batch.search(built / "store", built / "q.npy", tmp_path / "r.zarr", k=K, probes=PROBES, block_rows=BLOCK,
+                       scheduler=address)
+    assert res.blocks_run == 5 and res.workers == 1
+    np.testing.assert_array_equal(results(tmp_path / "r.zarr")[0], by_blocks(built / "store", queries)[0])
