@@ -23,7 +23,9 @@ RAW = "/tmp/prof.txt"
 def summarise(raw: str) -> None:
     """Share of the worker's samples by stage of the block task."""
     total, by = 0, Counter()
-    for line in open(raw):
+    with open(raw) as fh:
+        lines = fh.read().splitlines()
+    for line in lines:
         stack, n = line.rsplit(" ", 1)
         frames = stack.split(";")
         total += int(n)
