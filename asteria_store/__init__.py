@@ -7,6 +7,7 @@
     ids, scores = store.search(queries, k=10)
 """
 
+from .batch import Collection, create_collection, open_collection
 from .config import FORMAT_VERSION, StoreConfig
 from .errors import (
     AsteriaError,
@@ -20,26 +21,34 @@ from .errors import (
     InvalidInputError,
     ModelFileError,
     ReadOnlyError,
+    StorageError,
     StoreChangedError,
     StoreClosedError,
     StoreExistsError,
     StoreLockedError,
     StoreNotFoundError,
-    StorageError,
     UnsupportedFormatError,
 )
 from .model.fit import train_model
-from .batch import Collection, create_collection, open_collection
-from .store import CompactResult, DeleteResult, IngestResult, Store, TrainResult, VerifyReport, create, open
+from .store import (
+    CompactResult,
+    DeleteResult,
+    IngestResult,
+    Store,
+    TrainResult,
+    VerifyReport,
+    create,
+    open,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Collection",
-    "CompactResult",
     "FORMAT_VERSION",
     "AsteriaError",
     "BatchJobError",
+    "Collection",
+    "CompactResult",
     "CorruptStoreError",
     "DeleteResult",
     "DimensionMismatchError",
@@ -51,6 +60,7 @@ __all__ = [
     "InvalidInputError",
     "ModelFileError",
     "ReadOnlyError",
+    "StorageError",
     "Store",
     "StoreChangedError",
     "StoreClosedError",
@@ -58,7 +68,6 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
-    "StorageError",
     "TrainResult",
     "UnsupportedFormatError",
     "VerifyReport",

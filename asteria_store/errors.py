@@ -87,8 +87,8 @@ class StoreChangedError(AsteriaError, RuntimeError):
 
 
 __all__ = [
-    "BatchJobError",
     "AsteriaError",
+    "BatchJobError",
     "CorruptStoreError",
     "DimensionMismatchError",
     "DiskFullError",
@@ -98,11 +98,11 @@ __all__ = [
     "InvalidInputError",
     "ModelFileError",
     "ReadOnlyError",
+    "StorageError",
     "StoreChangedError",
     "StoreClosedError",
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
-    "StorageError",
     "UnsupportedFormatError",
 ]

@@ -129,11 +129,22 @@ class VectorSource:
             )
         return out
 
+    def read(self, start: int, stop: int, *, row_offset: int = 0) -> np.ndarray:
+        """Rows ``start:stop`` as float32; raises on NaN/inf, naming the row (numbered from
+        ``row_offset``: this source's row 0 is row ``row_offset`` of a bigger input)."""
+        return self._as_float32(self.array[start:stop], row_offset + start)
+
+    def read_all(self, block_rows: int = 16384) -> np.ndarray:
+        """Every row as one float32 array, converted block by block (the mapped file's pages
+        are dropped after each)."""
+        if self.n <= block_rows:
+            return self.read(0, self.n)
+        return np.concatenate([block for _, block in self.blocks(block_rows)])
+
     def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start_row, float32 block)`` in file order; raises on NaN/inf."""
         for start in range(0, self.n, block_rows):
-            block = self._as_float32(self.array[start : start + block_rows], start)
-            yield start, block
+            yield start, self.read(start, start + block_rows)
             self.release()
 
     def take(self, rows: np.ndarray) -> np.ndarray:

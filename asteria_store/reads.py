@@ -224,8 +224,7 @@ class ReadSide:
                prune: bool | Literal["auto"], explain: bool, fill: bool = True):
         k = check_k(k)
         q = VectorSource(queries, dim=self.config.dim, what="queries")
-        qs = np.concatenate([b for _, b in q.blocks(QUERY_BLOCK_ROWS)]) if q.n > QUERY_BLOCK_ROWS \
-            else next(q.blocks(QUERY_BLOCK_ROWS))[1]
+        qs = q.read_all(QUERY_BLOCK_ROWS)
         qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))
         if probes != "all":
             if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:

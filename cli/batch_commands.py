@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import get_args
 
 import click
 
@@ -15,8 +14,10 @@ from asteria_store.query.engine import Probes
 
 from .options import (
     ProbesType,
+    dtype_option,
     json_option,
     library_default,
+    metric_option,
     no_lock_option,
     path_type,
     quiet_option,
@@ -101,12 +102,8 @@ def search_batch(target: Path, queries: Path, out: Path, k: int, probes: Probes,
               help="The routing model every shard shares (from `asteria-store train-model`).")
 @click.option("--train", "train", type=path_type(), default=None, metavar="SAMPLE.npy",
               help="Train the shared model on these vectors instead.")
-@click.option("--metric", type=click.Choice(get_args(Metric)),
-              default=library_default(asteria_store.create_collection, "metric"), show_default=True,
-              help="cosine: vectors are normalised; ip: raw inner product.")
-@click.option("--dtype", type=click.Choice(get_args(StorageDtype)),
-              default=library_default(asteria_store.create_collection, "dtype"), show_default=True,
-              help="Storage dtype of the vectors.")
+@metric_option(asteria_store.create_collection)
+@dtype_option(asteria_store.create_collection)
 @click.option("--bits", type=int, default=None, metavar="N",
               help="With --train: 2**N buckets. [default: sized to --expected-size]")
 @click.option("--expected-size", type=int, default=None, metavar="N",

@@ -25,8 +25,10 @@ from asteria_store.query.engine import Probes
 from .batch_commands import create_collection, search_batch
 from .options import (
     ProbesType,
+    dtype_option,
     json_option,
     library_default,
+    metric_option,
     no_lock_option,
     npy_argument,
     path_type,
@@ -71,12 +73,8 @@ def cli() -> None:
 @cli.command()
 @store_path
 @click.option("--dim", type=int, required=True, help="Vector dimension.")
-@click.option("--metric", type=click.Choice(get_args(Metric)),
-              default=library_default(asteria_store.create, "metric"), show_default=True,
-              help="cosine: vectors are normalised; ip: raw inner product.")
-@click.option("--dtype", type=click.Choice(get_args(StorageDtype)),
-              default=library_default(asteria_store.create, "dtype"), show_default=True,
-              help="Storage dtype of the vectors; float16 halves disk and bytes read.")
+@metric_option(asteria_store.create)
+@dtype_option(asteria_store.create)
 @click.option("--router", type=click.Choice(["learned", "sign"]),
               default=library_default(asteria_store.create, "router"), show_default=True,
               help="learned: the ECVH model, trained once the store holds >= 1,000 vectors; "
@@ -166,7 +164,7 @@ def _ingest_collection(path: Path, vectors: Path, ids: Path | None, on_conflict:
                 result = coll.ingest(vectors, ids=ids, on_conflict=on_conflict, client=client, progress=not quiet)
         else:
             result = coll.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)
-    per_shard = ", ".join(f"{r.rows:,}" if r is not None else "0" for r in result.shards)
+    per_shard = ", ".join(f"{rows:,}" for rows in result.shard_rows)
     replaced = f", replacing {result.replaced:,}" if result.replaced else ""
     click.echo(f"Added {result.rows:,} vectors{replaced} to {len(result.shards)} shards ({per_shard}) in "
                f"{result.seconds:.2f} s.")

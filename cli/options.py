@@ -9,9 +9,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
+
+from asteria_store.config import Metric, StorageDtype
 
 
 def library_default(fn: Callable[..., Any], name: str) -> Any:
@@ -45,6 +47,18 @@ store_path = click.argument("path", type=path_type(), metavar="PATH")
 def npy_argument(name: str, metavar: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A positional ``.npy`` file (parameter ``name``), read by the library."""
     return click.argument(name, type=path_type(), metavar=metavar)
+
+
+def metric_option(fn: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--metric``, defaulting to ``fn``'s ``metric``."""
+    return click.option("--metric", type=click.Choice(get_args(Metric)), default=library_default(fn, "metric"),
+                        show_default=True, help="cosine: vectors are normalised; ip: raw inner product.")
+
+
+def dtype_option(fn: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--dtype``, defaulting to ``fn``'s ``dtype``."""
+    return click.option("--dtype", type=click.Choice(get_args(StorageDtype)), default=library_default(fn, "dtype"),
+                        show_default=True, help="Storage dtype of the vectors; float16 halves disk and bytes read.")
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

@@ -50,11 +50,11 @@ def local_client(workers: int | None, threads_per_worker: int = 1, processes: bo
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}.")
     config = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-    with _environ_restored(), dask.config.set(config):
-        with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
-                          dashboard_address=":0", scheduler_kwargs={"dashboard": False},
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-            yield client
+    with _environ_restored(), dask.config.set(config), \
+            LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
+                         dashboard_address=":0", scheduler_kwargs={"dashboard": False},
+                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
 
 
 __all__ = ["local_client"]

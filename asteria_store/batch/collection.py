@@ -47,6 +47,7 @@ from ..query.engine import DEFAULT_PROBES, Probes
 from ..reads import as_id_array, check_k
 from ..results import IngestResult
 from ..storage.lock import WriterLock
+from ..storage.segments import fsync_dir, write_atomic
 from ..store import Store, create
 from .topk import merge_topk
 
@@ -60,23 +61,6 @@ INGEST_ROWS = 262_144
 
 def is_collection(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / COLLECTION_FILE).is_file()
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create_collection(
@@ -130,13 +114,13 @@ def create_collection(
         for name in names:
             create(staging / name, dim=dim, metric=metric, dtype=dtype, model=staging / MODEL_FILE,
                    seed=seed).close()
-        _write_json_atomic(staging / COLLECTION_FILE, {
+        write_atomic(staging / COLLECTION_FILE, json.dumps({
             "format": FORMAT, "version": VERSION, "dim": int(dim), "metric": metric, "dtype": dtype,
             "shards": names, "model": MODEL_FILE, "placement": "id % shards",
-        })
-        _fsync_dir(staging)
+        }, indent=1).encode())
+        fsync_dir(staging)
         os.rename(staging, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -175,12 +159,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CollectionIngestResult:
-    """What one collection ingest did: rows per shard, and each shard's own result."""
+    """What one collection ingest did: each shard's own ingests (one per ``INGEST_ROWS``
+    of its rows; none for a shard that got no rows)."""
 
     rows: int
     replaced: int
-    shards: tuple[IngestResult, ...]
+    shards: tuple[tuple[IngestResult, ...], ...]
     seconds: float
+
+    @property
+    def shard_rows(self) -> tuple[int, ...]:
+        return tuple(sum(r.rows for r in results) for results in self.shards)
 
 
 class Collection:
@@ -263,8 +252,7 @@ class Collection:
         """Top-``k`` of each query over all shards: ``(ids, scores)`` of shape (Q, k), equal to
         one store holding every row with the same model and probes (see the module docs)."""
         k = check_k(k)
-        qs = VectorSource(queries, dim=self.dim, what="queries")
-        q = np.concatenate([b for _, b in qs.blocks(65536)]) if qs.n > 65536 else next(qs.blocks(65536))[1]
+        q = VectorSource(queries, dim=self.dim, what="queries").read_all()
         return search_shards(self.shards, q, k, probes=probes, prune=prune)
 
     # -- writes --------------------------------------------------------------------------
@@ -306,7 +294,7 @@ class Collection:
                     results = self._ingest_on(client, src, id_arr, where, on_conflict, bar)
             finally:
                 bar.close()
-        return CollectionIngestResult(rows=src.n, replaced=sum(r.replaced for r in results if r is not None),
+        return CollectionIngestResult(rows=src.n, replaced=sum(r.replaced for rs in results for r in rs),
                                       shards=tuple(results), seconds=time.perf_counter() - t0)
 
     def _ingest_on(self, client: Any, src: VectorSource, id_arr: np.ndarray, where: np.ndarray,
@@ -323,7 +311,7 @@ class Collection:
             fut = client.submit(_ingest_task, str(shard_path), data, sel, id_arr[rows], on_conflict,
                                 self._lock_timeout, pure=False, key=f"asteria-ingest-{s}-{secrets.token_hex(4)}")
             futures[fut] = (s, len(rows))
-        results: list[Any] = [None] * len(self.shard_paths)
+        results: list[tuple[IngestResult, ...]] = [()] * len(self.shard_paths)
         for fut in as_completed(futures):
             s, n_rows = futures[fut]
             results[s] = fut.result()
@@ -333,27 +321,15 @@ class Collection:
 
 
 def _ingest_rows(store: Store, data: np.ndarray, rows: np.ndarray, ids: np.ndarray,
-                 on_conflict: str) -> IngestResult | None:
-    """Ingest ``data[rows]`` with ``ids`` into ``store`` in pieces of ``INGEST_ROWS``;
-    the summed result (None when there were no rows)."""
-    total = None
-    for start in range(0, len(rows), INGEST_ROWS):
-        sel = rows[start:start + INGEST_ROWS]
-        res = store.ingest(np.asarray(data[sel]), ids=ids[start:start + INGEST_ROWS], on_conflict=on_conflict)
-        total = res if total is None else _add(total, res)
-    return total
-
-
-def _add(a: IngestResult, b: IngestResult) -> IngestResult:
-    from dataclasses import fields, replace
-
-    sums = {f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(a)
-            if isinstance(getattr(a, f.name), (int, float)) and not isinstance(getattr(a, f.name), bool)}
-    return replace(b, **sums)
+                 on_conflict: str) -> tuple[IngestResult, ...]:
+    """Ingest ``data[rows]`` with ``ids`` into ``store`` in pieces of ``INGEST_ROWS``."""
+    return tuple(store.ingest(np.asarray(data[rows[start:start + INGEST_ROWS]]), ids=ids[start:start + INGEST_ROWS],
+                              on_conflict=on_conflict)
+                 for start in range(0, len(rows), INGEST_ROWS))
 
 
 def _ingest_task(shard_path: str, data: Any, rows: np.ndarray | None, ids: np.ndarray, on_conflict: str,
-                 lock_timeout: float | None) -> IngestResult | None:
+                 lock_timeout: float | None) -> tuple[IngestResult, ...]:
     """One shard's part of a collection ingest, on a Dask worker."""
     arr = VectorSource(data, what="vectors").array
     if rows is None:

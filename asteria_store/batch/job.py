@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from ..progress import ProgressLike, make_progress
 from ..query.engine import DEFAULT_PROBES, Probes
 from ..reads import check_k, check_k_fits
 from ..storage.lock import lock_is_free
+from ..storage.segments import write_atomic
 from ..store import Store
 from . import output
 from .cluster import local_client
@@ -79,7 +80,6 @@ class BatchResult:
 class _Job:
     """Everything a task needs, small enough to send with each one."""
 
-    target: str            # store or collection path (absolute)
     kind: Literal["store", "collection"]
     shards: tuple[str, ...]  # shard store paths (the store itself for a plain store)
     generation: tuple[int, ...]
@@ -145,12 +145,12 @@ def search(
             only while nobody writes).
     """
     t0 = time.perf_counter()
-    job, todo, n_blocks = _plan(target, queries, Path(out), k=k, probes=probes, prune=prune,
-                                exclude_self=exclude_self, block_rows=block_rows, resume=resume,
-                                allow_writer=allow_writer, lock=lock)
+    plan = _plan(target, queries, Path(out), k=k, probes=probes, prune=prune, exclude_self=exclude_self,
+                 block_rows=block_rows, resume=resume, allow_writer=allow_writer, lock=lock)
+    job, todo, n_blocks, array, _ = plan
     out_path = Path(out)
     if job is None:  # resume of a finished job
-        return BatchResult(str(out_path), n_blocks[0], k, n_blocks[1], 0, n_blocks[1], 0.0, 0, 0)
+        return BatchResult(str(out_path), plan.n_queries, k, n_blocks, 0, n_blocks, 0.0, 0, 0)
     stage = Path(job.stage)
     done_rows = job.n_queries - sum(_rows(job, b) for b in todo)
     bar = make_progress(progress, total=job.n_queries, desc="search-batch", unit="q")
@@ -161,20 +161,27 @@ def search(
         if todo:
             if client is None and scheduler is None and workers == 0:
                 for b in todo:
-                    _run_block(job, b, None)
+                    _run_block(job, b, _array_block(array, job, b))
                     bar.update(_rows(job, b))
             else:
                 with _client(client, scheduler, workers, threads_per_worker, processes) as cl:
                     n_workers, n_threads = _check_workers(cl, job)
-                    _run_on(cl, job, todo, bar)
+                    _run_on(cl, job, todo, array, bar)
         _finish(job, out_path, stage, n_blocks, time.perf_counter() - t0)
     finally:
         bar.close()
-        _ARRAYS.pop(job.stage, None)
         if client is None and scheduler is None:  # our own workers (or none) are gone now
             close_cached()
     return BatchResult(str(out_path), job.n_queries, job.k, n_blocks, len(todo), n_blocks - len(todo),
                        time.perf_counter() - t0, n_workers, n_threads)
+
+
+class _Plan(NamedTuple):
+    job: _Job | None  # None: ``resume`` of a finished job, nothing to do
+    todo: list[int]
+    n_blocks: int
+    array: np.ndarray | None  # in-memory queries, sent to the tasks block by block
+    n_queries: int
 
 
 def _rows(job: _Job, block: int) -> int:
@@ -240,21 +247,15 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
         stale = output.staging_path(out)
         if stale.exists() and not (stale / output.GROUP).exists():  # killed between publish steps
             shutil.rmtree(stale, ignore_errors=True)
-        return None, [], (source.n, n_blocks)
+        return _Plan(None, [], n_blocks, None, source.n)
     stage, done = output.begin(out, manifest, resume=resume)
     if source.has_ids and not done and not (stage / output.MARKERS / "ids").exists():
         output.write_query_ids(stage, given)
-        output.write_atomic(stage / output.MARKERS / "ids", b"")
-    job = _Job(str(path), kind, shards, generation, lock, allow_writer, str(stage), source, k, probes, prune,
+        write_atomic(stage / output.MARKERS / "ids", b"")
+    job = _Job(kind, shards, generation, lock, allow_writer, str(stage), source, k, probes, prune,
                bool(exclude_self), int(block_rows), source.n)
-    if array is not None:
-        _ARRAYS[str(stage)] = array
     todo = [b for b in range(n_blocks) if b not in done]
-    return job, todo, n_blocks
-
-
-#: In-memory query arrays of running jobs, by staging path (sent to tasks block by block).
-_ARRAYS: dict[str, np.ndarray] = {}
+    return _Plan(job, todo, n_blocks, array, source.n)
 
 
 def _finished(out: Path, manifest: dict) -> bool:
@@ -270,12 +271,12 @@ def _finished(out: Path, manifest: dict) -> bool:
                                                                 "exclude_self", "block_rows"))
 
 
-def _block_input(job: _Job, block: int) -> np.ndarray | None:
-    arr = _ARRAYS.get(job.stage)
-    if arr is None:
+def _array_block(array: np.ndarray | None, job: _Job, block: int) -> np.ndarray | None:
+    """The block's rows of in-memory queries (None for queries the tasks read themselves)."""
+    if array is None:
         return None
     start, stop = job.bounds(block)
-    return np.asarray(arr[start:stop])
+    return np.asarray(array[start:stop])
 
 
 def _read_queries(job: _Job, block: int, given: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -326,8 +327,6 @@ def _finish_block(job: _Job, block: int, parts: list[tuple[np.ndarray, np.ndarra
 def _run_block(job: _Job, block: int, given: np.ndarray | None) -> dict[str, Any]:
     """All of one block in one task: every shard's search, the merge and the write."""
     started = time.perf_counter()
-    if given is None:
-        given = _block_input(job, block)
     parts = [_search_shard(job, s, block, given) for s in range(len(job.shards))]
     return _finish_block(job, block, parts, given, started)
 
@@ -345,7 +344,7 @@ def _merge_task(job: _Job, block: int, given: np.ndarray | None, *parts) -> dict
     return _finish_block(job, block, [p[:2] for p in parts], given, time.perf_counter() - searched)
 
 
-def _run_on(client: Any, job: _Job, todo: list[int], bar: Any) -> None:
+def _run_on(client: Any, job: _Job, todo: list[int], array: np.ndarray | None, bar: Any) -> None:
     """Submit the blocks and wait, updating ``bar`` as blocks finish. A store: one task per
     block. A collection: one task per (block, shard), then one merge task per block."""
     from distributed import KilledWorker, as_completed
@@ -353,7 +352,7 @@ def _run_on(client: Any, job: _Job, todo: list[int], bar: Any) -> None:
     token = secrets.token_hex(4)
     finals = {}
     for b in todo:
-        given = _block_input(job, b)
+        given = _array_block(array, job, b)
         if job.kind == "store" or len(job.shards) == 1:
             fut = client.submit(_run_block, job, b, given, key=f"asteria-block-{token}-{b}", pure=False)
         else:
@@ -424,7 +423,6 @@ def _finish(job: _Job, out: Path, stage: Path, n_blocks: int, seconds: float) ->
         raise StoreChangedError(f"Blocks {missing[:5]} of {str(stage)!r} are not done; rerun with --resume.")
     output.publish(out, stage, {"seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                           time.gmtime())})
-    _ARRAYS.pop(str(stage), None)
 
 
 __all__ = ["DEFAULT_BLOCK_ROWS", "BatchResult", "search"]

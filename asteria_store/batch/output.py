@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgumentError, StoreExistsError
+from ..storage.segments import fsync_dir, fsync_tree, write_atomic
 
 GROUP = "results.zarr"
 MARKERS = "done"
@@ -35,23 +36,6 @@ JOB_FILE = "job.json"
 
 def staging_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def begin(out: Path, manifest: dict[str, Any], *, resume: bool) -> tuple[Path, set[int]]:
@@ -97,9 +81,9 @@ def begin(out: Path, manifest: dict[str, Any], *, resume: bool) -> tuple[Path, s
         _create_group(tmp / GROUP, manifest)
         (tmp / MARKERS).mkdir()
         write_atomic(tmp / JOB_FILE, json.dumps(manifest, indent=1).encode())
-        _fsync(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, stage)
-        _fsync(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,7 +108,7 @@ def write_query_ids(stage: Path, ids: np.ndarray) -> None:
 
     arr = zarr.open_array(str(stage / GROUP / "query_ids"), mode="r+")
     arr[:] = ids.astype(np.int64)
-    _fsync_tree(stage / GROUP / "query_ids")
+    fsync_tree(stage / GROUP / "query_ids")
 
 
 def read_query_ids(stage: Path, start: int, stop: int) -> np.ndarray:
@@ -143,18 +127,8 @@ def write_block(stage: Path, block: int, start: int, ids: np.ndarray, scores: np
         zarr.open_array(str(stage / GROUP / name), mode="r+")[start:stop] = values
         chunk_dir = stage / GROUP / name / "c" / str(block)
         if chunk_dir.exists():  # absent when every value equals the fill value
-            _fsync_tree(chunk_dir)
+            fsync_tree(chunk_dir)
     write_atomic(stage / MARKERS / str(block), json.dumps(record).encode())
-
-
-def _fsync_tree(path: Path) -> None:
-    if path.is_file():
-        _fsync(path)
-        return
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
 
 
 def markers(stage: Path) -> list[dict[str, Any]]:
@@ -171,10 +145,10 @@ def publish(out: Path, stage: Path, summary: dict[str, Any]) -> None:
 
     group = zarr.open_group(str(stage / GROUP), mode="r+")
     group.attrs["asteria_batch"] = {**group.attrs["asteria_batch"], **summary, "complete": True}
-    _fsync(stage / GROUP / "zarr.json")
-    _fsync(stage / GROUP)
+    fsync_dir(stage / GROUP / "zarr.json")
+    fsync_dir(stage / GROUP)
     os.rename(stage / GROUP, out)
-    _fsync(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(stage, ignore_errors=True)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import DimensionMismatchError, InvalidInputError
-from ..io import VectorSource, _load_npy
+from ..io import VectorSource
 from ..store import CATALOG_DIR
 from .collection import is_collection
 
@@ -45,20 +45,18 @@ class QuerySource:
              block: np.ndarray | None = None) -> np.ndarray:
         """Rows ``start:stop`` as float32, checked finite (the error names the row)."""
         if self.kind == "array":
-            raw = block
-        elif self.kind == "npy":
-            raw = _load_npy(self.path, "queries")[start:stop]
-        elif self.kind == "zarr":
+            return VectorSource(block, dim=self.dim, what="queries").read(0, len(block), row_offset=start)
+        if self.kind == "npy":
+            return VectorSource(self.path, dim=self.dim, what="queries").read(start, stop)
+        if self.kind == "zarr":
             import zarr
 
             raw = zarr.open_array(self.path, mode="r")[start:stop]
-        else:
-            from .workers import cached_collection, cached_store
+            return VectorSource(raw, dim=self.dim, what="queries").read(0, len(raw), row_offset=start)
+        from .workers import cached_collection, cached_store
 
-            owner = cached_store(self.path, self.lock) if self.kind == "store" \
-                else cached_collection(self.path, self.lock)
-            return owner.get(query_ids)
-        return VectorSource(raw, dim=self.dim, what="queries")._as_float32(raw, start)
+        owner = cached_store(self.path, self.lock) if self.kind == "store" else cached_collection(self.path, self.lock)
+        return owner.get(query_ids)
 
 
 def query_source(queries: Any, *, dim: int, lock: bool = True) -> tuple[QuerySource, np.ndarray | None]:

@@ -21,6 +21,7 @@ that ``verify --repair`` may delete.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -35,8 +36,12 @@ _ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def fsync_tree(root: str | os.PathLike[str]) -> None:
-    """fsync every file and directory under ``root`` (and ``root`` itself), bottom-up."""
+    """fsync every file and directory under ``root`` (and ``root`` itself), bottom-up; a
+    file ``root`` is fsynced alone."""
     root = os.fspath(root)
+    if os.path.isfile(root):
+        fsync_dir(root)
+        return
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -48,11 +53,24 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory (its entries) or, given one, a file."""
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, fsync it and rename it to ``path``: a crash
+    leaves the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def create_root(path: str | os.PathLike[str]) -> None:
