@@ -20,6 +20,7 @@ Budgets (per query):
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..model.router import lazy_probe_order
 from ..storage.segments import SegmentReader
+from .kernels import hits, one_blas_thread
 
 Probes = Union[int, Literal["all"]]
 
@@ -278,19 +280,26 @@ def _select(s: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 
 def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
-                 candidates: int | None, *, explain: bool = False, prune: bool | str = "auto"):
+                 candidates: int | None, *, explain: bool = False, prune: bool | str = "auto",
+                 threads: int = 1, kernel: str = "f32"):
     """Probed search of a batch, bucket by bucket: each probed bucket is read ONCE and
-    scored against all the queries that probe it with one matrix product; each query keeps
-    the k best of every bucket it probed, and its top k are selected from those at the
-    end. Same candidates, hence the same results, as searching each query alone.
+    scored against all the queries that probe it with one matrix product. Same
+    candidates, hence the same results, as searching each query alone.
+
+    Two passes over a block of queries (:func:`_search_block`): each query's home bucket
+    (its first probe) gives its exact top k there, whose k-th score is a threshold no
+    other row can enter the top k below; then every other probed bucket reports only its
+    rows at or above their queries' thresholds. Both passes run on ``threads`` threads
+    (buckets split between them; no shared state), and the top k of each query is
+    selected from the home top k and the reported rows at the end.
 
     ``prune`` (with LRSQ codes encoded by the view's router): a bucket's codes are read
-    first; candidates whose certified upper bound is below the query's threshold (the
-    best k-th score it has seen, or the bucket's k-th best lower bound) are dropped
-    without reading their full vector; the others are rescored exactly. Lossless: the
-    result equals exact scoring of every probed candidate. ``True`` prunes every bucket;
-    ``"auto"`` a single query's buckets and, in a batch, buckets probed by at most
-    :data:`PRUNE_GROUP_MAX` of its queries; ``False`` none.
+    first; candidates whose certified upper bound is below the query's threshold are
+    dropped without reading their full vector. Lossless. ``True`` prunes every bucket
+    after the home pass; ``"auto"`` a single query's buckets and, in a batch, buckets
+    probed by at most :data:`PRUNE_GROUP_MAX` of its queries; ``False`` none.
+
+    ``kernel``: how rows are scored (kernels.py); the results do not depend on it.
 
     Returns ``(ids, scores)``, plus :class:`SearchStats` with ``explain``.
     """
@@ -308,86 +317,149 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     best_s = np.empty((nq, k), dtype=np.float32)
     n_buckets = 2 ** int(getattr(router, "bits", 0)) or 1
     block = max(1, min(nq, _BLOCK_CELLS // max(n_buckets, min(probes, n_buckets) * k)))
-    for q0 in range(0, nq, block):
-        q1 = min(nq, q0 + block)
-        best_i[q0:q1], best_s[q0:q1] = _search_block(view, router, lrsq, queries[q0:q1], k, probes,
-                                                     candidates, group_max, stats, q0)
+    pool = ThreadPoolExecutor(threads) if threads > 1 and nq > 1 else None
+    try:
+        with one_blas_thread():
+            for q0 in range(0, nq, block):
+                q1 = min(nq, q0 + block)
+                ctx = _Block(view, router, lrsq, queries[q0:q1], k, group_max, kernel, pool, threads)
+                best_i[q0:q1], best_s[q0:q1] = ctx.search(probes, candidates, stats, q0)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return (best_i, best_s, stats) if explain else (best_i, best_s)
 
 
-def _search_block(view: View, router, lrsq, queries: np.ndarray, k: int, probes: int,
-                  candidates: int | None, group_max: int, stats: SearchStats, q0: int):
-    nq = len(queries)
-    keys = probe_order(router, queries, probes)
-    visit = _visits(view, keys, candidates)
-    stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
+def _groups(keys: np.ndarray, visit: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The visited (query, probe) pairs of ``keys`` (Q, P) grouped by bucket:
+    ``(bucket, queries probing it)`` per probed bucket, by bucket key."""
     qi, pos = np.nonzero(visit)
     bk = keys[qi, pos]
     order = np.argsort(bk, kind="stable")
-    qi, pos, bk = qi[order], pos[order], bk[order]
-    uniq, start, count = np.unique(bk, return_index=True, return_counts=True)
-    # buckets in order of their mean probe position: each query tends to see its best
-    # buckets first, so its threshold tightens early
-    first = np.add.reduceat(pos, start) / count if len(pos) else pos
-    cand_s = np.full((nq, keys.shape[1], k), -np.inf, dtype=np.float32)
-    cand_i = np.full((nq, keys.shape[1], k), -1, dtype=np.int64)
-    thr = np.full(nq, -np.inf, dtype=np.float32)  # a k-th best score each query has seen
-    qy = router.rotate(queries) if lrsq is not None else None
-    scanned, pruned, nbytes = (x[q0 : q0 + nq] for x in (stats.scanned, stats.pruned, stats.bytes_read))
-    for j in np.argsort(first, kind="stable").tolist():
-        sl = slice(start[j], start[j] + count[j])
-        qs, ps = qi[sl], pos[sl]
-        rows = _Rows.gather(view, [int(uniq[j])])
+    qi, bk = qi[order], bk[order]
+    uniq, start = np.unique(bk, return_index=True)
+    bounds = np.append(start, len(bk)).tolist()
+    return [(int(b), qi[s:e]) for b, s, e in zip(uniq.tolist(), bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class _Scored:
+    """What one probed bucket gave: its rows at or above their queries' thresholds
+    (query index, score, id; in the home pass, every row's scores and ids), and what
+    scoring it cost (per query, for :class:`SearchStats`)."""
+
+    q: np.ndarray
+    s: np.ndarray
+    i: np.ndarray
+    queries: np.ndarray  # the queries that probed the bucket
+    live: int  # live rows in the bucket
+    read: np.ndarray | int  # bytes each of those queries would read alone
+    batch_read: int  # bytes the batch read
+    pruned: np.ndarray | int = 0
+
+
+class _Block:
+    """One block of a batch: the two passes of :func:`search_batch`."""
+
+    def __init__(self, view: View, router, lrsq, queries: np.ndarray, k: int, group_max: int,
+                 kernel: str, pool: ThreadPoolExecutor | None, threads: int):
+        self.view, self.router, self.lrsq = view, router, lrsq
+        self.queries, self.k, self.group_max, self.kernel = queries, k, group_max, kernel
+        self.pool, self.threads = pool, threads
+        self.qy = router.rotate(queries) if lrsq is not None else None
+        self.thr = np.full(len(queries), -np.inf, dtype=np.float32)
+
+    def search(self, probes: int, candidates: int | None, stats: SearchStats, q0: int):
+        nq, k = len(self.queries), self.k
+        keys = probe_order(self.router, self.queries, probes)
+        visit = _visits(self.view, keys, candidates)
+        stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
+        home = self._map(self._home, _groups(keys[:, :1], visit[:, :1]))
+        # every query's home-bucket scores in one padded array: one selection for all
+        width = max([len(h.i) for h in home], default=0)
+        hs, hi = np.full((nq, max(width, 1)), -np.inf, dtype=np.float32), np.full((nq, max(width, 1)), -1)
+        for h in home:
+            hs[h.queries, : len(h.i)], hi[h.queries, : len(h.i)] = h.s, h.i
+        top_s, top_i = _select(hs, hi, k)
+        self.thr = top_s.min(axis=1)  # -inf where the home bucket holds fewer than k rows
+        rest = self._map(self._rest, _groups(keys[:, 1:], visit[:, 1:]))
+        for part in home + rest:
+            self._count(part, stats, q0)
+        real = top_i >= 0
+        q = np.concatenate([np.nonzero(real)[0]] + [p.q for p in rest])
+        s = np.concatenate([top_s[real]] + [p.s for p in rest])
+        i = np.concatenate([top_i[real]] + [p.i for p in rest])
+        return _top_per_query(q, s, i, nq, k)
+
+    def _map(self, fn, groups: list) -> list:
+        """``fn`` of every group, on the pool's threads in chunks (in order)."""
+        if self.pool is None or len(groups) < 2:
+            return [fn(*g) for g in groups]
+        n = min(len(groups), 8 * self.threads)
+        edges = np.linspace(0, len(groups), n + 1).astype(int).tolist()
+        chunks = [groups[a:b] for a, b in zip(edges[:-1], edges[1:])]
+        out = []
+        for part in self.pool.map(lambda chunk: [fn(*g) for g in chunk], chunks):
+            out.extend(part)
+        return out
+
+    def _home(self, bucket: int, qs: np.ndarray) -> _Scored:
+        """Every row of the bucket, scored against the queries whose home bucket it is:
+        ``s`` (len(qs), live rows) and the rows' ids ``i``."""
+        rows = _Rows.gather(self.view, [bucket])
         m = len(rows.ids)
-        scanned[qs] += m
         if m == 0:
-            nbytes[qs] += rows.stored_bytes
-            stats.batch_bytes += rows.stored_bytes
-            continue
-        row_bytes = rows.row_bytes
-        if lrsq is not None and len(qs) <= group_max and rows.usable_codes(view.router_digest):
+            return _Scored(qs, np.empty((len(qs), 0), dtype=np.float32), rows.ids, qs, 0, rows.stored_bytes,
+                           rows.stored_bytes)
+        s = self.queries[qs] @ rows.vectors().T
+        read = rows.stored_bytes + m * rows.row_bytes
+        return _Scored(qs, s, rows.ids, qs, m, read, read)
+
+    def _rest(self, bucket: int, qs: np.ndarray) -> _Scored:
+        """Rows of a later-probed bucket at or above their queries' thresholds."""
+        rows = _Rows.gather(self.view, [bucket])
+        m = len(rows.ids)
+        if m == 0:
+            empty = np.empty(0, dtype=np.int64)
+            return _Scored(empty, empty.astype(np.float32), empty, qs, 0, rows.stored_bytes, rows.stored_bytes)
+        thr = self.thr[qs]
+        if self.lrsq is not None and len(qs) <= self.group_max and rows.usable_codes(self.view.router_digest):
             codes, aux, code_bytes = rows.codes()
-            _, lo, hi = lrsq.estimate(qy[qs], codes, aux)
-            t = thr[qs] if m < k else np.maximum(thr[qs], np.partition(lo, m - k, axis=1)[:, m - k])
-            survive = hi >= t[:, None]
+            _, lo, hi = self.lrsq.estimate(self.qy[qs], codes, aux)
+            if m >= self.k:  # k rows of this bucket score at least their k-th lower bound
+                thr = np.maximum(thr, np.partition(lo, m - self.k, axis=1)[:, m - self.k])
+            survive = hi >= thr[:, None]
             keep = np.flatnonzero(survive.any(axis=0))
             own = survive.sum(axis=1)
-            pruned[qs] += m - own
+            s = self.queries[qs] @ rows.vectors(keep).T
+            r, c = np.nonzero(survive[:, keep] & (s >= thr[:, None]))
             read = rows.stored_bytes + code_bytes
-            nbytes[qs] += read + own * row_bytes
-            stats.batch_bytes += read + len(keep) * row_bytes
-            s = queries[qs] @ rows.vectors(keep).T
-            cid = np.broadcast_to(rows.ids[keep], s.shape)
-            if len(keep) < m or not survive.all():  # a query's pruned rows cannot be in its top k
-                hit = survive[:, keep]
-                s = np.where(hit, s, np.float32(-np.inf))
-                cid = np.where(hit, cid, -1)
-        else:
-            read = rows.stored_bytes + m * row_bytes
-            nbytes[qs] += read
-            stats.batch_bytes += read
-            s = queries[qs] @ rows.vectors().T
-            cid = rows.ids
-        # Only rows at or above a query's k-th best so far can enter its top k: most
-        # queries have few or none in a bucket, and those need no partial sort.
-        hit = s >= thr[qs, None]
-        cnt = hit.sum(axis=1)
-        few = np.flatnonzero((cnt > 0) & (cnt <= k))
-        if len(few):
-            r, c = np.nonzero(hit[few])
-            slot = np.arange(len(r)) - (np.cumsum(cnt[few]) - cnt[few])[r]
-            q, p = qs[few][r], ps[few][r]
-            cand_s[q, p, slot] = s[few[r], c]
-            cand_i[q, p, slot] = cid[c] if cid.ndim == 1 else cid[few[r], c]
-            full = few[cnt[few] == k]  # exactly k new rows: the k-th of them is a threshold
-            thr[qs[full]] = np.maximum(thr[qs[full]], np.where(hit[full], s[full], np.inf).min(axis=1))
-        many = np.flatnonzero(cnt > k)
-        if len(many):
-            top_s, top_i = _select(s[many], cid if cid.ndim == 1 else cid[many], k)
-            cand_s[qs[many], ps[many]], cand_i[qs[many], ps[many]] = top_s, top_i
-            thr[qs[many]] = np.maximum(thr[qs[many]], top_s.min(axis=1))  # qs are distinct
-    s, i = _sorted(*_select(cand_s.reshape(nq, -1), cand_i.reshape(nq, -1), k))
-    return i, s
+            return _Scored(qs[r], s[r, c], rows.ids[keep[c]], qs, m, read + own * rows.row_bytes,
+                           read + len(keep) * rows.row_bytes, m - own)
+        r, c, s = hits(self.kernel, self.queries[qs], rows.vectors(), thr)
+        read = rows.stored_bytes + m * rows.row_bytes
+        return _Scored(qs[r], s, rows.ids[c], qs, m, read, read)
+
+    @staticmethod
+    def _count(part: _Scored, stats: SearchStats, q0: int) -> None:
+        qs = part.queries + q0
+        stats.scanned[qs] += part.live
+        stats.bytes_read[qs] += part.read
+        stats.pruned[qs] += part.pruned
+        stats.batch_bytes += part.batch_read
+
+
+def _top_per_query(q: np.ndarray, s: np.ndarray, i: np.ndarray, nq: int, k: int):
+    """The k best (score desc, id asc) of each query's candidates ``(q, s, i)``, best
+    first: (nq, k) ids and scores, padded with -1 / -inf."""
+    order = np.lexsort((i, -s, q))
+    q, s, i = q[order], s[order], i[order]
+    rank = np.arange(len(q)) - np.searchsorted(q, q)
+    keep = rank < k
+    out_s, out_i = _empty(nq, k)
+    out_s[q[keep], rank[keep]] = s[keep]
+    out_i[q[keep], rank[keep]] = i[keep]
+    return out_i, out_s
 
 
 def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, probes: int,

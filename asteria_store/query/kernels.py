@@ -1,0 +1,127 @@
+"""Scoring kernels of the batch path, the CPU features that choose one, and its threads.
+
+The batch path asks one question of a probed bucket: which of its rows score at least a
+query's threshold, and exactly what. Two kernels answer it with the same result:
+
+* ``"f32"``: one float32 matrix product (BLAS). The default, and the only kernel worth
+  running on a CPU without bfloat16 matrix units (AVX2 machines run a bfloat16 product
+  ~8x slower than float32: docs/benchmarks.md).
+* ``"bf16"``: a bfloat16 product with float32 accumulation, a certified bound on its
+  error, then exact float32 rescoring of the rows whose approximate score is within that
+  bound of the threshold. Chosen by default where the CPU has AMX or AVX-512 BF16 units.
+
+Both return exact float32 scores of exactly the rows at or above the threshold, so the
+search results do not depend on the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError
+
+KERNELS = ("f32", "bf16")
+
+#: Unit roundoff of bfloat16 (8 significant bits).
+_BF16_U = 2.0**-8
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise InvalidArgumentError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}.")
+    return kernel
+
+
+def default_kernel() -> str:
+    """``ASTERIA_KERNEL`` if set, else ``"bf16"`` on CPUs with bfloat16 matrix units
+    (AMX-BF16 or AVX-512 BF16), else ``"f32"``."""
+    env = os.environ.get("ASTERIA_KERNEL")
+    if env:
+        return check_kernel(env)
+    return "bf16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "f32"
+
+
+def default_threads() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int:
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InvalidArgumentError(f"threads must be a positive integer or None, got {threads!r}.")
+    return int(threads)
+
+
+@functools.cache
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread while the batch path runs its own threads (one matrix
+    product per thread; BLAS threads on top would oversubscribe the cores)."""
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
+def hits(kernel: str, q: np.ndarray, v: np.ndarray, thr: np.ndarray):
+    """Rows of ``v`` (n, d) scoring at least ``thr`` (Q,) against each query of ``q``
+    (Q, d): ``(r, c, s)``, query index, row index and exact float32 score of each."""
+    if kernel == "bf16":
+        return _hits_bf16(q, v, thr)
+    s = q @ v.T
+    r, c = np.nonzero(s >= thr[:, None])
+    return r, c, s[r, c]
+
+
+def _hits_bf16(q: np.ndarray, v: np.ndarray, thr: np.ndarray):
+    """bfloat16 scores, then exact rescoring of every row whose approximate score is
+    within the certified error of the threshold.
+
+    With u = 2**-8, rounding q and v to bfloat16 changes each product q_i v_i by at most
+    (2u + u^2)|q_i v_i|; accumulating d of them in float32 adds at most d * 2**-24 times
+    their absolute sum, and rounding the result to bfloat16 adds u of it. The absolute sum
+    is at most ||q|| ||v|| (Cauchy-Schwarz), so ``|exact - approx| <= eps ||q|| ||v||``
+    with eps below, rounded well up.
+    """
+    d = q.shape[1]
+    eps = 4 * _BF16_U + d * 2.0**-22
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only memory map: only read
+        approx = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(np.ascontiguousarray(v)).bfloat16().T)
+    approx = approx.float().numpy()
+    qn = np.sqrt(np.einsum("ij,ij->i", q, q)) * np.float32(eps)
+    vn = np.sqrt(np.einsum("ij,ij->i", v, v))
+    r, c = np.nonzero(approx >= thr[:, None] - qn[:, None] * vn[None, :])
+    s = np.einsum("ij,ij->i", q[r], v[c])
+    keep = s >= thr[r]
+    return r[keep], c[keep], s[keep]
