@@ -26,6 +26,7 @@ from .io import ArrayLike, VectorSource, normalise_rows, read_array
 from .model.persist import load_router
 from .model.router import Router
 from .query.engine import Probes, SearchStats, View, search_batch, search_exact
+from .query.kernels import check_kernel, check_threads, default_kernel
 from .storage import segments as seglib
 from .storage.catalog import Catalog, segment_name
 from .storage.pins import ReaderPin
@@ -192,6 +193,8 @@ class ReadSide:
             "fitted_rows": growth.get("fitted_rows"),
             "grows": bool(growth.get("grow", False)),
             "extents": n_extents,
+            # How the batch path scores rows: "f32", or "bf16" on CPUs with bfloat16 matrix units.
+            "kernel": default_kernel(),
             "generation": meta["generation"],
             "next_id": meta["next_id"],
             # Segment and model directories retired by a commit, kept while readers pin them.
@@ -221,8 +224,11 @@ class ReadSide:
         return out
 
     def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
-               prune: bool | Literal["auto"], explain: bool, fill: bool = True):
+               prune: bool | Literal["auto"], explain: bool, fill: bool = True, threads: int | None = None,
+               kernel: str | None = None):
         k = check_k(k)
+        threads = check_threads(threads)
+        kernel = default_kernel() if kernel is None else check_kernel(kernel)
         q = VectorSource(queries, dim=self.config.dim, what="queries")
         qs = q.read_all(QUERY_BLOCK_ROWS)
         qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))
@@ -237,10 +243,10 @@ class ReadSide:
             view = snap.view
             check_k_fits(k, len(qs), view.count)
             if probes != "all":
-                out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain),
-                                   prune=prune)
+                opts = {"prune": prune, "threads": threads, "kernel": kernel}
+                out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain), **opts)
                 if candidates is None and fill:
-                    self._probe_on(view, qs, k, int(probes), out, prune)
+                    self._probe_on(view, qs, k, int(probes), out, opts)
                 return out
             ids, scores = search_exact(view, qs, k)
             if not explain:
@@ -251,7 +257,7 @@ class ReadSide:
             return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
                                             np.full(nq, stored * row_bytes), stored * row_bytes)
 
-    def _probe_on(self, view: View, qs: np.ndarray, k: int, probes: int, out: tuple, prune) -> None:
+    def _probe_on(self, view: View, qs: np.ndarray, k: int, probes: int, out: tuple, opts: dict) -> None:
         """Queries whose probed buckets held fewer than ``k`` live rows, while the store holds
         at least ``k``, are searched again with twice the probes until they fill (or every
         bucket is probed); their rows of ``out`` are replaced in place. A query's result is
@@ -263,8 +269,7 @@ class ReadSide:
         short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
         while len(short) and probes < n_buckets:
             probes = min(2 * probes, n_buckets)
-            more = search_batch(view, self.router, qs[short], k, probes, None, explain=stats is not None,
-                                prune=prune)
+            more = search_batch(view, self.router, qs[short], k, probes, None, explain=stats is not None, **opts)
             ids[short], scores[short] = more[0], more[1]
             if stats is not None:
                 for name in ("buckets", "scanned", "bytes_read", "pruned"):

@@ -487,6 +487,8 @@ class Store:
         prune: bool | Literal["auto"] = "auto",
         explain: bool = False,
         fill: bool = True,
+        threads: int | None = None,
+        kernel: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
 
@@ -518,10 +520,15 @@ class Store:
                 ``k`` live rows, as described under ``probes``. ``False``: return what the
                 probed buckets hold (-1 beyond it); a sharded collection fills across its
                 shards instead, so that it returns what one store holding everything would.
+            threads: threads a batch runs on (default: every core this process may use);
+                buckets are split between them. Results do not depend on it.
+            kernel: ``"f32"`` or ``"bf16"`` (bfloat16 products, then exact rescoring of
+                the rows that can reach the top k: same results); default ``info()["kernel"]``:
+                bf16 where the CPU has bfloat16 matrix units (AMX, AVX-512 BF16), else f32.
         """
         self._check_open()
         return self._reads.search(queries, k, probes=probes, candidates=candidates, prune=prune,
-                                  explain=explain, fill=bool(fill))
+                                  explain=explain, fill=bool(fill), threads=threads, kernel=kernel)
 
     def query(
         self,

@@ -299,7 +299,8 @@ def _search_shard(job: _Job, shard: int, block: int, given: np.ndarray | None) -
     store = cached_store(job.shards[shard], job.lock)
     q, _ = _read_queries(job, block, given)
     _check_generation(job, shard, store)
-    out = store.search(q, job.k_search, probes=job.probes, prune=job.prune, fill=job.kind == "store")
+    # one thread: a worker's parallelism is its Dask threads, one block each
+    out = store.search(q, job.k_search, probes=job.probes, prune=job.prune, fill=job.kind == "store", threads=1)
     _check_generation(job, shard, store)
     return out[0], out[1]
 
@@ -314,7 +315,7 @@ def _finish_block(job: _Job, block: int, parts: list[tuple[np.ndarray, np.ndarra
         q, qids = _read_queries(job, block, given)
     if job.kind == "collection" and job.probes != "all":
         shards = [cached_store(p, job.lock) for p in job.shards]
-        fill_across(shards, q, job.k_search, job.probes, job.prune, ids, scores)
+        fill_across(shards, q, job.k_search, job.probes, job.prune, ids, scores, threads=1)
     if job.exclude_self:
         ids, scores = drop_self(ids, scores, qids, job.k)
     start, stop = job.bounds(block)

@@ -19,6 +19,7 @@ Budgets (per query):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..model.router import lazy_probe_order
 from ..storage.segments import SegmentReader
-from .kernels import hits, one_blas_thread
+from .kernels import error_scale, one_blas_thread, score_into
 
 Probes = Union[int, Literal["all"]]
 
@@ -203,7 +204,10 @@ class _Rows:
                     i = i[live]
                 parts.append((reader, first, n, live))
                 ids.append(i)
-        ids = np.concatenate(ids).astype(np.int64) if ids else np.empty(0, dtype=np.int64)
+        if len(ids) == 1:  # ids are < 2**63: the stored uint64 read as int64, no copy
+            ids = ids[0].view(np.int64)
+        else:
+            ids = np.concatenate(ids).astype(np.int64) if ids else np.empty(0, dtype=np.int64)
         return cls(parts, ids, nbytes)
 
     @property
@@ -330,123 +334,233 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     return (best_i, best_s, stats) if explain else (best_i, best_s)
 
 
-def _groups(keys: np.ndarray, visit: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def _groups(keys: np.ndarray, visit: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """The visited (query, probe) pairs of ``keys`` (Q, P) grouped by bucket:
-    ``(bucket, queries probing it)`` per probed bucket, by bucket key."""
+    ``(bucket, queries probing it, whether it is their home bucket)``, by bucket key."""
     qi, pos = np.nonzero(visit)
     bk = keys[qi, pos]
     order = np.argsort(bk, kind="stable")
-    qi, bk = qi[order], bk[order]
+    qi, home, bk = qi[order], pos[order] == 0, bk[order]
     uniq, start = np.unique(bk, return_index=True)
     bounds = np.append(start, len(bk)).tolist()
-    return [(int(b), qi[s:e]) for b, s, e in zip(uniq.tolist(), bounds[:-1], bounds[1:])]
+    return [(int(b), qi[s:e], home[s:e]) for b, s, e in zip(uniq.tolist(), bounds[:-1], bounds[1:])]
 
 
 @dataclass
-class _Scored:
-    """What one probed bucket gave: its rows at or above their queries' thresholds
-    (query index, score, id; in the home pass, every row's scores and ids), and what
-    scoring it cost (per query, for :class:`SearchStats`)."""
+class _Bucket:
+    """One probed bucket of a block: its live rows and the queries probing it."""
 
-    q: np.ndarray
-    s: np.ndarray
-    i: np.ndarray
-    queries: np.ndarray  # the queries that probed the bucket
-    live: int  # live rows in the bucket
-    read: np.ndarray | int  # bytes each of those queries would read alone
-    batch_read: int  # bytes the batch read
-    pruned: np.ndarray | int = 0
+    rows: _Rows
+    qs: np.ndarray
+    home: np.ndarray  # bool per query of qs: this is its home bucket (first probe)
+    pruned: bool  # the queries probing it later are pruned with LRSQ bounds, not scored
+    scored: np.ndarray  # the queries scored in pass 1: all of qs, or its home queries if pruned
+    at: int = 0  # where its scores (scored x rows, row-major) start in the block's buffer
+    #: A pruned bucket's cost for its later queries: rows each kept, code bytes, rows read.
+    cost: tuple[np.ndarray, int, int] | None = None
+
+    @property
+    def m(self) -> int:
+        return len(self.rows.ids)
+
+    @property
+    def scored_home(self) -> np.ndarray:
+        """Whether each scored query's home bucket this is."""
+        return self.home[self.home] if self.pruned else self.home[: len(self.scored)]
 
 
 class _Block:
-    """One block of a batch: the two passes of :func:`search_batch`."""
+    """One block of a batch, in three passes over its probed buckets (:func:`search_batch`):
+
+    1. score every bucket against the queries probing it (one matrix product each, into
+       one buffer); a bucket few queries probe is pruned with LRSQ bounds in pass 3
+       instead, except for the queries whose home bucket it is;
+    2. each query's threshold: the k-th best score in its home bucket (no row below it
+       can be in its top k, which holds those k rows or better ones);
+    3. the rows at or above their queries' thresholds, in one pass over the buffer (and
+       the survivors of the pruned buckets); each query's top k is selected from those.
+    """
 
     def __init__(self, view: View, router, lrsq, queries: np.ndarray, k: int, group_max: int,
                  kernel: str, pool: ThreadPoolExecutor | None, threads: int):
         self.view, self.router, self.lrsq = view, router, lrsq
         self.queries, self.k, self.group_max, self.kernel = queries, k, group_max, kernel
         self.pool, self.threads = pool, threads
-        self.qy = router.rotate(queries) if lrsq is not None else None
-        self.thr = np.full(len(queries), -np.inf, dtype=np.float32)
+
+    @functools.cached_property
+    def qy(self) -> np.ndarray:
+        """Rotated queries (LRSQ bounds), computed when a bucket is pruned."""
+        return self.router.rotate(self.queries)
 
     def search(self, probes: int, candidates: int | None, stats: SearchStats, q0: int):
         nq, k = len(self.queries), self.k
-        keys = probe_order(self.router, self.queries, probes)
+        keys = self._probe_order(probes)
         visit = _visits(self.view, keys, candidates)
         stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
-        home = self._map(self._home, _groups(keys[:, :1], visit[:, :1]))
-        # every query's home-bucket scores in one padded array: one selection for all
-        width = max([len(h.i) for h in home], default=0)
-        hs, hi = np.full((nq, max(width, 1)), -np.inf, dtype=np.float32), np.full((nq, max(width, 1)), -1)
-        for h in home:
-            hs[h.queries, : len(h.i)], hi[h.queries, : len(h.i)] = h.s, h.i
-        top_s, top_i = _select(hs, hi, k)
-        self.thr = top_s.min(axis=1)  # -inf where the home bucket holds fewer than k rows
-        rest = self._map(self._rest, _groups(keys[:, 1:], visit[:, 1:]))
-        for part in home + rest:
-            self._count(part, stats, q0)
-        real = top_i >= 0
-        q = np.concatenate([np.nonzero(real)[0]] + [p.q for p in rest])
-        s = np.concatenate([top_s[real]] + [p.s for p in rest])
-        i = np.concatenate([top_i[real]] + [p.i for p in rest])
+        buckets = [self._bucket(*g) for g in _groups(keys, visit)]
+        scores, err = self._score(buckets)
+        pairs = _Pairs(buckets)
+        thr = self._thresholds(pairs, scores, err)
+        found = [self._above(pairs, scores, err, thr, buckets)]
+        found += self._map(lambda b: self._prune(b, thr), [b for b in buckets if b.pruned and b.m])
+        self._count(buckets, stats, q0)
+        q, s, i = (np.concatenate([f[n] for f in found]) for n in range(3))
         return _top_per_query(q, s, i, nq, k)
 
-    def _map(self, fn, groups: list) -> list:
-        """``fn`` of every group, on the pool's threads in chunks (in order)."""
-        if self.pool is None or len(groups) < 2:
-            return [fn(*g) for g in groups]
-        n = min(len(groups), 8 * self.threads)
-        edges = np.linspace(0, len(groups), n + 1).astype(int).tolist()
-        chunks = [groups[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    def _probe_order(self, probes: int) -> np.ndarray:
+        """:func:`probe_order` of the block, its queries split between the threads."""
+        nq = len(self.queries)
+        if self.pool is None or nq < 2 * self.threads:
+            return probe_order(self.router, self.queries, probes)
+        edges = np.linspace(0, nq, self.threads + 1).astype(int).tolist()
+        parts = self.pool.map(lambda a, b: probe_order(self.router, self.queries[a:b], probes), edges[:-1], edges[1:])
+        return np.concatenate(list(parts))
+
+    def _map(self, fn, items: list) -> list:
+        """``fn`` of every item, in order; on the pool's threads in chunks."""
+        if self.pool is None or len(items) < 2:
+            return [fn(it) for it in items]
+        n = min(len(items), 8 * self.threads)
+        edges = np.linspace(0, len(items), n + 1).astype(int).tolist()
         out = []
-        for part in self.pool.map(lambda chunk: [fn(*g) for g in chunk], chunks):
+        for part in self.pool.map(lambda a, b: [fn(it) for it in items[a:b]], edges[:-1], edges[1:]):
             out.extend(part)
         return out
 
-    def _home(self, bucket: int, qs: np.ndarray) -> _Scored:
-        """Every row of the bucket, scored against the queries whose home bucket it is:
-        ``s`` (len(qs), live rows) and the rows' ids ``i``."""
+    def _bucket(self, bucket: int, qs: np.ndarray, home: np.ndarray) -> _Bucket:
         rows = _Rows.gather(self.view, [bucket])
-        m = len(rows.ids)
-        if m == 0:
-            return _Scored(qs, np.empty((len(qs), 0), dtype=np.float32), rows.ids, qs, 0, rows.stored_bytes,
-                           rows.stored_bytes)
-        s = self.queries[qs] @ rows.vectors().T
-        read = rows.stored_bytes + m * rows.row_bytes
-        return _Scored(qs, s, rows.ids, qs, m, read, read)
+        pruned = (self.lrsq is not None and len(qs) <= self.group_max and len(rows.ids) > 0
+                  and rows.usable_codes(self.view.router_digest))
+        scored = qs[home] if pruned else qs if len(rows.ids) else qs[:0]
+        return _Bucket(rows, qs, home, pruned, scored)
 
-    def _rest(self, bucket: int, qs: np.ndarray) -> _Scored:
-        """Rows of a later-probed bucket at or above their queries' thresholds."""
-        rows = _Rows.gather(self.view, [bucket])
-        m = len(rows.ids)
-        if m == 0:
-            empty = np.empty(0, dtype=np.int64)
-            return _Scored(empty, empty.astype(np.float32), empty, qs, 0, rows.stored_bytes, rows.stored_bytes)
-        thr = self.thr[qs]
-        if self.lrsq is not None and len(qs) <= self.group_max and rows.usable_codes(self.view.router_digest):
-            codes, aux, code_bytes = rows.codes()
-            _, lo, hi = self.lrsq.estimate(self.qy[qs], codes, aux)
-            if m >= self.k:  # k rows of this bucket score at least their k-th lower bound
-                thr = np.maximum(thr, np.partition(lo, m - self.k, axis=1)[:, m - self.k])
-            survive = hi >= thr[:, None]
-            keep = np.flatnonzero(survive.any(axis=0))
-            own = survive.sum(axis=1)
-            s = self.queries[qs] @ rows.vectors(keep).T
-            r, c = np.nonzero(survive[:, keep] & (s >= thr[:, None]))
-            read = rows.stored_bytes + code_bytes
-            return _Scored(qs[r], s[r, c], rows.ids[keep[c]], qs, m, read + own * rows.row_bytes,
-                           read + len(keep) * rows.row_bytes, m - own)
-        r, c, s = hits(self.kernel, self.queries[qs], rows.vectors(), thr)
-        read = rows.stored_bytes + m * rows.row_bytes
-        return _Scored(qs[r], s, rows.ids[c], qs, m, read, read)
+    def _score(self, buckets: list[_Bucket]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pass 1: every bucket's scores in one buffer, and (an approximate kernel) a bound
+        of each bucket's score errors per unit query error (its largest row norm)."""
+        at = 0
+        for b in buckets:
+            b.at = at
+            at += len(b.scored) * b.m
+        out = np.empty(at, dtype=np.float32)
+        err = np.zeros(len(buckets), dtype=np.float32) if self.kernel != "f32" else None
+
+        def one(j: int) -> None:
+            b = buckets[j]
+            if b.m and len(b.scored):
+                vn = score_into(self.kernel, self.queries[b.scored], b.rows.vectors(),
+                                out[b.at : b.at + len(b.scored) * b.m].reshape(len(b.scored), b.m))
+                if err is not None:
+                    err[j] = vn
+
+        self._map(one, list(range(len(buckets))))
+        return out, err
+
+    def _thresholds(self, pairs: _Pairs, scores: np.ndarray, err: np.ndarray | None) -> np.ndarray:
+        """Pass 2: each query's k-th best score in its home bucket, or a lower bound of it
+        (an approximate kernel); -inf where that bucket holds fewer than k rows."""
+        nq, k = len(self.queries), self.k
+        thr = np.full(nq, -np.inf, dtype=np.float32)
+        hp = np.flatnonzero(pairs.home)
+        width = int(pairs.length[hp].max(initial=0))
+        if width < k:
+            return thr
+        col = np.arange(width)
+        idx = np.minimum(pairs.start[hp, None] + col, len(scores) - 1)
+        hs = np.where(col < pairs.length[hp, None], scores[idx], np.float32(-np.inf))
+        if err is not None:
+            hs -= (self._query_err()[pairs.q[hp]] * err[pairs.bucket[hp]])[:, None]
+        thr[pairs.q[hp]] = np.partition(hs, width - k, axis=1)[:, width - k]
+        return thr
+
+    def _query_err(self) -> np.ndarray:
+        """Per query, the approximate kernel's error per unit row norm."""
+        return error_scale(self.kernel, self.queries)
+
+    def _above(self, pairs: _Pairs, scores: np.ndarray, err: np.ndarray | None, thr: np.ndarray,
+               buckets: list[_Bucket]):
+        """Pass 3: ``(query, score, id)`` of every scored row at or above its query's
+        threshold (an approximate kernel: within its error of it, then rescored exactly)."""
+        t = thr[pairs.q]
+        if err is not None:
+            t = t - self._query_err()[pairs.q] * err[pairs.bucket]
+        idx = np.flatnonzero(scores >= np.repeat(t, pairs.length))
+        p = np.searchsorted(pairs.start, idx, side="right") - 1
+        col = idx - pairs.start[p]
+        q, s = pairs.q[p], scores[idx]
+        bj = pairs.bucket[p]
+        i = np.concatenate([b.rows.ids for b in buckets] or [_NONE_Q])[pairs.ids_at[bj] + col]
+        if err is not None:  # exact scores of the candidates, bucket by bucket
+            edges = np.flatnonzero(np.diff(bj, prepend=-1, append=-1)).tolist()
+            s = np.concatenate([_NONE_S] + [
+                np.einsum("ij,ij->i", self.queries[q[a:z]], buckets[bj[a]].rows.vectors()[col[a:z]])
+                for a, z in zip(edges[:-1], edges[1:])])
+            keep = s >= thr[q]
+            q, s, i = q[keep], s[keep], i[keep]
+        return q, s, i
+
+    def _prune(self, b: _Bucket, thr: np.ndarray):
+        """Pass 3 for a pruned bucket's later queries: LRSQ bounds first, then exact scores
+        of the rows whose upper bound reaches the query's threshold; ``(q, s, i)`` of those
+        at or above it. Sets what those queries read and how many rows were pruned."""
+        rows, m = b.rows, b.m
+        later = b.qs[~b.home]
+        t = thr[later]
+        codes, aux, code_bytes = rows.codes()
+        _, lo, hi = self.lrsq.estimate(self.qy[later], codes, aux)
+        if m >= self.k:  # k rows of this bucket score at least their k-th lower bound
+            t = np.maximum(t, np.partition(lo, m - self.k, axis=1)[:, m - self.k])
+        survive = hi >= t[:, None]
+        keep = np.flatnonzero(survive.any(axis=0))
+        own = survive.sum(axis=1)
+        s = self.queries[later] @ rows.vectors(keep).T
+        r, c = np.nonzero(survive[:, keep] & (s >= t[:, None]))
+        b.cost = (own, code_bytes, len(keep))
+        return later[r], s[r, c], rows.ids[keep[c]]
 
     @staticmethod
-    def _count(part: _Scored, stats: SearchStats, q0: int) -> None:
-        qs = part.queries + q0
-        stats.scanned[qs] += part.live
-        stats.bytes_read[qs] += part.read
-        stats.pruned[qs] += part.pruned
-        stats.batch_bytes += part.batch_read
+    def _count(buckets: list[_Bucket], stats: SearchStats, q0: int) -> None:
+        """Add the block's rows scanned, bytes read and rows pruned to ``stats``."""
+        qs, scanned, read, pruned = [], [], [], []
+        for b in buckets:
+            whole = b.rows.stored_bytes + (b.m * b.rows.row_bytes if b.m else 0)
+            qs.append(b.qs)
+            scanned.append(np.full(len(b.qs), b.m))
+            r, p = np.full(len(b.qs), whole), np.zeros(len(b.qs), dtype=np.int64)
+            cost = b.cost
+            if cost is None:
+                stats.batch_bytes += whole
+            else:
+                own, code_bytes, kept = cost
+                r[~b.home] = b.rows.stored_bytes + code_bytes + own * b.rows.row_bytes
+                p[~b.home] = b.m - own
+                stats.batch_bytes += b.rows.stored_bytes + code_bytes + (b.m if b.home.any() else kept) * b.rows.row_bytes
+            read.append(r)
+            pruned.append(p)
+        at = np.concatenate(qs) + q0
+        n = len(stats.scanned)
+        for out, per in ((stats.scanned, scanned), (stats.bytes_read, read), (stats.pruned, pruned)):
+            out += np.bincount(at, weights=np.concatenate(per), minlength=n).astype(np.int64)
+
+
+class _Pairs:
+    """The (query, bucket) pairs scored in pass 1, in buffer order: query, bucket index,
+    whether it is the query's home bucket, where its scores start and how many there are;
+    and where each bucket's ids start in the block's concatenated ids."""
+
+    def __init__(self, buckets: list[_Bucket]):
+        n = [len(b.scored) for b in buckets]
+        m = np.array([b.m for b in buckets], dtype=np.int64)
+        self.q = np.concatenate([b.scored for b in buckets] or [_NONE_Q])
+        self.bucket = np.repeat(np.arange(len(buckets)), n)
+        self.home = np.concatenate([b.scored_home for b in buckets] or [np.zeros(0, bool)])
+        self.length = m[self.bucket]
+        self.start = np.repeat(np.array([b.at for b in buckets], dtype=np.int64), n) + (
+            np.arange(len(self.q)) - np.repeat(np.cumsum(n) - n, n)) * self.length
+        self.ids_at = np.cumsum(m) - m
+
+
+_NONE_Q = np.empty(0, dtype=np.int64)
+_NONE_S = np.empty(0, dtype=np.float32)
 
 
 def _top_per_query(q: np.ndarray, s: np.ndarray, i: np.ndarray, nq: int, k: int):

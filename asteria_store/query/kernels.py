@@ -93,35 +93,30 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-def hits(kernel: str, q: np.ndarray, v: np.ndarray, thr: np.ndarray):
-    """Rows of ``v`` (n, d) scoring at least ``thr`` (Q,) against each query of ``q``
-    (Q, d): ``(r, c, s)``, query index, row index and exact float32 score of each."""
-    if kernel == "bf16":
-        return _hits_bf16(q, v, thr)
-    s = q @ v.T
-    r, c = np.nonzero(s >= thr[:, None])
-    return r, c, s[r, c]
-
-
-def _hits_bf16(q: np.ndarray, v: np.ndarray, thr: np.ndarray):
-    """bfloat16 scores, then exact rescoring of every row whose approximate score is
-    within the certified error of the threshold.
-
-    With u = 2**-8, rounding q and v to bfloat16 changes each product q_i v_i by at most
-    (2u + u^2)|q_i v_i|; accumulating d of them in float32 adds at most d * 2**-24 times
-    their absolute sum, and rounding the result to bfloat16 adds u of it. The absolute sum
-    is at most ||q|| ||v|| (Cauchy-Schwarz), so ``|exact - approx| <= eps ||q|| ||v||``
-    with eps below, rounded well up.
-    """
-    d = q.shape[1]
-    eps = 4 * _BF16_U + d * 2.0**-22
+def score_into(kernel: str, q: np.ndarray, v: np.ndarray, out: np.ndarray) -> float:
+    """Scores of ``q`` (Q, d) against ``v`` (n, d), both float32, into ``out`` (Q, n):
+    exact (``"f32"``), or approximate within ``error_scale(q) * (the returned largest row
+    norm of v)`` (``"bf16"``; 0.0 is returned for an exact kernel)."""
+    if kernel == "f32":
+        np.matmul(q, v.T, out=out)
+        return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only memory map: only read
-        approx = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(np.ascontiguousarray(v)).bfloat16().T)
-    approx = approx.float().numpy()
-    qn = np.sqrt(np.einsum("ij,ij->i", q, q)) * np.float32(eps)
-    vn = np.sqrt(np.einsum("ij,ij->i", v, v))
-    r, c = np.nonzero(approx >= thr[:, None] - qn[:, None] * vn[None, :])
-    s = np.einsum("ij,ij->i", q[r], v[c])
-    keep = s >= thr[r]
-    return r[keep], c[keep], s[keep]
+        approx = torch.from_numpy(q).bfloat16() @ torch.from_numpy(np.ascontiguousarray(v)).bfloat16().T
+    out[...] = approx.float().numpy()
+    return float(np.sqrt(np.einsum("ij,ij->i", v, v).max()))
+
+
+def error_scale(kernel: str, q: np.ndarray) -> np.ndarray:
+    """Per query (Q, d), the kernel's score error per unit row norm: 0 for ``"f32"``.
+
+    ``"bf16"``: with u = 2**-8, rounding q and v to bfloat16 changes each product q_i v_i
+    by at most (2u + u^2)|q_i v_i|; accumulating d of them in float32 adds at most
+    d * 2**-24 times their absolute sum, and rounding the result to bfloat16 adds u of it.
+    The absolute sum is at most ||q|| ||v|| (Cauchy-Schwarz), so
+    ``|exact - approx| <= eps ||q|| ||v||`` with eps below, rounded well up.
+    """
+    if kernel == "f32":
+        return np.zeros(len(q), dtype=np.float32)
+    eps = np.float32(4 * _BF16_U + q.shape[1] * 2.0**-22)
+    return np.sqrt(np.einsum("ij,ij->i", q, q)) * eps
