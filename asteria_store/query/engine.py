@@ -179,6 +179,12 @@ PRUNE_GROUP_MAX = 4
 #: Probe scores and per-query candidates held at once: a batch is searched in blocks of queries.
 _BLOCK_CELLS = 1 << 22
 
+#: Scores of probed rows held at once (pass 1 of a block; 4 bytes each).
+_SCORE_CELLS = 1 << 24
+
+#: Queries whose probe order is computed together (one product with every bucket's centroid).
+_PROBE_CHUNK = 512
+
 
 @dataclass
 class _Rows:
@@ -320,7 +326,10 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     best_i = np.empty((nq, k), dtype=np.int64)
     best_s = np.empty((nq, k), dtype=np.float32)
     n_buckets = 2 ** int(getattr(router, "bits", 0)) or 1
-    block = max(1, min(nq, _BLOCK_CELLS // max(n_buckets, min(probes, n_buckets) * k)))
+    p = min(probes, n_buckets)
+    # probe scores and candidates per query, and the scores of its probed rows (pass 1)
+    block = min(_BLOCK_CELLS // max(n_buckets, p * k), _SCORE_CELLS // max(1, p * view.count // n_buckets))
+    block = max(1, min(nq, block))
     pool = ThreadPoolExecutor(threads) if threads > 1 and nq > 1 else None
     try:
         with one_blas_thread():
@@ -408,13 +417,13 @@ class _Block:
         return _top_per_query(q, s, i, nq, k)
 
     def _probe_order(self, probes: int) -> np.ndarray:
-        """:func:`probe_order` of the block, its queries split between the threads."""
+        """:func:`probe_order` of the block in chunks of queries, on the threads. The
+        chunks do not depend on the thread count (a product's rounding depends on its
+        shape), so neither does the probe order."""
         nq = len(self.queries)
-        if self.pool is None or nq < 2 * self.threads:
-            return probe_order(self.router, self.queries, probes)
-        edges = np.linspace(0, nq, self.threads + 1).astype(int).tolist()
-        parts = self.pool.map(lambda a, b: probe_order(self.router, self.queries[a:b], probes), edges[:-1], edges[1:])
-        return np.concatenate(list(parts))
+        starts = list(range(0, nq, _PROBE_CHUNK))
+        parts = self._map(lambda a: probe_order(self.router, self.queries[a : a + _PROBE_CHUNK], probes), starts)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _map(self, fn, items: list) -> list:
         """``fn`` of every item, in order; on the pool's threads in chunks."""
@@ -520,26 +529,26 @@ class _Block:
     @staticmethod
     def _count(buckets: list[_Bucket], stats: SearchStats, q0: int) -> None:
         """Add the block's rows scanned, bytes read and rows pruned to ``stats``."""
-        qs, scanned, read, pruned = [], [], [], []
-        for b in buckets:
-            whole = b.rows.stored_bytes + (b.m * b.rows.row_bytes if b.m else 0)
-            qs.append(b.qs)
-            scanned.append(np.full(len(b.qs), b.m))
-            r, p = np.full(len(b.qs), whole), np.zeros(len(b.qs), dtype=np.int64)
-            cost = b.cost
-            if cost is None:
-                stats.batch_bytes += whole
-            else:
-                own, code_bytes, kept = cost
-                r[~b.home] = b.rows.stored_bytes + code_bytes + own * b.rows.row_bytes
-                p[~b.home] = b.m - own
-                stats.batch_bytes += b.rows.stored_bytes + code_bytes + (b.m if b.home.any() else kept) * b.rows.row_bytes
-            read.append(r)
-            pruned.append(p)
-        at = np.concatenate(qs) + q0
-        n = len(stats.scanned)
-        for out, per in ((stats.scanned, scanned), (stats.bytes_read, read), (stats.pruned, pruned)):
-            out += np.bincount(at, weights=np.concatenate(per), minlength=n).astype(np.int64)
+        n = np.array([len(b.qs) for b in buckets], dtype=np.int64)
+        m = np.array([b.m for b in buckets], dtype=np.int64)
+        whole = np.array([b.rows.stored_bytes + (b.m * b.rows.row_bytes if b.m else 0) for b in buckets],
+                         dtype=np.int64)
+        read, pruned = np.repeat(whole, n), np.zeros(int(n.sum()), dtype=np.int64)
+        batch = whole.copy()
+        starts = np.cumsum(n) - n
+        for j in [j for j, b in enumerate(buckets) if b.cost is not None]:
+            b = buckets[j]
+            own, code_bytes, kept = b.cost
+            at = starts[j] + np.flatnonzero(~b.home)
+            read[at] = b.rows.stored_bytes + code_bytes + own * b.rows.row_bytes
+            pruned[at] = b.m - own
+            batch[j] = b.rows.stored_bytes + code_bytes + (b.m if b.home.any() else kept) * b.rows.row_bytes
+        qs = np.concatenate([b.qs for b in buckets] or [_NONE_Q]) + q0
+        size = len(stats.scanned)
+        stats.scanned += np.bincount(qs, weights=np.repeat(m, n), minlength=size).astype(np.int64)
+        stats.bytes_read += np.bincount(qs, weights=read, minlength=size).astype(np.int64)
+        stats.pruned += np.bincount(qs, weights=pruned, minlength=size).astype(np.int64)
+        stats.batch_bytes += int(batch.sum())
 
 
 class _Pairs:
@@ -566,7 +575,10 @@ _NONE_S = np.empty(0, dtype=np.float32)
 def _top_per_query(q: np.ndarray, s: np.ndarray, i: np.ndarray, nq: int, k: int):
     """The k best (score desc, id asc) of each query's candidates ``(q, s, i)``, best
     first: (nq, k) ids and scores, padded with -1 / -inf."""
-    order = np.lexsort((i, -s, q))
+    key = (q.astype(np.uint64) << np.uint64(32)) | _descending(s).astype(np.uint64)
+    order = np.argsort(key)
+    if len(key) > 1 and (np.diff(key[order]) == 0).any():  # equal scores: by id
+        order = np.lexsort((i, key))
     q, s, i = q[order], s[order], i[order]
     rank = np.arange(len(q)) - np.searchsorted(q, q)
     keep = rank < k
@@ -574,6 +586,14 @@ def _top_per_query(q: np.ndarray, s: np.ndarray, i: np.ndarray, nq: int, k: int)
     out_s[q[keep], rank[keep]] = s[keep]
     out_i[q[keep], rank[keep]] = i[keep]
     return out_i, out_s
+
+
+def _descending(s: np.ndarray) -> np.ndarray:
+    """uint32 keys of float32 scores, ascending as the scores descend (equal scores,
+    -0.0 and 0.0 included, get equal keys)."""
+    b = (np.asarray(s, dtype=np.float32) + np.float32(0)).view(np.uint32)
+    up = np.where(b >> np.uint32(31), ~b, b | np.uint32(0x80000000))  # ascending with s
+    return ~up
 
 
 def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, probes: int,

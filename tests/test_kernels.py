@@ -1,0 +1,123 @@
+"""Scoring kernels and threads of the batch path: neither changes a result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asteria_store
+from asteria_store.query import kernels
+
+DATA = Path(__file__).parent / "data"
+K = 10
+
+
+@pytest.fixture(scope="module")
+def wordnet() -> tuple[np.ndarray, np.ndarray]:
+    base = np.load(DATA / "wordnet_base_3000.f16.npy").astype(np.float32)
+    queries = np.load(DATA / "wordnet_queries_200.f16.npy").astype(np.float32)
+    return base, queries
+
+
+@pytest.fixture(scope="module", params=["learned", "sign"])
+def store(request, wordnet, tmp_path_factory):
+    base, _ = wordnet
+    path = tmp_path_factory.mktemp(request.param) / "store"
+    s = asteria_store.create(path, dim=384, router=request.param, bits=5 if request.param == "learned" else 6)
+    s.ingest(base[:2000])
+    s.ingest(base[2000:])
+    s.delete(np.arange(0, 3000, 41))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("k", [1, 10, 50])
+@pytest.mark.parametrize("prune", [False, "auto", True])
+def test_bf16_kernel_gives_the_f32_results(store, wordnet, k, prune) -> None:
+    """bfloat16 products plus exact rescoring of every row within the certified error of
+    a threshold: the same ids and exact scores as float32 scoring."""
+    _, queries = wordnet
+    ref_i, ref_s = store.search(queries, k, probes=8, prune=prune, kernel="f32")
+    ids, scores = store.search(queries, k, probes=8, prune=prune, kernel="bf16")
+    assert_same_up_to_rounding(ids, scores, ref_i, ref_s)
+    assert (ids == ref_i).mean() > 0.99
+
+
+def assert_same_up_to_rounding(ids, scores, ref_i, ref_s, atol=1e-6) -> None:
+    """Equal results, except that rows whose exact scores differ by float32 rounding only
+    (a product of another shape sums in another order) may trade places."""
+    np.testing.assert_allclose(scores, ref_s, rtol=0, atol=atol)
+    for r in np.flatnonzero((ids != ref_i).any(axis=1)):
+        differ = ids[r] != ref_i[r]
+        assert np.abs(scores[r, differ] - ref_s[r, differ]).max() <= atol
+        kth = ref_s[r, -1]
+        clear = ref_s[r] > kth + atol  # far above the k-th: must be found by both
+        assert set(ref_i[r, clear]) <= set(ids[r]), r
+        near = np.abs(ref_s[r, differ] - kth) <= atol
+        swapped = np.abs(np.diff(ref_s[r])) <= atol
+        assert near.all() or swapped.any(), r
+
+
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
+def test_threads_do_not_change_results(store, wordnet, kernel) -> None:
+    """Buckets are split between threads, each bucket scored by one product of the same
+    shape: results are identical, scores to the bit."""
+    _, queries = wordnet
+    one = store.search(queries, K, probes=8, threads=1, kernel=kernel, explain=True)
+    two = store.search(queries, K, probes=8, threads=2, kernel=kernel, explain=True)
+    three = store.search(queries, K, probes=8, threads=3, kernel=kernel)
+    for a, b in ((one, two), (one, three)):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    for name in ("buckets", "scanned", "bytes_read", "pruned"):
+        np.testing.assert_array_equal(getattr(one[2], name), getattr(two[2], name))
+    assert one[2].batch_bytes == two[2].batch_bytes
+
+
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
+def test_equal_scores_are_ordered_by_id_in_every_kernel(tmp_path, kernel) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x[100:160] = x[7]  # 61 equal vectors: ties far beyond k
+    with asteria_store.create(tmp_path / "s", dim=16, router="sign", bits=3) as s:
+        s.ingest(x)
+        for threads in (1, 2):
+            ids, scores = s.search(np.tile(x[7], (5, 1)), 20, probes=3, kernel=kernel, threads=threads)
+            np.testing.assert_array_equal(ids[0], [7, *range(100, 119)])
+            assert (scores[:, :20] == scores[0, 0]).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 37.0])
+def test_bf16_error_bound_holds(scale) -> None:
+    """|exact - bfloat16 score| <= error_scale(q) * max row norm, for unnormalised rows
+    (inner product metric) too; and the bound is not vacuous."""
+    rng = np.random.default_rng(int(scale))
+    q = (rng.standard_normal((64, 384)) * scale).astype(np.float32)
+    v = (rng.standard_normal((500, 384)) * rng.uniform(0.1, 3, (500, 1))).astype(np.float32)
+    out = np.empty((64, 500), dtype=np.float32)
+    vmax = kernels.score_into("bf16", q, v, out)
+    exact = q.astype(np.float64) @ v.T.astype(np.float64)
+    bound = kernels.error_scale("bf16", q)[:, None] * vmax
+    err = np.abs(exact - out)
+    assert (err <= bound).all()
+    assert err.max() > 0.01 * bound.max()  # an approximation, and a bound of its size
+    assert (kernels.error_scale("f32", q) == 0).all()
+
+
+def test_kernel_choice_and_bad_arguments(store, wordnet, monkeypatch) -> None:
+    _, queries = wordnet
+    assert store.info()["kernel"] in kernels.KERNELS
+    monkeypatch.setenv("ASTERIA_KERNEL", "bf16")
+    assert store.info()["kernel"] == "bf16"
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    monkeypatch.delenv("ASTERIA_KERNEL")
+    assert kernels.default_kernel() == "bf16"
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert kernels.default_kernel() == "f32"
+    with pytest.raises(asteria_store.InvalidArgumentError, match="kernel must be"):
+        store.search(queries[:2], K, kernel="int4")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(asteria_store.InvalidArgumentError, match="threads must be"):
+            store.search(queries[:2], K, threads=bad)
