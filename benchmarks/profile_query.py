@@ -4,9 +4,9 @@
         --queries ../shared/datasets/wordnet-minilm/queries_examples.f16.npy --probes 64
 
 Runs the stages of ``asteria_store.query.engine``'s one-query pruned path by hand on a built
-learned store: probe order, extents and ids of the probed buckets, gathering their LRSQ
-codes, rotating the query, the bound estimate, the threshold, reading the survivors' full
-vectors, exact scores. Also times ``Store.query`` end to end (the difference is the store
+learned store: probe order, the probed buckets' row ranges and ids, rotating the query, the
+compiled bound pass over the mapped LRSQ codes (query/native.py), the threshold, reading the
+survivors' full vectors, exact scores and the top k. Also times ``Store.query`` end to end (the difference is the store
 layer: input checks, normalisation, catalog generation check).
 """
 
@@ -35,37 +35,36 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import asteria_store
-    from asteria_store.query.engine import _Rows, _visits, probe_order
+    from asteria_store.query import native
+    from asteria_store.query.engine import _Ranges, _select, _sorted, _visits, probe_order
 
     q = np.load(args.queries)[: args.nq].astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     store = asteria_store.open(args.store, readonly=True)
     view, router = store._current_view(), store.router
     lrsq, k = router.lrsq, args.k
-    stages = ["probe order", "extents+ids", "gather codes", "rotate", "estimate", "threshold",
-              "survivor vectors", "exact scores"]
+    stages = ["probe order", "row ranges and ids", "rotate", "bounds (compiled)", "threshold",
+              "survivor vectors", "exact scores and top k"]
     times, rows_n, kept = [], [], []
-    for rep in range(2):  # the first pass warms the page cache and the extent cache
+    for rep in range(2):  # the first pass warms the page cache, the extent cache and the kernel
         times.clear()
         for v in q:
             t = [time.perf_counter()]
             keys = probe_order(router, v[None, :], args.probes)
             keys = keys[_visits(view, keys, None)].tolist()
             t.append(time.perf_counter())
-            rows = _Rows.gather(view, keys)
+            rows = _Ranges(view, keys)
             t.append(time.perf_counter())
-            codes, aux, _ = rows.codes()
+            qy = router.rotate(v[None, :])[0]
             t.append(time.perf_counter())
-            qy = router.rotate(v[None, :])
+            lo, hi = native.bounds(rows.parts, qy, lrsq, rows.n)
             t.append(time.perf_counter())
-            _, lo, hi = lrsq.estimate(qy, codes, aux)
-            t.append(time.perf_counter())
-            m = len(rows.ids)
-            keep = np.flatnonzero(hi[0] >= np.partition(lo[0], m - k)[m - k])
+            m = rows.n
+            keep = np.flatnonzero(hi >= np.partition(lo, m - k)[m - k])
             t.append(time.perf_counter())
             vecs = rows.vectors(keep)
             t.append(time.perf_counter())
-            _ = vecs @ v
+            _sorted(*_select((vecs @ v)[None, :], rows.ids[keep], k))
             t.append(time.perf_counter())
             times.append(np.diff(t) * 1000)
             rows_n.append(m)

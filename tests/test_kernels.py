@@ -121,3 +121,30 @@ def test_kernel_choice_and_bad_arguments(store, wordnet, monkeypatch) -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(asteria_store.InvalidArgumentError, match="threads must be"):
             store.search(queries[:2], K, threads=bad)
+
+
+def test_compiled_one_query_bounds_are_certified(store, wordnet) -> None:
+    """The compiled bound pass over the mapped codes (one query's path) brackets every
+    exact score and matches the numpy estimate of model/lrsq.py."""
+    from asteria_store.query import native
+    from asteria_store.query.engine import _Ranges
+
+    if store.router.kind != "ecvh":
+        pytest.skip("LRSQ codes come with the learned router")
+    base, queries = wordnet
+    view, router = store._current_view(), store.router
+    rows = _Ranges(view, list(range(2 ** router.bits)))  # every bucket: every stored row
+    assert rows.usable and rows.n == 3000 and len(rows.parts) >= 1
+    q = queries[:20] / np.linalg.norm(queries[:20], axis=1, keepdims=True)
+    vecs = rows.vectors(np.arange(rows.n))
+    for v in q:
+        lo, hi = native.bounds(rows.parts, router.rotate(v[None, :])[0], router.lrsq, rows.n)
+        exact = vecs.astype(np.float64) @ v.astype(np.float64)
+        assert (lo <= exact).all() and (exact <= hi).all()
+        assert np.median(hi - lo) < 0.5  # not vacuous (scores span [-1, 1])
+        codes = np.concatenate([p[0][a:b] for p in rows.parts for a, b in zip(p[2], p[3])])
+        aux = np.concatenate([p[1][a:b] for p in rows.parts for a, b in zip(p[2], p[3])])
+        order = np.concatenate([np.arange(at, at + b - a) for p in rows.parts for a, b, at in zip(p[2], p[3], p[4])])
+        _, lo_np, hi_np = router.lrsq.estimate(router.rotate(v[None, :]), codes, aux)
+        np.testing.assert_allclose(lo[order], lo_np[0], atol=2e-5)
+        np.testing.assert_allclose(hi[order], hi_np[0], atol=2e-5)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..model.router import lazy_probe_order
 from ..storage.segments import SegmentReader
+from . import native
 from .kernels import error_scale, one_blas_thread, score_into
 
 Probes = Union[int, Literal["all"]]
@@ -598,29 +599,109 @@ def _descending(s: np.ndarray) -> np.ndarray:
 
 def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, probes: int,
                        candidates: int | None):
-    """One query with LRSQ pruning over ALL its probed rows at once: one bound estimate,
-    one threshold (the k-th best lower bound), one exact rescoring of the survivors.
-    Same result as the bucket-by-bucket path (both lossless), far fewer numpy calls.
-    None when a probed segment has no usable codes (the caller falls back)."""
+    """One query with LRSQ pruning over ALL its probed rows at once: the bounds of every
+    probed row in one compiled pass over the mapped chunks (native.py), one threshold
+    (the k-th best lower bound), one exact rescoring of the survivors. Same result as the
+    batch path (both lossless). None when a probed segment has no usable codes (the
+    caller falls back)."""
     keys = probe_order(router, query[None, :], probes)
     keys = keys[_visits(view, keys, candidates)].tolist()
-    rows = _Rows.gather(view, keys)
-    if not rows.usable_codes(view.router_digest):
+    rows = _Ranges(view, keys)
+    if not rows.usable:
         return None
     best_s, best_i = _empty(1, k)
-    m = len(rows.ids)
-    if m == 0:
-        stats = SearchStats(np.array([len(keys)]), np.array([0]), np.array([rows.stored_bytes]),
-                            rows.stored_bytes, np.array([0]))
+    n = rows.n
+    code_bytes = rows.code_bytes
+    if n == 0:
+        stats = SearchStats(np.array([len(keys)]), np.array([0]), np.array([0]), 0, np.array([0]))
         return best_i, best_s, stats
-    codes, aux, code_bytes = rows.codes()
-    _, lo, hi = lrsq.estimate(router.rotate(query[None, :]), codes, aux)
-    thr = np.partition(lo[0], m - k)[m - k] if m >= k else -np.inf
-    keep = np.flatnonzero(hi[0] >= thr)
-    s = (rows.vectors(keep) @ query)[None, :]
-    best_s, best_i = _sorted(*_select(s, rows.ids[keep], k))
-    row_bytes = rows.row_bytes
-    nbytes = rows.stored_bytes + code_bytes + len(keep) * row_bytes
+    lo, hi = native.bounds(rows.parts, router.rotate(query[None, :])[0], lrsq, n)
+    live = rows.live()
+    m = n if live is None else int(live.sum())
+    if live is not None:
+        lo[~live] = -np.inf
+        hi[~live] = -np.inf
+    thr = np.partition(lo, n - k)[n - k] if m >= k else -np.inf
+    keep = np.flatnonzero(hi >= thr) if m >= k else np.flatnonzero(live if live is not None else hi >= thr)
+    s, i = rows.vectors(keep) @ query, rows.ids[keep]
+    top = np.lexsort((i, -s))[:k]  # a few dozen survivors: sort them all
+    best_s[0, : len(top)], best_i[0, : len(top)] = s[top], i[top]
+    nbytes = rows.id_bytes + code_bytes + len(keep) * rows.row_bytes
     stats = SearchStats(np.array([len(keys)]), np.array([m]), np.array([nbytes]), nbytes,
                         np.array([m - len(keep)]))
     return best_i, best_s, stats
+
+
+class _Ranges:
+    """The stored rows of some buckets, in probe order, as row ranges of mapped chunks:
+    what one query reads. :attr:`parts` groups the ranges by chunk for native.bounds."""
+
+    def __init__(self, view: View, keys: list[int]):
+        self.view = view
+        ext = np.array([e for key in keys for e in view.extents(key)], dtype=np.int64).reshape(-1, 3)
+        seg, first, n = ext[:, 0], ext[:, 1], ext[:, 2]
+        c = np.array([view.segments[s].chunk_rows for s in seg.tolist()], dtype=np.int64)
+        c0, c1 = first // c, (first + n - 1) // c
+        if (c1 > c0).any():  # a range across chunk boundaries: one piece per chunk
+            pieces = c1 - c0 + 1
+            idx = np.repeat(np.arange(len(seg)), pieces)
+            ci = c0[idx] + np.arange(len(idx)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+            lo = np.maximum(first[idx], ci * c[idx])
+            hi = np.minimum(first[idx] + n[idx], (ci + 1) * c[idx])
+            seg, first, n, c, c0 = seg[idx], lo, hi - lo, c[idx], ci
+        self.seg, self.first, self.length = seg, first, n
+        self.at = np.cumsum(n) - n
+        self.n = int(n.sum())
+        self.readers = [view.segments[s] for s in np.unique(seg).tolist()]
+        self.usable = all(r.lrsq_meta is not None and r.lrsq_meta["model"] == view.router_digest
+                          for r in self.readers)
+        local = first - c0 * c
+        ids = [view.segments[s]._chunk("ids", ch)[a : a + m]
+               for s, ch, a, m in zip(seg.tolist(), c0.tolist(), local.tolist(), n.tolist())]
+        self.ids = np.concatenate(ids).view(np.int64) if ids else _NONE_Q
+        self.parts = []
+        if self.usable and len(seg):
+            key = seg * (1 << 32) + c0
+            order = np.argsort(key, kind="stable")
+            bounds = np.flatnonzero(np.diff(key[order], prepend=-1)).tolist() + [len(order)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                sel = order[a:b]
+                reader, ch = view.segments[int(seg[sel[0]])], int(c0[sel[0]])
+                self.parts.append((reader._chunk("lrsq", ch), reader._chunk("lrsq_aux", ch), local[sel],
+                                   local[sel] + n[sel], self.at[sel]))
+
+    @property
+    def id_bytes(self) -> int:
+        return self.n * 8
+
+    @property
+    def code_bytes(self) -> int:
+        return sum(int(self.length[self.seg == s].sum()) * (r.lrsq_meta["rank"] + 2 * r.lrsq_meta["aux"])
+                   for s, r in self.view.segments.items() if r in self.readers) if self.usable else 0
+
+    @property
+    def row_bytes(self) -> int:
+        r = self.readers[0]
+        return r.dim * r.dtype.itemsize
+
+    def live(self) -> np.ndarray | None:
+        """Which rows are live (None: all)."""
+        if not any(len(self.view.deleted.get(s, ())) for s in np.unique(self.seg).tolist()):
+            return None
+        masks = [self.view.live_mask(s, f, n) for s, f, n in zip(self.seg.tolist(), self.first.tolist(),
+                                                                  self.length.tolist())]
+        return np.concatenate([np.ones(n, dtype=bool) if mk is None else mk
+                               for mk, n in zip(masks, self.length.tolist())])
+
+    def vectors(self, pos: np.ndarray) -> np.ndarray:
+        """float32 vectors of the rows at positions ``pos``."""
+        r = np.searchsorted(self.at, pos, side="right") - 1
+        rows = self.first[r] + pos - self.at[r]
+        segs = self.seg[r]
+        if len(self.readers) == 1:
+            return self.readers[0].take_vectors(rows)
+        out = np.empty((len(pos), self.readers[0].dim), dtype=np.float32)
+        for s in np.unique(segs).tolist():
+            mine = segs == s
+            out[mine] = self.view.segments[s].take_vectors(rows[mine])
+        return out
