@@ -124,7 +124,7 @@ class Asteria(System):
         self.store = self.lib.open(self.a.store, readonly=True)
 
     def batch(self, q, k):
-        ids, _, st = self.store.search(q, k, probes=self.p, explain=True)
+        ids, _, st = self.store.search(q, k, probes=self.p, explain=True, threads=self.a.threads_n)
         return ids, {"scanned_per_query": float(st.scanned.mean()),
                      "batch_kib_per_query": float(st.batch_bytes / len(q) / 1024)}
 
@@ -337,6 +337,7 @@ def child(a: argparse.Namespace) -> None:
     for p in s.sweep:
         s.set(p)
         s.batch(q, a.k)  # warm-up: the same batch, untimed (page cache, memory maps, lazy init)
+        s.one(q[0])  # and one query alone (asteria compiles or loads its one-query kernel)
         t = time.perf_counter()
         ids, extra = s.batch(q, a.k)
         batch_s = time.perf_counter() - t
@@ -396,21 +397,24 @@ def report(rows: list[dict], target: float) -> str:
                      f"{fmt(r['single_qps'])} | {fmt(r['p50_ms'], '.2f')} | {fmt(r['p99_ms'], '.2f')} | "
                      f"{r['recall@10']:.3f} | {fmt(r['kib_read_per_query'], ',.1f')} | "
                      f"{fmt(r['peak_rss_mib'])} | {fmt(r.get('build_s'), '.1f')} |")
-    lines.append(f"\nBest batch QPS at recall@10 >= {target} (ratio to faiss IVF-Flat's best there):")
+    lines.append(f"\nBest batch QPS at recall@10 >= {target}, and ratios to faiss IVF-Flat's and HNSW's best there:")
     for t in sorted({r["threads"] for r in rows}):
         best: dict[str, dict] = {}
         for r in (r for r in rows if r["threads"] == t):
             b = best.setdefault(r["label"], {})
             if r["recall@10"] >= target and r["batch_qps"] > b.get("batch_qps", -1):
                 best[r["label"]] = r
-        ref = next((b["batch_qps"] for b in best.values() if b.get("system") == "faiss-ivf"), None)
+        refs = {name: next((b for b in best.values() if b.get("system") == name), None)
+                for name in ("faiss-ivf", "faiss-hnsw")}
         for label, b in best.items():
             if not b:
                 lines.append(f"- {label}, {t} thread(s): recall@10 {target} not reached")
-            else:
-                lines.append(f"- {label}, {t} thread(s): {b['batch_qps']:,.0f} QPS at {b['params']} "
-                             f"(recall@10 {b['recall@10']:.3f}) = "
-                             + (f"{b['batch_qps'] / ref:.2f}x faiss IVF-Flat" if ref else "n/a vs faiss IVF-Flat"))
+                continue
+            ratios = [f"{b['batch_qps'] / r['batch_qps']:.2f}x {r['label']}'s batch QPS, "
+                      f"{r['p50_ms'] / b['p50_ms']:.2f}x its one-query speed (p50)"
+                      for r in refs.values() if r and r is not b]
+            lines.append(f"- {label}, {t} thread(s): {b['batch_qps']:,.0f} QPS, p50 {b['p50_ms']:.2f} ms at "
+                         f"{b['params']} (recall@10 {b['recall@10']:.3f})" + (": " + "; ".join(ratios) if ratios else ""))
     return "\n".join(lines)
 
 
@@ -487,6 +491,37 @@ def parent(a: argparse.Namespace) -> None:
     if "lancedb" in names:
         prepare("lancedb", [])
     rows = []
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
+    if spinners:
+        print(f"{a.busy} busy process(es) spinning on the cores while the systems run", file=sys.stderr)
+    try:
+        rows = run_all(names, threads, disk, extra)
+    finally:
+        for sp in spinners:
+            sp.kill()
+            sp.wait()
+    meta = {"n": a.n, "dim": a.dim, "nq": nq, "k": a.k, "dataset": dataset, "queries": queries,
+            "gt": Path(a.gt).name if a.gt else "numpy brute force", "nlist": nlist, "busy": a.busy,
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores"}
+    rows = [{**r, **meta} for r in rows]
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    if not rows:
+        sys.exit("no system produced results")
+    text = report(rows, a.target_recall)
+    busy = f", {a.busy} core(s) kept busy" if a.busy else ""
+    print(f"\n{dataset} / {queries}: {a.n:,} x {a.dim}, {nq} queries, k={a.k}, threads {a.threads}{busy}\n\n{text}")
+    if a.table:
+        Path(a.table).write_text(text + "\n")
+    if a.plot:
+        plot(rows, a.plot, plot_title(dataset, queries, a.n, a.k, a.threads), a.target_recall)
+        print(f"\nplot: {a.plot}", file=sys.stderr)
+
+
+def run_all(names: list[str], threads: list[int], disk: dict, extra: list[str]) -> list[dict]:
+    rows = []
     for t in threads:
         for name in names:
             if "skipped" in disk.get(name, {}):
@@ -501,23 +536,7 @@ def parent(a: argparse.Namespace) -> None:
                     if name in disk:
                         r["build_s"] = disk[name]["build_s"]
                     rows.append(r)
-    meta = {"n": a.n, "dim": a.dim, "nq": nq, "k": a.k, "dataset": dataset, "queries": queries,
-            "gt": Path(a.gt).name if a.gt else "numpy brute force", "nlist": nlist,
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores"}
-    rows = [{**r, **meta} for r in rows]
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-    if not rows:
-        sys.exit("no system produced results")
-    text = report(rows, a.target_recall)
-    print(f"\n{dataset} / {queries}: {a.n:,} x {a.dim}, {nq} queries, k={a.k}, threads {a.threads}\n\n{text}")
-    if a.table:
-        Path(a.table).write_text(text + "\n")
-    if a.plot:
-        plot(rows, a.plot, plot_title(dataset, queries, a.n, a.k, a.threads), a.target_recall)
-        print(f"\nplot: {a.plot}", file=sys.stderr)
+    return rows
 
 
 def main() -> None:
@@ -539,6 +558,8 @@ def main() -> None:
     ap.add_argument("--lance-nprobe", default="16,32,64")
     ap.add_argument("--lance-nq", type=int, default=300, help="cap on lancedb queries timed one by one")
     ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--busy", type=int, default=0,
+                    help="processes spinning on the cores while the systems run (a loaded machine)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--table", default=None, help="also write the markdown table here")
     ap.add_argument("--plot", default=None, help="recall@10 vs batch QPS PNG")

@@ -147,7 +147,7 @@ def test_info_keys_and_values(tmp_store) -> None:
     assert set(info) == {
         "path", "format_version", "dim", "metric", "dtype", "chunk_rows", "count", "segments",
         "rows_stored", "deleted", "router", "extents", "generation", "next_id", "disk_bytes", "pending_training",
-        "retired", "buckets", "fitted_rows", "grows", "maintenance",
+        "retired", "buckets", "fitted_rows", "grows", "maintenance", "kernel",
     }
     # A learned store's baseline serves until MIN_TRAIN_ROWS vectors: sized for that many.
     expected_bits = bits_for_size(1_000)

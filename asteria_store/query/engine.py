@@ -331,17 +331,25 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     # probe scores and candidates per query, and the scores of its probed rows (pass 1)
     block = min(_BLOCK_CELLS // max(n_buckets, p * k), _SCORE_CELLS // max(1, p * view.count // n_buckets))
     block = max(1, min(nq, block))
-    pool = ThreadPoolExecutor(threads) if threads > 1 and nq > 1 else None
-    try:
-        with one_blas_thread():
-            for q0 in range(0, nq, block):
-                q1 = min(nq, q0 + block)
-                ctx = _Block(view, router, lrsq, queries[q0:q1], k, group_max, kernel, pool, threads)
-                best_i[q0:q1], best_s[q0:q1] = ctx.search(probes, candidates, stats, q0)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    pool = _pool(threads) if threads > 1 and nq >= _POOL_MIN_QUERIES else None
+    with one_blas_thread():
+        for q0 in range(0, nq, block):
+            q1 = min(nq, q0 + block)
+            ctx = _Block(view, router, lrsq, queries[q0:q1], k, group_max, kernel, pool, threads)
+            best_i[q0:q1], best_s[q0:q1] = ctx.search(probes, candidates, stats, q0)
     return (best_i, best_s, stats) if explain else (best_i, best_s)
+
+
+#: Batches smaller than this run on the calling thread (a pool's hand-offs would cost more).
+_POOL_MIN_QUERIES = 32
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` search threads, made on first use and shared by
+    every search that asks for that many (they wait for its threads, so concurrent searches
+    share the cores rather than oversubscribe them)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="asteria-search")
 
 
 def _groups(keys: np.ndarray, visit: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
