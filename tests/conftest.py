@@ -133,3 +133,16 @@ def wordnet() -> Dataset:
         _frozen(np.load(DATA_DIR / "wordnet_base_3000.f16.npy")),
         _frozen(np.load(DATA_DIR / "wordnet_queries_200.f16.npy")),
     )
+
+
+@pytest.fixture(scope="module", params=["learned", "sign"])
+def routed_store(request, wordnet: Dataset, tmp_path_factory: pytest.TempPathFactory):
+    """The wordnet slice in two segments with some deletes, under each router (learned:
+    the bits 2,000 training rows allow, so the second ingest re-fits nothing)."""
+    path = tmp_path_factory.mktemp(request.param) / "store"
+    s = asteria_store.create(path, dim=384, router=request.param, bits=5 if request.param == "learned" else 6)
+    s.ingest(wordnet.base[:2000])
+    s.ingest(wordnet.base[2000:])
+    s.delete(np.arange(0, 3000, 37))
+    yield s
+    s.close()

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import asteria_store
 from asteria_store.query import kernels
 
-DATA = Path(__file__).parent / "data"
 K = 10
 
 
 @pytest.fixture(scope="module")
-def wordnet() -> tuple[np.ndarray, np.ndarray]:
-    base = np.load(DATA / "wordnet_base_3000.f16.npy").astype(np.float32)
-    queries = np.load(DATA / "wordnet_queries_200.f16.npy").astype(np.float32)
-    return base, queries
-
-
-@pytest.fixture(scope="module", params=["learned", "sign"])
-def store(request, wordnet, tmp_path_factory):
-    base, _ = wordnet
-    path = tmp_path_factory.mktemp(request.param) / "store"
-    s = asteria_store.create(path, dim=384, router=request.param, bits=5 if request.param == "learned" else 6)
-    s.ingest(base[:2000])
-    s.ingest(base[2000:])
-    s.delete(np.arange(0, 3000, 41))
-    yield s
-    s.close()
+def store(routed_store):
+    """conftest.routed_store: the wordnet slice in two segments with deletes, per router."""
+    return routed_store
 
 
 @pytest.mark.parametrize("k", [1, 10, 50])
@@ -131,7 +115,7 @@ def test_compiled_one_query_bounds_are_certified(store, wordnet) -> None:
 
     if store.router.kind != "ecvh":
         pytest.skip("LRSQ codes come with the learned router")
-    base, queries = wordnet
+    _, queries = wordnet
     view, router = store._current_view(), store.router
     rows = _Ranges(view, list(range(2 ** router.bits)))  # every bucket: every stored row
     assert rows.usable and rows.n == 3000 and len(rows.parts) >= 1

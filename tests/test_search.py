@@ -3,8 +3,6 @@ exactly the probed candidates, and explains what it read."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,6 @@ import asteria_store
 from asteria_store.query.engine import search_batch
 from asteria_store.testing import brute_force_topk
 
-DATA = Path(__file__).parent / "data"
 K = 10
 
 
@@ -22,24 +19,9 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def wordnet() -> tuple[np.ndarray, np.ndarray]:
-    base = np.load(DATA / "wordnet_base_3000.f16.npy").astype(np.float32)
-    queries = np.load(DATA / "wordnet_queries_200.f16.npy").astype(np.float32)
-    return base, queries
-
-
-@pytest.fixture(scope="module", params=["learned", "sign"])
-def store(request, wordnet, tmp_path_factory):
-    """The wordnet slice in two segments with some deletes, under each router."""
-    base, _ = wordnet
-    path = tmp_path_factory.mktemp(request.param) / "store"
-    # learned: the bits 2,000 training rows allow, so the second ingest re-fits nothing
-    s = asteria_store.create(path, dim=384, router=request.param, bits=5 if request.param == "learned" else 6)
-    s.ingest(base[:2000])
-    s.ingest(base[2000:])
-    s.delete(np.arange(0, 3000, 37))
-    yield s
-    s.close()
+def store(routed_store):
+    """conftest.routed_store: the wordnet slice in two segments with deletes, per router."""
+    return routed_store
 
 
 def probed_buckets(view, probe_keys, probes: int, candidates: int | None) -> list[int]:

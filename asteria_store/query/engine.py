@@ -20,6 +20,7 @@ Budgets (per query):
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -297,17 +298,17 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     scored against all the queries that probe it with one matrix product. Same
     candidates, hence the same results, as searching each query alone.
 
-    Two passes over a block of queries (:func:`_search_block`): each query's home bucket
-    (its first probe) gives its exact top k there, whose k-th score is a threshold no
-    other row can enter the top k below; then every other probed bucket reports only its
-    rows at or above their queries' thresholds. Both passes run on ``threads`` threads
-    (buckets split between them; no shared state), and the top k of each query is
-    selected from the home top k and the reported rows at the end.
+    A block of queries is searched in three passes (:class:`_Block`): every probed bucket
+    scored once; each query's threshold, the k-th score in its home bucket (its first
+    probe), below which no row can enter its top k; the rows at or above the thresholds,
+    from which each query's top k is selected. The passes run on ``threads`` threads
+    (buckets split between them, each bucket one product of a fixed shape: the results do
+    not depend on the thread count).
 
     ``prune`` (with LRSQ codes encoded by the view's router): a bucket's codes are read
     first; candidates whose certified upper bound is below the query's threshold are
     dropped without reading their full vector. Lossless. ``True`` prunes every bucket
-    after the home pass; ``"auto"`` a single query's buckets and, in a batch, buckets
+    for the queries that probe it after their home bucket; ``"auto"`` a single query's buckets and, in a batch, buckets
     probed by at most :data:`PRUNE_GROUP_MAX` of its queries; ``False`` none.
 
     ``kernel``: how rows are scored (kernels.py); the results do not depend on it.
@@ -410,6 +411,11 @@ class _Block:
         """Rotated queries (LRSQ bounds), computed when a bucket is pruned."""
         return self.router.rotate(self.queries)
 
+    @functools.cached_property
+    def qerr(self) -> np.ndarray:
+        """Per query, an approximate kernel's score error per unit row norm."""
+        return error_scale(self.kernel, self.queries)
+
     def search(self, probes: int, candidates: int | None, stats: SearchStats, q0: int):
         nq, k = len(self.queries), self.k
         keys = self._probe_order(probes)
@@ -486,13 +492,9 @@ class _Block:
         idx = np.minimum(pairs.start[hp, None] + col, len(scores) - 1)
         hs = np.where(col < pairs.length[hp, None], scores[idx], np.float32(-np.inf))
         if err is not None:
-            hs -= (self._query_err()[pairs.q[hp]] * err[pairs.bucket[hp]])[:, None]
+            hs -= (self.qerr[pairs.q[hp]] * err[pairs.bucket[hp]])[:, None]
         thr[pairs.q[hp]] = np.partition(hs, width - k, axis=1)[:, width - k]
         return thr
-
-    def _query_err(self) -> np.ndarray:
-        """Per query, the approximate kernel's error per unit row norm."""
-        return error_scale(self.kernel, self.queries)
 
     def _above(self, pairs: _Pairs, scores: np.ndarray, err: np.ndarray | None, thr: np.ndarray,
                buckets: list[_Bucket]):
@@ -500,7 +502,7 @@ class _Block:
         threshold (an approximate kernel: within its error of it, then rescored exactly)."""
         t = thr[pairs.q]
         if err is not None:
-            t = t - self._query_err()[pairs.q] * err[pairs.bucket]
+            t = t - self.qerr[pairs.q] * err[pairs.bucket]
         idx = np.flatnonzero(scores >= np.repeat(t, pairs.length))
         p = np.searchsorted(pairs.start, idx, side="right") - 1
         col = idx - pairs.start[p]
@@ -511,7 +513,7 @@ class _Block:
             edges = np.flatnonzero(np.diff(bj, prepend=-1, append=-1)).tolist()
             s = np.concatenate([_NONE_S] + [
                 np.einsum("ij,ij->i", self.queries[q[a:z]], buckets[bj[a]].rows.vectors()[col[a:z]])
-                for a, z in zip(edges[:-1], edges[1:])])
+                for a, z in itertools.pairwise(edges)])
             keep = s >= thr[q]
             q, s, i = q[keep], s[keep], i[keep]
         return q, s, i
@@ -619,7 +621,6 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
         return None
     best_s, best_i = _empty(1, k)
     n = rows.n
-    code_bytes = rows.code_bytes
     if n == 0:
         stats = SearchStats(np.array([len(keys)]), np.array([0]), np.array([0]), 0, np.array([0]))
         return best_i, best_s, stats
@@ -627,14 +628,15 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
     live = rows.live()
     m = n if live is None else int(live.sum())
     if live is not None:
-        lo[~live] = -np.inf
-        hi[~live] = -np.inf
+        lo[~live] = -np.inf  # deleted rows set no threshold
     thr = np.partition(lo, n - k)[n - k] if m >= k else -np.inf
-    keep = np.flatnonzero(hi >= thr) if m >= k else np.flatnonzero(live if live is not None else hi >= thr)
+    keep = np.flatnonzero(hi >= thr)
+    if live is not None:
+        keep = keep[live[keep]]
     s, i = rows.vectors(keep) @ query, rows.ids[keep]
     top = np.lexsort((i, -s))[:k]  # a few dozen survivors: sort them all
     best_s[0, : len(top)], best_i[0, : len(top)] = s[top], i[top]
-    nbytes = rows.id_bytes + code_bytes + len(keep) * rows.row_bytes
+    nbytes = rows.id_bytes + rows.code_bytes + len(keep) * rows.row_bytes
     stats = SearchStats(np.array([len(keys)]), np.array([m]), np.array([nbytes]), nbytes,
                         np.array([m - len(keep)]))
     return best_i, best_s, stats
@@ -672,7 +674,7 @@ class _Ranges:
             key = seg * (1 << 32) + c0
             order = np.argsort(key, kind="stable")
             bounds = np.flatnonzero(np.diff(key[order], prepend=-1)).tolist() + [len(order)]
-            for a, b in zip(bounds[:-1], bounds[1:]):
+            for a, b in itertools.pairwise(bounds):
                 sel = order[a:b]
                 reader, ch = view.segments[int(seg[sel[0]])], int(c0[sel[0]])
                 self.parts.append((reader._chunk("lrsq", ch), reader._chunk("lrsq_aux", ch), local[sel],
@@ -684,8 +686,10 @@ class _Ranges:
 
     @property
     def code_bytes(self) -> int:
-        return sum(int(self.length[self.seg == s].sum()) * (r.lrsq_meta["rank"] + 2 * r.lrsq_meta["aux"])
-                   for s, r in self.view.segments.items() if r in self.readers) if self.usable else 0
+        """LRSQ codes and side data of every row (what the bounds read)."""
+        segs = self.view.segments
+        return sum(int(self.length[self.seg == s].sum()) * (segs[s].lrsq_meta["rank"] + 2 * segs[s].lrsq_meta["aux"])
+                   for s in np.unique(self.seg).tolist())
 
     @property
     def row_bytes(self) -> int:

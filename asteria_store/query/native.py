@@ -17,7 +17,6 @@ import functools
 
 import numpy as np
 
-
 #: float32 value of every float16 bit pattern: the side data are decoded by lookup.
 _HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
