@@ -193,8 +193,11 @@ def test_top_order_breaks_ties_by_index_like_a_stable_sort() -> None:
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 4, size=(50, 40)).astype(np.float32)  # many ties
     scores[:, 5] = np.inf
+    distinct = rng.permutation(40).astype(np.float32)[None, :]  # one row, no ties
     for p in (1, 3, 7, 19, 40):
         np.testing.assert_array_equal(top_order(scores, p), np.argsort(-scores, axis=1, kind="stable")[:, :p])
+        for row in (scores[:1], scores[7:8], distinct):  # one query takes its own path
+            np.testing.assert_array_equal(top_order(row, p), np.argsort(-row, axis=1, kind="stable")[:, :p])
 
 
 @pytest.mark.parametrize("k", [1, 5, 30])

