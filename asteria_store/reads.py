@@ -25,6 +25,7 @@ from .errors import IdNotFoundError, InvalidArgumentError, InvalidInputError
 from .io import ArrayLike, VectorSource, normalise_rows, read_array
 from .model.persist import load_router
 from .model.router import Router
+from .query.device import check_device
 from .query.engine import Probes, SearchStats, View, search_batch, search_exact
 from .query.kernels import check_kernel, check_threads, default_kernel
 from .storage import segments as seglib
@@ -225,10 +226,11 @@ class ReadSide:
 
     def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
                prune: bool | Literal["auto"], explain: bool, fill: bool = True, threads: int | None = None,
-               kernel: str | None = None):
+               kernel: str | None = None, device=None):
         k = check_k(k)
         threads = check_threads(threads)
         kernel = default_kernel() if kernel is None else check_kernel(kernel)
+        device = check_device(device)
         q = VectorSource(queries, dim=self.config.dim, what="queries")
         qs = q.read_all(QUERY_BLOCK_ROWS)
         qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))
@@ -243,7 +245,7 @@ class ReadSide:
             view = snap.view
             check_k_fits(k, len(qs), view.count)
             if probes != "all":
-                opts = {"prune": prune, "threads": threads, "kernel": kernel}
+                opts = {"prune": prune, "threads": threads, "kernel": kernel, "device": device}
                 out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain), **opts)
                 if candidates is None and fill:
                     self._probe_on(view, qs, k, int(probes), out, opts)

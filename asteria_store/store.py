@@ -489,6 +489,7 @@ class Store:
         fill: bool = True,
         threads: int | None = None,
         kernel: str | None = None,
+        device: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
 
@@ -525,10 +526,14 @@ class Store:
             kernel: ``"f32"`` or ``"bf16"`` (bfloat16 products, then exact rescoring of
                 the rows that can reach the top k: same results); default ``info()["kernel"]``:
                 bf16 where the CPU has bfloat16 matrix units (AMX, AVX-512 BF16), else f32.
+            device: a torch device such as ``"cuda"``: the probed buckets are streamed
+                there in large groups and scored on it (same routing; results equal the
+                CPU's up to float rounding; no LRSQ pruning). ``None`` or ``"cpu"``: here.
         """
         self._check_open()
         return self._reads.search(queries, k, probes=probes, candidates=candidates, prune=prune,
-                                  explain=explain, fill=bool(fill), threads=threads, kernel=kernel)
+                                  explain=explain, fill=bool(fill), threads=threads, kernel=kernel,
+                                  device=device)
 
     def query(
         self,

@@ -146,3 +146,18 @@ def routed_store(request, wordnet: Dataset, tmp_path_factory: pytest.TempPathFac
     s.delete(np.arange(0, 3000, 37))
     yield s
     s.close()
+
+
+def assert_same_up_to_rounding(ids, scores, ref_i, ref_s, atol=1e-6) -> None:
+    """Equal results, except that rows whose exact scores differ by float32 rounding only
+    (a product of another shape sums in another order) may trade places."""
+    np.testing.assert_allclose(scores, ref_s, rtol=0, atol=atol)
+    for r in np.flatnonzero((ids != ref_i).any(axis=1)):
+        differ = ids[r] != ref_i[r]
+        assert np.abs(scores[r, differ] - ref_s[r, differ]).max() <= atol
+        kth = ref_s[r, -1]
+        clear = ref_s[r] > kth + atol  # far above the k-th: must be found by both
+        assert set(ref_i[r, clear]) <= set(ids[r]), r
+        near = np.abs(ref_s[r, differ] - kth) <= atol
+        swapped = np.abs(np.diff(ref_s[r])) <= atol
+        assert near.all() or swapped.any(), r

@@ -7,6 +7,7 @@ import pytest
 
 import asteria_store
 from asteria_store.query import kernels
+from conftest import assert_same_up_to_rounding
 
 K = 10
 
@@ -27,21 +28,6 @@ def test_bf16_kernel_gives_the_f32_results(store, wordnet, k, prune) -> None:
     ids, scores = store.search(queries, k, probes=8, prune=prune, kernel="bf16")
     assert_same_up_to_rounding(ids, scores, ref_i, ref_s)
     assert (ids == ref_i).mean() > 0.99
-
-
-def assert_same_up_to_rounding(ids, scores, ref_i, ref_s, atol=1e-6) -> None:
-    """Equal results, except that rows whose exact scores differ by float32 rounding only
-    (a product of another shape sums in another order) may trade places."""
-    np.testing.assert_allclose(scores, ref_s, rtol=0, atol=atol)
-    for r in np.flatnonzero((ids != ref_i).any(axis=1)):
-        differ = ids[r] != ref_i[r]
-        assert np.abs(scores[r, differ] - ref_s[r, differ]).max() <= atol
-        kth = ref_s[r, -1]
-        clear = ref_s[r] > kth + atol  # far above the k-th: must be found by both
-        assert set(ref_i[r, clear]) <= set(ids[r]), r
-        near = np.abs(ref_s[r, differ] - kth) <= atol
-        swapped = np.abs(np.diff(ref_s[r])) <= atol
-        assert near.all() or swapped.any(), r
 
 
 @pytest.mark.parametrize("kernel", kernels.KERNELS)
@@ -132,3 +118,35 @@ def test_compiled_one_query_bounds_are_certified(store, wordnet) -> None:
         _, lo_np, hi_np = router.lrsq.estimate(router.rotate(v[None, :]), codes, aux)
         np.testing.assert_allclose(lo[order], lo_np[0], atol=2e-5)
         np.testing.assert_allclose(hi[order], hi_np[0], atol=2e-5)
+
+
+def test_one_blas_thread_holds_while_any_search_runs_and_restores_after() -> None:
+    """Nested and concurrent holders: BLAS stays at one thread until the last one leaves,
+    then gets back its own count. (Checked from the main thread: once torch is imported,
+    OpenBLAS ignores thread counts set from other threads.)"""
+    import threading
+
+    libs = kernels._blas_libs()
+    if not libs:
+        pytest.skip("numpy's BLAS is not visible to threadpoolctl")
+    own = [lib.get_num_threads() for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(2)  # a count to restore that differs from 1
+    before = [lib.get_num_threads() for lib in libs]
+    assert before == [2] * len(libs)
+
+    def hold_and_leave() -> None:
+        with kernels.one_blas_thread():
+            pass
+
+    with kernels.one_blas_thread():
+        assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
+        t = threading.Thread(target=hold_and_leave)  # a concurrent search comes and goes
+        t.start()
+        t.join()
+        with kernels.one_blas_thread():  # a nested one
+            pass
+        assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)  # still held
+    assert [lib.get_num_threads() for lib in libs] == before
+    for lib, n in zip(libs, own):
+        lib.set_num_threads(n)

@@ -293,7 +293,7 @@ def _select(s: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
                  candidates: int | None, *, explain: bool = False, prune: bool | str = "auto",
-                 threads: int = 1, kernel: str = "f32"):
+                 threads: int = 1, kernel: str = "f32", device=None):
     """Probed search of a batch, bucket by bucket: each probed bucket is read ONCE and
     scored against all the queries that probe it with one matrix product. Same
     candidates, hence the same results, as searching each query alone.
@@ -312,9 +312,20 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     probed by at most :data:`PRUNE_GROUP_MAX` of its queries; ``False`` none.
 
     ``kernel``: how rows are scored (kernels.py); the results do not depend on it.
+    ``device``: a torch device (not the CPU) to score on instead (device.py).
 
     Returns ``(ids, scores)``, plus :class:`SearchStats` with ``explain``.
     """
+    if device is not None:
+        from .device import search_batch_device
+
+        return search_batch_device(view, router, queries, k, probes, candidates, device, explain=explain)
+    with one_blas_thread():
+        return _search_batch(view, router, queries, k, probes, candidates, explain, prune, threads, kernel)
+
+
+def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, candidates: int | None,
+                  explain: bool, prune: bool | str, threads: int, kernel: str):
     nq = len(queries)
     lrsq = getattr(router, "lrsq", None) if prune else None
     if nq == 1 and lrsq is not None:
@@ -333,11 +344,10 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
     block = min(_BLOCK_CELLS // max(n_buckets, p * k), _SCORE_CELLS // max(1, p * view.count // n_buckets))
     block = max(1, min(nq, block))
     pool = _pool(threads) if threads > 1 and nq >= _POOL_MIN_QUERIES else None
-    with one_blas_thread():
-        for q0 in range(0, nq, block):
-            q1 = min(nq, q0 + block)
-            ctx = _Block(view, router, lrsq, queries[q0:q1], k, group_max, kernel, pool, threads)
-            best_i[q0:q1], best_s[q0:q1] = ctx.search(probes, candidates, stats, q0)
+    for q0 in range(0, nq, block):
+        q1 = min(nq, q0 + block)
+        ctx = _Block(view, router, lrsq, queries[q0:q1], k, group_max, kernel, pool, threads)
+        best_i[q0:q1], best_s[q0:q1] = ctx.search(probes, candidates, stats, q0)
     return (best_i, best_s, stats) if explain else (best_i, best_s)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,18 +80,46 @@ def check_threads(threads) -> int:
 
 
 @functools.cache
-def _blas_controller():
+def _blas_libs() -> list:
+    """threadpoolctl's controllers of the BLAS libraries loaded in this process."""
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()
+    return ThreadpoolController().select(user_api="blas").lib_controllers
 
 
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS on one thread while the batch path runs its own threads (one matrix
-    product per thread; BLAS threads on top would oversubscribe the cores)."""
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        yield
+class _OneBlasThread:
+    """Holds numpy's BLAS at one thread while any search runs (nested and concurrent
+    searches included): the first to enter saves the thread counts and sets 1, the last
+    to leave restores them. A few microseconds (threadpoolctl's ``limit`` takes ~30)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: list[int] = []
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        libs = _blas_libs()
+        with self._lock:
+            if self._users == 0:
+                self._saved = [lib.get_num_threads() for lib in libs]
+                for lib in libs:
+                    lib.set_num_threads(1)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    for lib, n in zip(libs, self._saved):
+                        lib.set_num_threads(n)
+
+
+#: numpy's BLAS on one thread while a search runs: the batch path runs its own threads (one
+#: matrix product per thread; BLAS threads on top would oversubscribe the cores), and one
+#: query's products are too small to split (and slow down when another job holds a core).
+one_blas_thread = _OneBlasThread()
 
 
 def score_into(kernel: str, q: np.ndarray, v: np.ndarray, out: np.ndarray) -> float:
