@@ -30,7 +30,11 @@ thread count (OMP/OpenBLAS/MKL/LANCE_CPU_THREADS set before import, plus faiss/t
 thread setters). The faiss and hnswlib peers hold the base in RAM ("(RAM)"); asteria and
 lancedb serve from disk (warm page cache after the warm-up; drop caches for cold numbers).
 Disk indexes are built once (asteria at ``--store``, lancedb in ``--workdir``; with the
-largest ``--threads``) and reused; their build time is kept in ``workdir/builds.json``. IVF
+largest ``--threads``) and reused; their build time is kept in ``workdir/builds.json``.
+faiss HNSW's graph is saved in ``--workdir`` after its first build (one per thread count)
+and read back by later runs, which report the first build's ``build_s``. ``--rounds N``
+runs every system N times, taking turns, and reports each timing's median (this machine's
+speed drifts by 1.5-2x over minutes: one round can favour whichever system ran first). IVF
 indexes (faiss, lancedb) get ``--nlist`` lists, by default the asteria store's bucket count.
 ``kib_read_per_query`` for RAM indexes counts vectors/codes touched x their size (centroids,
 graph links not counted); lancedb does not expose it. lancedb's batch is one multi-vector
@@ -220,6 +224,22 @@ class FaissHNSW(Faiss):
         index.hnsw.efConstruction = 200
         return index
 
+    def build(self):
+        """Built once per base and thread count, then read back from ``--workdir`` (with
+        ``--rounds``, every round after the first loads it); ``build_s`` is the build's."""
+        a = self.a
+        path = Path(a.workdir) / f"hnsw32_{Path(a.base).resolve().parent.name}_{Path(a.base).stem}_n{a.n}_t{a.threads_n}.faiss"
+        took = path.with_suffix(".json")
+        if path.exists() and took.exists():
+            self.index = self.faiss.read_index(str(path))
+            self.build_s = json.loads(took.read_text())["build_s"]
+            return
+        t = time.perf_counter()
+        super().build()
+        self.build_s = time.perf_counter() - t
+        self.faiss.write_index(self.index, str(path))
+        took.write_text(json.dumps({"build_s": self.build_s}))
+
     def set(self, p):
         self.index.hnsw.efSearch = p
 
@@ -331,7 +351,8 @@ def child(a: argparse.Namespace) -> None:
     q, truth = load_unit(a.queries, a.nq), np.load(a.gt)[: a.nq]
     t = time.perf_counter()
     s.build()
-    head = {"label": s.label, "version": s.version, ("load_s" if s.on_disk else "build_s"): time.perf_counter() - t,
+    head = {"label": s.label, "version": s.version,
+            ("load_s" if s.on_disk else "build_s"): getattr(s, "build_s", time.perf_counter() - t),
             "rss_mib": rss_mib("VmRSS")}
     rows = []
     for p in s.sweep:
@@ -495,13 +516,14 @@ def parent(a: argparse.Namespace) -> None:
     if spinners:
         print(f"{a.busy} busy process(es) spinning on the cores while the systems run", file=sys.stderr)
     try:
-        rows = run_all(names, threads, disk, extra)
+        rows = run_all(names, threads, disk, extra, a.rounds)
     finally:
         for sp in spinners:
             sp.kill()
             sp.wait()
     meta = {"n": a.n, "dim": a.dim, "nq": nq, "k": a.k, "dataset": dataset, "queries": queries,
             "gt": Path(a.gt).name if a.gt else "numpy brute force", "nlist": nlist, "busy": a.busy,
+            "n_rounds": a.rounds,
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores"}
     rows = [{**r, **meta} for r in rows]
     if a.out:
@@ -520,7 +542,31 @@ def parent(a: argparse.Namespace) -> None:
         print(f"\nplot: {a.plot}", file=sys.stderr)
 
 
-def run_all(names: list[str], threads: list[int], disk: dict, extra: list[str]) -> list[dict]:
+#: Per-setting fields that are timings: with --rounds, each is the median over the rounds.
+TIMED = ("batch_qps", "single_qps", "p50_ms", "p99_ms")
+
+
+def run_all(names: list[str], threads: list[int], disk: dict, extra: list[str], rounds: int = 1) -> list[dict]:
+    """Every system at every thread count, ``rounds`` times over, the systems taking turns
+    (a machine whose speed drifts then slows them alike); per setting, the median of each
+    timing over the rounds (and the per-round values under ``rounds``)."""
+    by_setting: dict[tuple, list[dict]] = {}
+    for r in range(rounds):
+        if rounds > 1:
+            print(f"=== round {r + 1} of {rounds}", file=sys.stderr)
+        for row in _run_once(names, threads, disk, extra):
+            by_setting.setdefault((row["system"], row["threads"], row["params"]), []).append(row)
+    out = []
+    for runs in by_setting.values():
+        row = dict(runs[0])
+        if rounds > 1:
+            row["rounds"] = {f: [x[f] for x in runs] for f in TIMED}
+            row.update({f: float(np.median(row["rounds"][f])) for f in TIMED})
+        out.append(row)
+    return out
+
+
+def _run_once(names: list[str], threads: list[int], disk: dict, extra: list[str]) -> list[dict]:
     rows = []
     for t in threads:
         for name in names:
@@ -558,6 +604,8 @@ def main() -> None:
     ap.add_argument("--lance-nprobe", default="16,32,64")
     ap.add_argument("--lance-nq", type=int, default=300, help="cap on lancedb queries timed one by one")
     ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every system this many times, taking turns; timings are the medians")
     ap.add_argument("--busy", type=int, default=0,
                     help="processes spinning on the cores while the systems run (a loaded machine)")
     ap.add_argument("--out", default=None, help="append JSON lines here")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_up_to_rounding
 
 import asteria_store
 from asteria_store.errors import InvalidArgumentError
 from asteria_store.query.device import check_device, search_batch_device
 from asteria_store.query.engine import search_batch
-from conftest import assert_same_up_to_rounding
 
 CPU = torch.device("cpu")
 
@@ -63,7 +63,7 @@ def test_device_path_orders_equal_scores_by_id(tmp_path) -> None:
     with asteria_store.create(tmp_path / "s", dim=16, router="sign", bits=3) as s:
         s.ingest(x)
         q = np.tile(dup / np.linalg.norm(dup), (4, 1)).astype(np.float32)
-        ids, scores = search_batch_device(s._current_view(), s.router, q, 20, 3, None, CPU, group_rows=50)
+        ids, _ = search_batch_device(s._current_view(), s.router, q, 20, 3, None, CPU, group_rows=50)
         ref_i, _ = s.search(q, 20, probes=3)
         np.testing.assert_array_equal(ids, ref_i)
         np.testing.assert_array_equal(ids[0], tied[:20])  # the tied rows, by id

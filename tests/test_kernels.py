@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_same_up_to_rounding
 
 import asteria_store
 from asteria_store.query import kernels
-from conftest import assert_same_up_to_rounding
 
 K = 10
 
