@@ -528,7 +528,8 @@ class Store:
                 bf16 where the CPU has bfloat16 matrix units (AMX, AVX-512 BF16), else f32.
             device: a torch device such as ``"cuda"``: the probed buckets are streamed
                 there in large groups and scored on it (same routing; results equal the
-                CPU's up to float rounding; no LRSQ pruning). ``None`` or ``"cpu"``: here.
+                CPU's up to float rounding; no LRSQ pruning). ``None`` or ``"cpu"``: here;
+                ``probes="all"`` always runs here.
         """
         self._check_open()
         return self._reads.search(queries, k, probes=probes, candidates=candidates, prune=prune,

@@ -108,8 +108,8 @@ def _block(view, router, queries: np.ndarray, k: int, probes: int, candidates: i
         rows = [_Rows.gather(view, [bucket]) for bucket, _, _ in batch]
         m = [len(r.ids) for r in rows]
         order = [np.argsort(r.ids, kind="stable") for r in rows]  # each bucket's rows by id
-        vecs = np.concatenate([r.vectors()[o] for r, o in zip(rows, order)] or [np.empty((0, qd.shape[1]))])
-        ids = np.concatenate([r.ids[o] for r, o in zip(rows, order)] or [np.empty(0, np.int64)])
+        vecs = np.concatenate([r.vectors()[o] for r, o in zip(rows, order)])
+        ids = np.concatenate([r.ids[o] for r, o in zip(rows, order)])
         vd, idd = _to(vecs, np.float32, device), _to(ids, np.int64, device)
         at = np.cumsum(m) - m
         for (_, qs, _), r, a, mb in zip(batch, rows, at.tolist(), m):

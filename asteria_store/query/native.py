@@ -38,8 +38,10 @@ def _kernel():
                 for b in range(nb):
                     base = b * bl
                     d = np.float32(0.0)
-                    for j in range(bl):  # this form vectorises best (2-4x faster than row slices
-                        d += np.float32(codes[r, base + j]) * qh[base + j]  # or range(base, base + bl))
+                    # this loop form vectorises best: 1.1-1.3x faster than row slices, 4x faster than
+                    # range(base, base + bl)
+                    for j in range(bl):
+                        d += np.float32(codes[r, base + j]) * qh[base + j]
                     est += half[aux[r, nb + b]] * d + half[aux[r, b]] * qsum[b]
                 width = width0
                 for a in range(na):
