@@ -120,6 +120,35 @@ def test_compiled_one_query_bounds_are_certified(store, wordnet) -> None:
         np.testing.assert_allclose(hi[order], hi_np[0], atol=2e-5)
 
 
+def test_one_query_reads_buckets_that_span_chunks(tmp_path, wordnet) -> None:
+    """With 64-row chunks every bucket spans several chunks (and two segments): the one-query
+    path's row ranges, split per chunk, give the unpruned batch path's results."""
+    import torch
+
+    from asteria_store.query.engine import _Ranges
+
+    base, queries = wordnet
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = asteria_store.create(tmp_path / "s", dim=384, bits=4, chunk_rows=64)
+        s.ingest(base[:2000])
+        s.ingest(base[2000:])
+    finally:
+        torch.set_num_threads(before)
+    with s:
+        view = s._current_view()
+        rows = _Ranges(view, list(range(2**s.router.bits)))
+        assert rows.n == 3000 and len(rows.parts) > 3000 // 64  # ranges split at chunk edges
+        np.testing.assert_array_equal(np.sort(rows.ids), np.arange(3000))
+        q = queries[:40]
+        ref_i, ref_s = s.search(q, K, probes=3, prune=False)
+        for j, v in enumerate(q):
+            ids, scores, info = s.query(v, K, probes=3, explain=True)
+            assert info["pruned"] > 0  # the compiled one-query path ran
+            assert_same_up_to_rounding(ids[None], scores[None], ref_i[j : j + 1], ref_s[j : j + 1])
+
+
 def test_one_blas_thread_holds_while_any_search_runs_and_restores_after() -> None:
     """Nested and concurrent holders: BLAS stays at one thread until the last one leaves,
     then gets back its own count. (Checked from the main thread: once torch is imported,

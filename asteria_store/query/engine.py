@@ -54,6 +54,7 @@ class View:
     #: Digest of the router that routed this state: LRSQ codes encoded by it are usable.
     router_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    _range_cache: dict[int, _BucketRanges] = field(default_factory=dict)
 
     def bound(self, lookup_extents: Callable[[int], list[tuple[int, int, int]]]) -> View:
         """This view reading extents through ``lookup_extents`` (one read transaction),
@@ -68,6 +69,14 @@ class View:
         if ext is None:
             ext = self._extent_cache[bucket] = self.lookup_extents(bucket)
         return ext
+
+    def ranges(self, bucket: int) -> _BucketRanges:
+        """The bucket's stored rows as row ranges within single chunks (cached: a view
+        never changes)."""
+        r = self._range_cache.get(bucket)
+        if r is None:
+            r = self._range_cache[bucket] = _BucketRanges.of(self, self.extents(bucket))
+        return r
 
     def live_mask(self, seg: int, first: int, n: int) -> np.ndarray | None:
         """Boolean mask of live rows in ``[first, first + n)`` of ``seg``; None if all live."""
@@ -652,43 +661,73 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
     return best_i, best_s, stats
 
 
+@dataclass
+class _BucketRanges:
+    """A bucket's stored rows as ranges that each lie in one chunk, as tuples ``(segment,
+    first row, length, chunk, first row in the chunk)``, and each range's ids (slices of
+    the mapped id chunks). Plain Python: one query handles a few dozen ranges, and numpy's
+    per-call cost would dominate."""
+
+    rows: list[tuple[int, int, int, int, int]]
+    ids: list[np.ndarray]
+
+    @classmethod
+    def of(cls, view: View, extents: list[tuple[int, int, int]]) -> _BucketRanges:
+        rows = []
+        for seg, first, n in extents:
+            c = view.segments[seg].chunk_rows
+            for ch in range(first // c, (first + n - 1) // c + 1):  # one piece per chunk
+                lo, hi = max(first, ch * c), min(first + n, (ch + 1) * c)
+                rows.append((seg, lo, hi - lo, ch, lo - ch * c))
+        ids = [view.segments[seg]._chunk("ids", ch)[a : a + m] for seg, _, m, ch, a in rows]
+        return cls(rows, ids)
+
+
 class _Ranges:
     """The stored rows of some buckets, in probe order, as row ranges of mapped chunks:
     what one query reads. :attr:`parts` groups the ranges by chunk for native.bounds."""
 
     def __init__(self, view: View, keys: list[int]):
         self.view = view
-        ext = np.array([e for key in keys for e in view.extents(key)], dtype=np.int64).reshape(-1, 3)
-        seg, first, n = ext[:, 0], ext[:, 1], ext[:, 2]
-        c = np.array([view.segments[s].chunk_rows for s in seg.tolist()], dtype=np.int64)
-        c0, c1 = first // c, (first + n - 1) // c
-        if (c1 > c0).any():  # a range across chunk boundaries: one piece per chunk
-            pieces = c1 - c0 + 1
-            idx = np.repeat(np.arange(len(seg)), pieces)
-            ci = c0[idx] + np.arange(len(idx)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-            lo = np.maximum(first[idx], ci * c[idx])
-            hi = np.minimum(first[idx] + n[idx], (ci + 1) * c[idx])
-            seg, first, n, c, c0 = seg[idx], lo, hi - lo, c[idx], ci
-        self.seg, self.first, self.length = seg, first, n
-        self.at = np.cumsum(n) - n
-        self.n = int(n.sum())
-        self.readers = [view.segments[s] for s in np.unique(seg).tolist()]
+        br = [view.ranges(key) for key in keys]
+        self._rows = [r for b in br for r in b.rows]
+        ids = [i for b in br for i in b.ids]
+        self.ids = np.concatenate(ids).view(np.int64) if ids else _NONE_Q
+        at = list(itertools.accumulate((r[2] for r in self._rows), initial=0))
+        self.n, self._at = at[-1], at[:-1]
+        self.readers = [view.segments[s] for s in sorted({r[0] for r in self._rows})]
         self.usable = all(r.lrsq_meta is not None and r.lrsq_meta["model"] == view.router_digest
                           for r in self.readers)
-        local = first - c0 * c
-        ids = [view.segments[s]._chunk("ids", ch)[a : a + m]
-               for s, ch, a, m in zip(seg.tolist(), c0.tolist(), local.tolist(), n.tolist())]
-        self.ids = np.concatenate(ids).view(np.int64) if ids else _NONE_Q
         self.parts = []
-        if self.usable and len(seg):
-            key = seg * (1 << 32) + c0
-            order = np.argsort(key, kind="stable")
-            bounds = np.flatnonzero(np.diff(key[order], prepend=-1)).tolist() + [len(order)]
-            for a, b in itertools.pairwise(bounds):
-                sel = order[a:b]
-                reader, ch = view.segments[int(seg[sel[0]])], int(c0[sel[0]])
-                self.parts.append((reader._chunk("lrsq", ch), reader._chunk("lrsq_aux", ch), local[sel],
-                                   local[sel] + n[sel], self.at[sel]))
+        if self.usable:
+            by_chunk: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+            for (seg, _, m, ch, a), o in zip(self._rows, self._at):
+                by_chunk.setdefault((seg, ch), []).append((a, a + m, o))
+            for (seg, ch), ranges in sorted(by_chunk.items()):
+                reader = view.segments[seg]
+                starts, stops, out = np.array(list(zip(*ranges)), dtype=np.int64)
+                self.parts.append((reader._chunk("lrsq", ch), reader._chunk("lrsq_aux", ch), starts, stops, out))
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        return np.array(self._rows, dtype=np.int64).reshape(-1, 5).T
+
+    @property
+    def seg(self) -> np.ndarray:
+        return self._table[0]
+
+    @property
+    def first(self) -> np.ndarray:
+        return self._table[1]
+
+    @property
+    def length(self) -> np.ndarray:
+        return self._table[2]
+
+    @functools.cached_property
+    def at(self) -> np.ndarray:
+        """Where each range's rows start among all the rows."""
+        return np.array(self._at, dtype=np.int64)
 
     @property
     def id_bytes(self) -> int:
