@@ -10,10 +10,9 @@ BF16); ``kernels.cpu_flags()`` is printed to say which this is.
 
 from __future__ import annotations
 
-import os
+from harness import pin_threads_from_argv
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
+pin_threads_from_argv()  # one thread, before numpy is imported
 
 import time
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
+from harness import pin_threads_from_argv
+
+pin_threads_from_argv()  # one thread, before numpy is imported
 
 import argparse
 import json
@@ -45,6 +46,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import asteria_store
+    from asteria_store.testing import recall_at_k
 
     q = np.load(args.queries)[: args.nq].astype(np.float32)
     gt = np.load(args.gt)[: args.nq, : args.k]
@@ -58,7 +60,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ids, _ = store.search(q, args.k, **opts)
         times.append(time.perf_counter() - t0)
-    recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids.tolist(), gt.tolist())]))
+    recall = recall_at_k(ids, gt, args.k)
     lat = []
     for rep in range(2):
         for v in q[: args.single]:

@@ -12,15 +12,14 @@ layer: input checks, normalisation, catalog generation check).
 
 from __future__ import annotations
 
-import os
+from harness import pin_threads_from_argv
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
+pin_threads_from_argv()  # one thread, before numpy is imported
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import argparse
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main() -> None:
@@ -36,7 +35,13 @@ def main() -> None:
     torch.set_num_threads(1)
     import asteria_store
     from asteria_store.query import native
-    from asteria_store.query.engine import _Ranges, _select, _sorted, _visits, probe_order
+    from asteria_store.query.engine import (
+        _Ranges,
+        _select,
+        _sorted,
+        _visits,
+        probe_order,
+    )
 
     q = np.load(args.queries)[: args.nq].astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)

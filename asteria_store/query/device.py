@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import torch
 
 from ..errors import InvalidArgumentError
+from .engine import SearchStats, _groups, _Rows, _visits, probe_order_chunked
 
 #: Rows of probed buckets gathered on the host and sent to the device at once
 #: (float32 at dimension 384: 384 MiB).
@@ -35,8 +37,6 @@ def check_device(device):
     after checking that it exists."""
     if device is None:
         return None
-    import torch
-
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -55,8 +55,6 @@ def check_device(device):
 @contextlib.contextmanager
 def _exact_float32():
     """float32 products in full precision (no TF32) for the duration."""
-    import torch
-
     cuda = torch.backends.cuda.matmul
     old = cuda.allow_tf32
     cuda.allow_tf32 = False
@@ -71,11 +69,8 @@ def search_batch_device(view, router, queries: np.ndarray, k: int, probes: int, 
     """:func:`~asteria_store.query.engine.search_batch` with the scoring on ``device``
     (a torch device); same arguments and return value (``prune``, ``threads`` and
     ``kernel`` do not apply). Stats are those of an unpruned search."""
-    from .engine import SearchStats
-
     nq = len(queries)
-    stats = SearchStats(np.zeros(nq, dtype=np.int64), np.zeros(nq, dtype=np.int64),
-                        np.zeros(nq, dtype=np.int64), 0, np.zeros(nq, dtype=np.int64))
+    stats = SearchStats.zeros(nq)
     best_i = np.empty((nq, k), dtype=np.int64)
     best_s = np.empty((nq, k), dtype=np.float32)
     n_buckets = 2 ** int(getattr(router, "bits", 0)) or 1
@@ -90,13 +85,8 @@ def search_batch_device(view, router, queries: np.ndarray, k: int, probes: int, 
 
 def _block(view, router, queries: np.ndarray, k: int, probes: int, candidates: int | None, device,
            group_rows: int, stats, q0: int):
-    import torch
-
-    from .engine import _PROBE_CHUNK, _groups, _Rows, _visits, probe_order
-
     nq = len(queries)
-    keys = np.concatenate([probe_order(router, queries[a : a + _PROBE_CHUNK], probes)
-                           for a in range(0, nq, _PROBE_CHUNK)])
+    keys = probe_order_chunked(router, queries, probes)
     visit = _visits(view, keys, candidates)
     stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
     groups = _groups(keys, visit)
@@ -113,9 +103,10 @@ def _block(view, router, queries: np.ndarray, k: int, probes: int, candidates: i
         vd, idd = _to(vecs, np.float32, device), _to(ids, np.int64, device)
         at = np.cumsum(m) - m
         for (_, qs, _), r, a, mb in zip(batch, rows, at.tolist(), m):
+            nbytes = r.stored_bytes + (mb * r.row_bytes if mb else 0)
             scanned[qs] += mb
-            read[qs] += r.stored_bytes + (mb * r.row_bytes if mb else 0)
-            stats.batch_bytes += r.stored_bytes + (mb * r.row_bytes if mb else 0)
+            read[qs] += nbytes
+            stats.batch_bytes += nbytes
             if mb == 0:
                 continue
             qsel = _to(qs, np.int64, device)
@@ -135,8 +126,6 @@ def _block(view, router, queries: np.ndarray, k: int, probes: int, candidates: i
 def _to(a: np.ndarray, dtype, device):
     """``a`` as a tensor on ``device`` (copied on the host first where it is read-only or
     not of ``dtype``, e.g. a memory-mapped chunk)."""
-    import torch
-
     return torch.from_numpy(np.require(a, dtype=dtype, requirements=["C", "W"])).to(device)
 
 
@@ -158,8 +147,6 @@ def _by_rows(view, groups: list, group_rows: int):
 def _top_per_query(q, s, i, nq: int, k: int):
     """The k best (score desc, id asc) of each query's candidates, best first, on the
     device: (nq, k) ids and scores as numpy, padded with -1 / -inf."""
-    import torch
-
     o = torch.argsort(i, stable=True)
     o = o[torch.argsort(s[o], descending=True, stable=True)]
     o = o[torch.argsort(q[o], stable=True)]

@@ -156,6 +156,11 @@ class SearchStats:
     #: Candidates whose LRSQ upper bound ruled them out: their full vector was not scored.
     pruned: np.ndarray | None = None
 
+    @classmethod
+    def zeros(cls, nq: int) -> SearchStats:
+        """Stats of ``nq`` queries that have done nothing yet (filled in block by block)."""
+        return cls(*(np.zeros(nq, dtype=np.int64) for _ in range(3)), 0, np.zeros(nq, dtype=np.int64))
+
     def rows(self) -> list[dict]:
         pruned = self.pruned if self.pruned is not None else np.zeros(len(self.buckets), dtype=np.int64)
         return [{"buckets": int(b), "scanned": int(c), "pruned": int(p), "bytes_read": int(r)}
@@ -168,6 +173,20 @@ def probe_order(router, queries: np.ndarray, probes: int) -> np.ndarray:
     (``P = min(probes, buckets)``): vectorised where the router scores every bucket."""
     order = getattr(router, "probe_order", None)
     return order(queries, probes) if order is not None else lazy_probe_order(router, queries, probes)
+
+
+def probe_order_chunked(router, queries: np.ndarray, probes: int, map_fn=None) -> np.ndarray:
+    """:func:`probe_order` in fixed chunks of :data:`_PROBE_CHUNK` queries (``map_fn``:
+    how the chunks are run, e.g. on threads). A product's rounding depends on its shape,
+    so fixed chunks keep the probe order independent of threads and devices: every
+    search path routes a query the same way."""
+    starts = list(range(0, len(queries), _PROBE_CHUNK))
+    parts = (map_fn or _serial)(lambda a: probe_order(router, queries[a : a + _PROBE_CHUNK], probes), starts)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _serial(fn, items: list) -> list:
+    return [fn(it) for it in items]
 
 
 def _visits(view: View, keys: np.ndarray, candidates: int | None) -> np.ndarray:
@@ -343,8 +362,7 @@ def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, 
             ids, scores, stats = fast
             return (ids, scores, stats) if explain else (ids, scores)
     group_max = nq if prune is True else PRUNE_GROUP_MAX
-    stats = SearchStats(np.zeros(nq, dtype=np.int64), np.zeros(nq, dtype=np.int64),
-                        np.zeros(nq, dtype=np.int64), 0, np.zeros(nq, dtype=np.int64))
+    stats = SearchStats.zeros(nq)
     best_i = np.empty((nq, k), dtype=np.int64)
     best_s = np.empty((nq, k), dtype=np.float32)
     n_buckets = 2 ** int(getattr(router, "bits", 0)) or 1
@@ -437,7 +455,7 @@ class _Block:
 
     def search(self, probes: int, candidates: int | None, stats: SearchStats, q0: int):
         nq, k = len(self.queries), self.k
-        keys = self._probe_order(probes)
+        keys = probe_order_chunked(self.router, self.queries, probes, self._map)
         visit = _visits(self.view, keys, candidates)
         stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
         buckets = [self._bucket(*g) for g in _groups(keys, visit)]
@@ -450,19 +468,10 @@ class _Block:
         q, s, i = (np.concatenate([f[n] for f in found]) for n in range(3))
         return _top_per_query(q, s, i, nq, k)
 
-    def _probe_order(self, probes: int) -> np.ndarray:
-        """:func:`probe_order` of the block in chunks of queries, on the threads. The
-        chunks do not depend on the thread count (a product's rounding depends on its
-        shape), so neither does the probe order."""
-        nq = len(self.queries)
-        starts = list(range(0, nq, _PROBE_CHUNK))
-        parts = self._map(lambda a: probe_order(self.router, self.queries[a : a + _PROBE_CHUNK], probes), starts)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
     def _map(self, fn, items: list) -> list:
         """``fn`` of every item, in order; on the pool's threads in chunks."""
         if self.pool is None or len(items) < 2:
-            return [fn(it) for it in items]
+            return _serial(fn, items)
         n = min(len(items), 8 * self.threads)
         edges = np.linspace(0, len(items), n + 1).astype(int).tolist()
         out = []
@@ -695,7 +704,8 @@ class _Ranges:
         self.ids = np.concatenate(ids).view(np.int64) if ids else _NONE_Q
         at = list(itertools.accumulate((r[2] for r in self._rows), initial=0))
         self.n, self._at = at[-1], at[:-1]
-        self.readers = [view.segments[s] for s in sorted({r[0] for r in self._rows})]
+        self.segs = sorted({r[0] for r in self._rows})
+        self.readers = [view.segments[s] for s in self.segs]
         self.usable = all(r.lrsq_meta is not None and r.lrsq_meta["model"] == view.router_digest
                           for r in self.readers)
         self.parts = []
@@ -708,27 +718,6 @@ class _Ranges:
                 starts, stops, out = np.array(list(zip(*ranges)), dtype=np.int64)
                 self.parts.append((reader._chunk("lrsq", ch), reader._chunk("lrsq_aux", ch), starts, stops, out))
 
-    @functools.cached_property
-    def _table(self) -> np.ndarray:
-        return np.array(self._rows, dtype=np.int64).reshape(-1, 5).T
-
-    @property
-    def seg(self) -> np.ndarray:
-        return self._table[0]
-
-    @property
-    def first(self) -> np.ndarray:
-        return self._table[1]
-
-    @property
-    def length(self) -> np.ndarray:
-        return self._table[2]
-
-    @functools.cached_property
-    def at(self) -> np.ndarray:
-        """Where each range's rows start among all the rows."""
-        return np.array(self._at, dtype=np.int64)
-
     @property
     def id_bytes(self) -> int:
         return self.n * 8
@@ -736,9 +725,8 @@ class _Ranges:
     @property
     def code_bytes(self) -> int:
         """LRSQ codes and side data of every row (what the bounds read)."""
-        segs = self.view.segments
-        return sum(int(self.length[self.seg == s].sum()) * (segs[s].lrsq_meta["rank"] + 2 * segs[s].lrsq_meta["aux"])
-                   for s in np.unique(self.seg).tolist())
+        meta = {s: self.view.segments[s].lrsq_meta for s in self.segs}
+        return sum(m * (meta[s]["rank"] + 2 * meta[s]["aux"]) for s, _, m, _, _ in self._rows)
 
     @property
     def row_bytes(self) -> int:
@@ -747,18 +735,17 @@ class _Ranges:
 
     def live(self) -> np.ndarray | None:
         """Which rows are live (None: all)."""
-        if not any(len(self.view.deleted.get(s, ())) for s in np.unique(self.seg).tolist()):
+        if not any(len(self.view.deleted.get(s, ())) for s in self.segs):
             return None
-        masks = [self.view.live_mask(s, f, n) for s, f, n in zip(self.seg.tolist(), self.first.tolist(),
-                                                                  self.length.tolist())]
-        return np.concatenate([np.ones(n, dtype=bool) if mk is None else mk
-                               for mk, n in zip(masks, self.length.tolist())])
+        masks = [self.view.live_mask(s, f, m) for s, f, m, _, _ in self._rows]
+        return np.concatenate([np.ones(r[2], dtype=bool) if mk is None else mk for mk, r in zip(masks, self._rows)])
 
     def vectors(self, pos: np.ndarray) -> np.ndarray:
         """float32 vectors of the rows at positions ``pos``."""
-        r = np.searchsorted(self.at, pos, side="right") - 1
-        rows = self.first[r] + pos - self.at[r]
-        segs = self.seg[r]
+        at = np.array(self._at, dtype=np.int64)
+        r = np.searchsorted(at, pos, side="right") - 1
+        segs, first = np.array([x[:2] for x in self._rows], dtype=np.int64).reshape(-1, 2)[r].T
+        rows = first + pos - at[r]
         if len(self.readers) == 1:
             return self.readers[0].take_vectors(rows)
         out = np.empty((len(pos), self.readers[0].dim), dtype=np.float32)
