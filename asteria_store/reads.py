@@ -186,7 +186,7 @@ class ReadSide:
             "rows_stored": sum(s["rows"] for s in segs.values()),
             "deleted": sum(s["rows"] for s in segs.values()) - meta["count"],
             "router": {**router.config(), "digest": digest[:16]},
-            "buckets": 2 ** int(router.bits),
+            "buckets": router.n_buckets,
             # True while a learned store waits for its first big enough ingest to train.
             "pending_training": meta.get("pending_training") is not None,
             # The live count the routing model was sized and fitted for, and whether the
@@ -265,7 +265,7 @@ class ReadSide:
         bucket is probed); their rows of ``out`` are replaced in place. A query's result is
         then exactly the search at the probe count that filled it."""
         want = min(k, view.count)
-        n_buckets = 2 ** int(self.router.bits)
+        n_buckets = self.router.n_buckets
         ids, scores = out[0], out[1]
         stats = out[2] if len(out) == 3 else None
         short = np.flatnonzero((ids >= 0).sum(axis=1) < want)

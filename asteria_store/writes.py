@@ -49,9 +49,11 @@ from .errors import (
 from .io import ArrayLike, VectorSource, load_ids, normalise_rows
 from .model.fit import (
     TRAIN_SAMPLE_ROWS,
+    BucketPlan,
     check_sample_size,
-    model_bits,
+    plan_buckets,
     sample_indices,
+    sample_rows_for,
     train_config,
     training_sample,
 )
@@ -103,11 +105,10 @@ class Written(NamedTuple):
     checksums: dict[str, np.ndarray]  # CRC-32C per chunk, per array
 
 
-def learned_bits(count: int, *, pinned: int | None = None) -> int:
-    """Bucket bits a learned model trained now on a store of ``count`` rows would get (the
-    training's own sizing, model/fit.py ``model_bits``: ~128 rows per bucket, or ``pinned``,
-    capped by the sample)."""
-    return model_bits(count, min(count, TRAIN_SAMPLE_ROWS), bits=pinned)
+def learned_plan(count: int, *, pinned: int | None = None) -> BucketPlan:
+    """How a learned model trained now on a store of ``count`` rows is sized: the
+    training's own rule (model/fit.py ``plan_buckets``) for the sample the store draws."""
+    return plan_buckets(count, min(count, sample_rows_for(count, bits=pinned)), bits=pinned)
 
 
 def merge_plan(live_rows: dict[int, int], *, factor: int | None = None,
@@ -184,9 +185,10 @@ class WriteSide:
             with self._attempt(seg, n) as attempt:
                 if pending is not None and empty and n >= MIN_TRAIN_ROWS:
                     t0 = time.perf_counter()
-                    sample = self._sample_rows(source, TRAIN_SAMPLE_ROWS, pending["seed"])
-                    router, _ = self._fit(sample, pending, expected=max(n, pending.get("expected_size") or 0),
-                                          init=None, progress=progress)
+                    expected = max(n, pending.get("expected_size") or 0)
+                    sample = self._sample_rows(source, sample_rows_for(expected, bits=pending.get("bits")),
+                                               pending["seed"])
+                    router, _ = self._fit(sample, pending, expected=expected, init=None, progress=progress)
                     attempt.model = model_rec = self._save_model(router)
                     train_s = time.perf_counter() - t0
                 written = self._write_bucketed(
@@ -304,12 +306,13 @@ class WriteSide:
         started = time.perf_counter()
         view = self.reads.current_view()
         stored = StoredRows(view)
-        x = self._sample_rows(src if src is not None else stored, TRAIN_SAMPLE_ROWS, settings.get("seed", 0))
+        size = sample_rows_for(stored.n, bits=settings.get("bits"))
+        x = self._sample_rows(src if src is not None else stored, size, settings.get("seed", 0))
         router, history = self._fit(check_sample_size(x), settings, expected=max(stored.n, len(x)), init=init,
                                     progress=progress)
         self._rebucket(router, view, stored, progress, started=started, pinned_bits=pinned_bits,
                        upkeep=upkeep)
-        return TrainResult(rows_trained_on=len(x), rows_rebucketed=stored.n, buckets=2**router.bits,
+        return TrainResult(rows_trained_on=len(x), rows_rebucketed=stored.n, buckets=router.n_buckets,
                            history=history, seconds=time.perf_counter() - started)
 
     def _fit(self, sample: np.ndarray, settings: dict, *, expected: int, init: Router | None,
@@ -320,7 +323,7 @@ class WriteSide:
                            batch_size=settings.get("batch_size", 1024),
                            rank=settings.get("rank"), seed=settings.get("seed", 0),
                            device=settings.get("device", "auto"), expected_size=expected)
-        warm = init is not None and getattr(init, "kind", "") == "ecvh" and getattr(init, "dim", None) == self.config.dim
+        warm = init is not None and init.kind in ("ecvh", "tree") and init.dim == self.config.dim
         return train(sample, cfg, progress=progress, init=init if warm else None)
 
     def _rebucket(self, router: Router, view: View, stored: StoredRows, progress: ProgressLike, *,
@@ -362,11 +365,12 @@ class WriteSide:
             attempt.published = True
 
     def _growth_target(self, count: int, growth: dict) -> int | None:
-        """The bucket bits a growth re-fit would use now (``growth``: the catalog's record),
-        or None when none is due: when the data now calls for more buckets than the model
-        has (what one ingest of all of it would get), or, for a learned model, when the
-        store has grown GROWTH_FACTOR-fold since the fit and the training sample could be
-        twice as big."""
+        """The bits a growth re-fit would pass to training now (``growth``: the catalog's
+        record; 0: let the sizing rule choose a tree's buckets), or None when none is due:
+        when the data calls for GROWTH_FACTOR times the buckets the model has (what one
+        ingest of all of it would get), or, for a flat learned model, when the store has
+        grown GROWTH_FACTOR-fold since the fit and the training sample could be twice as
+        big."""
         if not growth.get("grow"):
             return None
         router = self.reads.router
@@ -374,13 +378,15 @@ class WriteSide:
         if router.kind == "sign":
             target = pinned or bits_for_size(count)
             return target if target > router.bits else None
-        target = learned_bits(count, pinned=pinned)
-        if target > router.bits:
-            return target
+        plan = learned_plan(count, pinned=pinned)
+        if plan.buckets >= GROWTH_FACTOR * router.n_buckets:
+            return pinned or (0 if plan.tree else plan.bits)
+        if plan.tree or router.kind == "tree":
+            return None
         fitted = int(growth.get("fitted_rows") or 0)
-        trained_on = int(getattr(router, "info", {}).get("trained_on") or 0)
+        trained_on = int(router.info.get("trained_on") or 0)
         sample_grows = min(count, TRAIN_SAMPLE_ROWS) >= 2 * (trained_on + min(1000, max(1, trained_on // 9)))
-        return max(target, router.bits) if sample_grows and count >= GROWTH_FACTOR * max(fitted, 1) else None
+        return max(plan.bits, router.bits) if sample_grows and count >= GROWTH_FACTOR * max(fitted, 1) else None
 
     # -- merging -------------------------------------------------------------------------
 
@@ -462,7 +468,7 @@ class WriteSide:
                                pinned_bits=growth.get("bits"), upkeep=True)
                 self.collect_garbage()
                 return _Upkeep(refitted=True, seconds=time.perf_counter() - started)
-            result = self._retrain(None, {"bits": growth.get("bits") or target, "seed": growth.get("seed", 0)},
+            result = self._retrain(None, {"bits": growth.get("bits") or target or None, "seed": growth.get("seed", 0)},
                                    init=router, progress=progress, upkeep=True, pinned_bits=growth.get("bits"))
             self.collect_garbage()
             return _Upkeep(trained=True, refitted=True, train_seconds=result.seconds,
@@ -572,7 +578,7 @@ class WriteSide:
         checksums."""
         n, dim = source.n, self.config.dim
         window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
-        quantizer = getattr(router, "lrsq", None)
+        quantizer = router.lrsq
         lrsq = None if quantizer is None else {"rank": quantizer.rank, "aux": quantizer.aux_width,
                                                "block": quantizer.block, "model": model_digest}
         copy_codes = quantizer is not None and isinstance(source, StoredRows) and source.has_codes(model_digest)
@@ -615,7 +621,7 @@ class WriteSide:
 
     def _segment_bytes(self, n: int) -> int:
         row = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
-        quantizer = getattr(self.reads.router, "lrsq", None)
+        quantizer = self.reads.router.lrsq
         if quantizer is not None:
             row += quantizer.rank + 2 * quantizer.aux_width
         return n * row
@@ -820,4 +826,4 @@ class StoredRows:
 
 
 __all__ = ["GROWTH_FACTOR", "MERGE_FACTOR", "MERGE_MIN_ROWS", "MIN_TRAIN_ROWS", "StoredRows", "WriteSide",
-           "learned_bits", "merge_plan"]
+           "learned_plan", "merge_plan"]

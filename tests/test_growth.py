@@ -16,7 +16,7 @@ import asteria_store.writes as writes_mod
 from asteria_store import DuplicateIdError, StoreLockedError
 from asteria_store.storage.lock import WriterLock
 from asteria_store.testing import clustered_vectors
-from asteria_store.writes import MERGE_FACTOR, learned_bits, merge_plan
+from asteria_store.writes import MERGE_FACTOR, learned_plan, merge_plan
 
 DIM = 16
 
@@ -71,10 +71,16 @@ def test_learned_store_below_training_size_serves_few_buckets(tmp_path, wordnet)
     assert (ids >= 0).all()
 
 
-def test_learned_bits_follow_the_data_and_the_sample_cap() -> None:
-    assert learned_bits(1_000) < learned_bits(10_000) < learned_bits(100_000)
-    # The 100,000-row sample caps the buckets (>= 32 training points each).
-    assert learned_bits(10_000_000) == learned_bits(1_000_000) == 11
+def test_bucket_count_follows_the_data_flat_then_as_a_tree() -> None:
+    assert learned_plan(1_000).bits < learned_plan(10_000).bits < learned_plan(100_000).bits
+    flat = [learned_plan(n) for n in (300_000, 1_000_000)]
+    assert [p.tree for p in flat] == [False, False] and {p.buckets for p in flat} == {2**11}
+    # past the flat model's 2,048 buckets a tree keeps growing with the data
+    tree = [learned_plan(n) for n in (3_000_000, 10_000_000)]
+    assert all(p.tree for p in tree)
+    assert 2**11 < tree[0].buckets < tree[1].buckets
+    assert 300 < 10_000_000 / tree[1].buckets < 2_000  # hundreds of rows per bucket
+    assert 2**tree[1].bits < tree[1].buckets  # coarse cells hold several children each
 
 
 # --- growth ---------------------------------------------------------------------------------
@@ -117,10 +123,10 @@ def test_learned_store_refits_as_it_outgrows_its_first_sample(tmp_path, wordnet)
         ids, _ = store.search(q, 10, probes=8)
         exact, _ = store.search(q, 10, probes="all")
     # whenever the data calls for another bucket bit: at 2,000 and 3,000 rows
-    assert refits == [learned_bits(n) > learned_bits(n - 1000) for n in (2000, 3000, 4000, 5000)]
+    assert refits == [learned_plan(n).bits > learned_plan(n - 1000).bits for n in (2000, 3000, 4000, 5000)]
     assert refits == [True, True, False, False]
     assert info["router"]["kind"] == "ecvh"
-    assert info["router"]["bits"] == learned_bits(5_000) > bits_first
+    assert info["router"]["bits"] == learned_plan(5_000).bits > bits_first
     assert info["fitted_rows"] == 3_000
     assert info["maintenance"]["refits"] == 2
     np.testing.assert_array_equal(exact, exact_top(x, np.arange(5000), q, 10))

@@ -34,7 +34,7 @@ from asteria_store.model import train as train_mod
 from asteria_store.storage import catalog as catalog_mod
 from asteria_store.storage import segments as seglib
 from asteria_store.storage.catalog import Catalog
-from asteria_store.writes import MIN_TRAIN_ROWS, learned_bits
+from asteria_store.writes import MIN_TRAIN_ROWS, learned_plan
 from asteria_store.testing import brute_force_topk, clustered_vectors, recall_at_k
 from asteria_store.testing.faults import fail_on_call
 from asteria_store_cli.main import cli
@@ -257,7 +257,7 @@ def populated_template(tmp_path_factory) -> Path:
     in two segments (bits pinned at what 1,200 rows get: no growth re-fit at 1,600)."""
     path = tmp_path_factory.mktemp("populated") / "store"
     x = data(N_POP)
-    with asteria_store.create(path, dim=DIM, chunk_rows=256, bits=learned_bits(1200)) as store:
+    with asteria_store.create(path, dim=DIM, chunk_rows=256, bits=learned_plan(1200).bits) as store:
         assert store.ingest(x[:1200]).trained
         store.ingest(x[1200:])
         store.delete(DELETED)

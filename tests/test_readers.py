@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import asteria_store
-from asteria_store.writes import learned_bits
+from asteria_store.writes import learned_plan
 import asteria_store.reads as reads_mod
 import asteria_store.verify as verify_mod
 from asteria_store import CorruptStoreError, ReadOnlyError
@@ -38,7 +38,7 @@ ALL = 4096  # more than every row: a probes="all" search returns the whole live 
 def template(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("template") / "store"
     x = clustered_vectors(N, DIM, clusters=12, seed=0)
-    with asteria_store.create(path, dim=DIM, chunk_rows=64, bits=learned_bits(1000)) as store:  # no re-fit
+    with asteria_store.create(path, dim=DIM, chunk_rows=64, bits=learned_plan(1000).bits) as store:  # no re-fit
         store.ingest(x[:1000])
         store.ingest(x[1000:])
         store.delete(np.arange(0, N, 7))

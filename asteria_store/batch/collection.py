@@ -356,7 +356,7 @@ def fill_across(shards: list[Store], q: np.ndarray, k: int, probes: Any, prune: 
     """The collection's probe-on (``Store.search``'s ``fill``), in place: queries short of
     ``min(k, total)`` results are searched again on every shard with twice the probes."""
     want = min(k, sum(len(s) for s in shards))
-    n_buckets = 2 ** int(shards[0].router.bits)
+    n_buckets = shards[0].router.n_buckets
     short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
     probes = int(probes)
     while len(short) and probes < n_buckets:

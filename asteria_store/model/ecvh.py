@@ -80,6 +80,20 @@ class ECVHRouter:
         else:
             self._centroids = None
 
+    @property
+    def n_buckets(self) -> int:
+        return 2**self.bits
+
+    def cell_directions(self) -> np.ndarray:
+        """Unit direction of every bucket (2**bits, d): its probe centroid, else the full
+        code's centroid."""
+        if self.probe_centroids is not None:
+            return self.probe_centroids
+        if self._centroids is None:
+            raise ValueError("a router without probe centroids or a full code has no bucket directions")
+        c = self._centroids.T
+        return np.ascontiguousarray(c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12))
+
     # -- routing -------------------------------------------------------------------------
 
     def rotate(self, x: np.ndarray) -> np.ndarray:

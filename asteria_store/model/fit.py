@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -38,13 +39,81 @@ def holdout_rows(sample_rows: int, holdout: int = 1000) -> int:
 
 def model_bits(expected: int, sample_rows: int, *, bits: int | None = None, bucket_rows: int = 128,
                holdout: int = 1000) -> int:
-    """The bucket bits a model trained on ``sample_rows`` rows for a store of ``expected``
-    gets: ``bits`` or ~``bucket_rows`` rows per bucket, capped so that k-means has at least
-    MIN_POINTS_PER_CELL training rows per bucket. Training and the store's growth check
-    (writes.py) both size models with it."""
+    """The bits of a FLAT model trained on ``sample_rows`` rows for a store of ``expected``:
+    ``bits`` or ~``bucket_rows`` rows per bucket, capped so that k-means has at least
+    MIN_POINTS_PER_CELL training rows per bucket (:func:`plan_buckets` without a tree)."""
+    return plan_buckets(expected, sample_rows, bits=bits, bucket_rows=bucket_rows, holdout=holdout,
+                        flat_max_bits=64).bits
+
+
+#: A flat ECVH model decodes every vector against all 2**bits buckets (d x 2**bits
+#: multiply-adds per vector, for ingest and for every query): past this many bits the
+#: store routes with a tree of coarse cells and their children (model/tree.py).
+FLAT_MAX_BITS = 11
+
+#: Mean rows per bucket a tree aims at: one bucket is one read and one product per query,
+#: so smaller buckets cost more per row, bigger ones scan more rows per probe.
+TREE_BUCKET_ROWS = 512
+
+#: Training rows a tree wants per bucket, at least TREE_MIN_ROWS per bucket, and the most
+#: rows it trains on (float32 in memory: 600 MB at d = 384).
+TREE_ROWS_PER_BUCKET = 32
+TREE_MIN_ROWS = 8
+TREE_SAMPLE_ROWS = 400_000
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """How a model for a store is sized: ``buckets`` in all; a flat model has
+    ``2**bits`` buckets, a tree ``2**bits`` coarse cells whose children add up to
+    ``buckets``."""
+
+    buckets: int
+    bits: int
+    tree: bool
+
+
+def plan_buckets(expected: int, sample_rows: int | None = None, *, bits: int | None = None,
+                 bucket_rows: int = 128, holdout: int = 1000, flat_max_bits: int | None = None) -> BucketPlan:
+    """THE sizing rule of learned models, for a store of ``expected`` rows and a training
+    sample of ``sample_rows`` (None: as many as :func:`sample_rows_for` asks).
+
+    Up to ``2**flat_max_bits`` buckets a flat model, ~``bucket_rows`` rows per bucket
+    (or ``2**bits``), capped so that k-means has MIN_POINTS_PER_CELL training rows per
+    bucket. Beyond, the bucket count stays at ``2**flat_max_bits`` until buckets reach
+    TREE_BUCKET_ROWS rows, then grows with the data as a tree (~TREE_BUCKET_ROWS rows per
+    bucket, or ``2**bits``), capped at TREE_MIN_ROWS training rows per bucket, with
+    ~sqrt(2 x buckets) coarse cells (what minimises cells + 2 x children per cell, the
+    cost of assigning a vector). ``flat_max_bits`` None: FLAT_MAX_BITS."""
+    flat_max_bits = FLAT_MAX_BITS if flat_max_bits is None else flat_max_bits
+    if sample_rows is None:
+        sample_rows = sample_rows_for(expected, bits=bits, bucket_rows=bucket_rows, flat_max_bits=flat_max_bits)
     n_train = sample_rows - holdout_rows(sample_rows, holdout)
     wanted = bits or choose_bits(expected, bucket_rows)
-    return max(1, min(wanted, int(math.log2(max(n_train // MIN_POINTS_PER_CELL, 2)))))
+    flat_cap = int(math.log2(max(n_train // MIN_POINTS_PER_CELL, 2)))
+    if wanted <= flat_max_bits:
+        return _flat(min(wanted, flat_cap))
+    buckets = 2**bits if bits else round(expected / TREE_BUCKET_ROWS)
+    buckets = min(buckets, n_train // TREE_MIN_ROWS)
+    if buckets <= 2**flat_max_bits:
+        return _flat(min(flat_max_bits, flat_cap))
+    cell_bits = min(int(round(math.log2(math.sqrt(2 * buckets)))), int(math.log2(buckets)) - 1)
+    return BucketPlan(buckets=int(buckets), bits=max(1, cell_bits), tree=True)
+
+
+def _flat(bits: int) -> BucketPlan:
+    bits = max(1, bits)
+    return BucketPlan(buckets=2**bits, bits=bits, tree=False)
+
+
+def sample_rows_for(expected: int, *, bits: int | None = None, bucket_rows: int = 128,
+                    flat_max_bits: int | None = None) -> int:
+    """Training rows a model for ``expected`` rows wants: TRAIN_SAMPLE_ROWS for a flat
+    model, TREE_ROWS_PER_BUCKET per bucket for a tree (at most TREE_SAMPLE_ROWS)."""
+    plan = plan_buckets(expected, 2**62, bits=bits, bucket_rows=bucket_rows, flat_max_bits=flat_max_bits)
+    if not plan.tree:
+        return TRAIN_SAMPLE_ROWS
+    return int(min(TREE_SAMPLE_ROWS, max(TRAIN_SAMPLE_ROWS, TREE_ROWS_PER_BUCKET * plan.buckets)))
 
 
 def train_model(
@@ -151,5 +220,5 @@ def check_sample_size(x: np.ndarray) -> np.ndarray:
     return x
 
 
-__all__ = ["MIN_SAMPLE_ROWS", "TRAIN_SAMPLE_ROWS", "check_sample_size", "sample_indices", "train_config",
+__all__ = ["FLAT_MAX_BITS", "MIN_SAMPLE_ROWS", "TRAIN_SAMPLE_ROWS", "BucketPlan", "plan_buckets", "sample_rows_for", "check_sample_size", "sample_indices", "train_config",
            "train_model", "training_sample"]

@@ -19,12 +19,13 @@ import numpy as np
 
 from ..errors import CorruptStoreError, ModelFileError, UnsupportedFormatError
 from .ecvh import ECVHRouter
+from .tree import TreeRouter
 from .router import MODEL_FORMAT_VERSION, Router, SignHasher
 
 
 def router_kinds() -> dict[str, type]:
     """Every router class by its ``kind``."""
-    return {SignHasher.kind: SignHasher, ECVHRouter.kind: ECVHRouter}
+    return {SignHasher.kind: SignHasher, ECVHRouter.kind: ECVHRouter, TreeRouter.kind: TreeRouter}
 
 
 def save_router(router: Router, directory: str | os.PathLike[str]) -> str:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from itertools import islice
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .lrsq import LRSQ
 
 MODEL_FORMAT_VERSION = 1
 
@@ -23,7 +26,10 @@ class Router(Protocol):
     """What the store needs from a routing model."""
 
     kind: str
+    #: Key width: every bucket key is below 2**bits.
     bits: int
+    #: Buckets the router routes to (keys are 0 .. n_buckets - 1 for learned routers).
+    n_buckets: int
 
     def keys(self, x: np.ndarray) -> np.ndarray:
         """Bucket key (uint64) of each row of ``x`` (n, d), L2-normalised float32."""
@@ -45,6 +51,17 @@ class Router(Protocol):
         """Whether each ``keys[i]`` is ``x[i]``'s key up to float rounding (a tie within
         ``tol``): what ``verify`` accepts, since BLAS may sum in another order per batch."""
         ...
+
+    def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
+        """The first ``probes`` keys (Q, P) int64 of each query's probe sequence."""
+        ...
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        """Vectors in the space LRSQ codes were made in (the model's rotation)."""
+        ...
+
+    #: The quantizer whose codes the segments hold (None: no codes, no pruning).
+    lrsq: LRSQ | None
 
     def config(self) -> dict: ...
 
@@ -152,6 +169,8 @@ class SignHasher:
     """
 
     kind = "sign"
+    #: No LRSQ codes: every probed row is scored exactly.
+    lrsq = None
 
     def __init__(self, projection: np.ndarray, *, seed: int | None = None):
         self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (bits, d)
@@ -173,6 +192,10 @@ class SignHasher:
             proj = np.vstack([proj, extra / np.linalg.norm(extra, axis=1, keepdims=True)])
         return cls(proj, seed=seed)
 
+    @property
+    def n_buckets(self) -> int:
+        return 2**self.bits
+
     def margins(self, x: np.ndarray) -> np.ndarray:
         return x @ self.projection.T
 
@@ -188,6 +211,13 @@ class SignHasher:
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
         """Bucket keys of one query in probe order: home bucket, then cheapest bit flips."""
         return sign_probe_keys(margins)
+
+    def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
+        return lazy_probe_order(self, queries, probes)
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        """The identity: a sign store keeps no LRSQ codes to rotate queries for."""
+        return x
 
     def config(self) -> dict:
         return {"kind": self.kind, "bits": self.bits, "dim": self.dim, "seed": self.seed}

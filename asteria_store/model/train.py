@@ -43,7 +43,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -54,7 +54,8 @@ from ..progress import ProgressLike, make_progress
 from .bor import ButterflyRotation, next_pow2
 from .codes import HadamardCode, fwht
 from .ecvh import ECVHRouter
-from .fit import MIN_POINTS_PER_CELL, choose_bits, holdout_rows, model_bits  # noqa: F401 (re-exported)
+from .tree import TreeRouter
+from .fit import MIN_POINTS_PER_CELL, choose_bits, holdout_rows, model_bits, plan_buckets  # noqa: F401 (re-exported)
 from .lrsq import LRSQ
 from .metrics import fraction_for_recall, occupancy, rows_to_reach
 
@@ -97,8 +98,14 @@ class TrainConfig:
             costs one sample x 2**k x d product (~1 s for 100,000 x 1,024 x 384 on a core).
         warm_iters: Lloyd steps after a warm start (``init=``), on top of splitting the old
             cells when bits grow.
+        tree_refine: a tree's Lloyd steps over its own assignment after the per-cell
+            k-means (each one pass of the sample through the tree).
         probe_means: probe buckets by the mean direction of their training vectors (True,
             measured better) instead of by soft cost.
+        flat_max_bits: the most bits a flat model gets; a store that needs more buckets
+            is routed by a tree (model/tree.py, sizing in ``fit.plan_buckets``). Lower: a
+            tree sooner (cheaper assignment, slightly coarser routing). None:
+            ``fit.FLAT_MAX_BITS``.
         threads: torch threads while training. None: :func:`training_threads` (one per
             core not busy with other work, at most the caller's torch setting).
         seed: every random choice.
@@ -129,7 +136,9 @@ class TrainConfig:
     target_recall: float = 0.9
     kmeans_iters: int = 10
     warm_iters: int = 4
+    tree_refine: int = 3
     probe_means: bool = True
+    flat_max_bits: int | None = None
     threads: int | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -441,12 +450,11 @@ def warm_directions(init: Any, dim: int, bits: int) -> tuple[np.ndarray | None, 
         return None, f"init has dimension {init.dim}, the vectors {dim}"
     if init.bits > bits:
         return None, f"init has {init.bits} bits, more than the {bits} wanted"
-    if init.probe_centroids is not None:
-        return init.probe_centroids, "probe centroids"
-    if init.ecc and init._centroids is not None:
-        c = init._centroids.T
-        return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12), "code centroids"
-    return None, "init has neither probe centroids nor a full code"
+    try:
+        how = "probe centroids" if init.probe_centroids is not None else "code centroids"
+        return init.cell_directions(), how
+    except ValueError:
+        return None, "init has neither probe centroids nor a full code"
 
 
 def train(
@@ -474,9 +482,67 @@ def train(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        plan = plan_buckets(config.expected_size or len(vectors), len(vectors), bits=config.bits,
+                            bucket_rows=config.bucket_rows, holdout=config.holdout,
+                            flat_max_bits=config.flat_max_bits)
+        if config.ecc and plan.tree:
+            return _train_tree(vectors, config, plan, progress, log, init, threads)
         return _train(vectors, config, progress, log, init, threads)
     finally:
         torch.set_num_threads(previous)
+
+
+def _train_tree(vectors, config: TrainConfig, plan, progress, log, init, threads: int
+                ) -> tuple[TreeRouter, list[dict]]:
+    """A tree of ``plan.buckets`` buckets: a flat ECVH model of ``2**plan.bits`` coarse
+    cells (trained as :func:`_train` trains one, on at most ``sample_size`` rows), then
+    each cell's rows of the whole sample split into children by spherical k-means, their
+    number proportional to the cell's rows; then ``tree_refine`` Lloyd steps over the tree's
+    own assignment (a vector may land in a child of its second-best cell)."""
+    started = time.perf_counter()
+    coarse_init = init.coarse if isinstance(init, TreeRouter) else init
+    coarse, history = _train(vectors, replace(config, bits=plan.bits, expected_size=None), progress, log,
+                             coarse_init, threads)
+    x_np = np.asarray(vectors, dtype=np.float32)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    cells = coarse.keys(x_np).astype(np.int64)
+    counts = np.bincount(cells, minlength=2**plan.bits)
+    want = np.maximum(1, np.round(plan.buckets * counts / len(x_np))).astype(np.int64)
+    want = np.minimum(want, np.maximum(counts, 1))
+    order = np.argsort(cells, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    x = torch.from_numpy(x_np)
+    parts = []
+    bar = make_progress(progress, total=len(counts), desc="tree cells", unit="cell")
+    try:
+        for c in range(len(counts)):
+            rows = torch.from_numpy(order[starts[c] : starts[c + 1]])
+            if counts[c] == 0:  # no sample row: one child, the cell's own direction
+                parts.append(torch.from_numpy(coarse.cell_directions()[c : c + 1]))
+            else:
+                parts.append(spherical_kmeans(x[rows], int(want[c]), config.kmeans_iters, gen))
+            bar.update(1)
+    finally:
+        bar.close()
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+    children = torch.cat(parts).numpy()
+    info = {"buckets": int(offsets[-1]), "cells": len(counts), "trained_on": len(x_np), "threads": threads,
+            "coarse": coarse.info, "config": config.to_dict()}
+    router = TreeRouter(coarse, children, offsets, info=info)
+    for _ in range(config.tree_refine):
+        keys = torch.from_numpy(router.keys(x_np).astype(np.int64))
+        sums = torch.zeros(router.n_buckets, x.shape[1], dtype=torch.float64).index_add_(0, keys, x.double())
+        empty = torch.bincount(keys, minlength=router.n_buckets) == 0
+        sums[empty] = torch.from_numpy(children[empty.numpy()]).double()
+        children = (sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)).float().numpy()
+        router = TreeRouter(coarse, children, offsets, info=info)
+    occ = occupancy(router.keys(x_np).astype(np.int64), router.n_buckets)
+    info["occupancy"] = occ
+    info["train_seconds"] = round(time.perf_counter() - started, 2)
+    history.append({"epoch": "tree", "buckets": router.n_buckets, **occ})
+    log(f"tree: {router.n_cells} cells, {router.n_buckets} buckets, max/mean bucket "
+        f"{occ['max_over_mean']:.1f} on the sample")
+    return router, history
 
 
 def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> tuple[ECVHRouter, list[dict]]:

@@ -73,7 +73,7 @@ def search_batch_device(view, router, queries: np.ndarray, k: int, probes: int, 
     stats = SearchStats.zeros(nq)
     best_i = np.empty((nq, k), dtype=np.int64)
     best_s = np.empty((nq, k), dtype=np.float32)
-    n_buckets = 2 ** int(getattr(router, "bits", 0)) or 1
+    n_buckets = router.n_buckets
     block = max(1, min(nq, _BLOCK_CANDIDATES // (min(probes, n_buckets) * k)))
     with _exact_float32():
         for q0 in range(0, nq, block):

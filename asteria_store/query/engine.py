@@ -28,7 +28,6 @@ from typing import Literal, Union
 
 import numpy as np
 
-from ..model.router import lazy_probe_order
 from ..storage.segments import SegmentReader
 from . import native
 from .kernels import error_scale, one_blas_thread, score_into
@@ -171,8 +170,7 @@ class SearchStats:
 def probe_order(router, queries: np.ndarray, probes: int) -> np.ndarray:
     """Bucket keys (Q, P) int64 each query probes first, in its probe order
     (``P = min(probes, buckets)``): vectorised where the router scores every bucket."""
-    order = getattr(router, "probe_order", None)
-    return order(queries, probes) if order is not None else lazy_probe_order(router, queries, probes)
+    return router.probe_order(queries, probes)
 
 
 def probe_order_chunked(router, queries: np.ndarray, probes: int, map_fn=None) -> np.ndarray:
@@ -355,7 +353,7 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
 def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, candidates: int | None,
                   explain: bool, prune: bool | str, threads: int, kernel: str):
     nq = len(queries)
-    lrsq = getattr(router, "lrsq", None) if prune else None
+    lrsq = router.lrsq if prune else None
     if nq == 1 and lrsq is not None:
         fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)
         if fast is not None:
@@ -365,7 +363,7 @@ def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, 
     stats = SearchStats.zeros(nq)
     best_i = np.empty((nq, k), dtype=np.int64)
     best_s = np.empty((nq, k), dtype=np.float32)
-    n_buckets = 2 ** int(getattr(router, "bits", 0)) or 1
+    n_buckets = router.n_buckets
     p = min(probes, n_buckets)
     # probe scores and candidates per query, and the scores of its probed rows (pass 1)
     block = min(_BLOCK_CELLS // max(n_buckets, p * k), _SCORE_CELLS // max(1, p * view.count // n_buckets))
