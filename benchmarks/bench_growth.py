@@ -24,6 +24,9 @@
   batch QPS (one ``search`` of all queries after an untimed warm-up), one-query p50/p95
   latency (``query`` of the first ``--single``), rows scanned and KiB read per query
   (SearchStats), extents per probed bucket (catalog), at each of ``--probes``.
+* ``--cap-mib M``: the serving processes run in a memory cgroup capped at M MiB, page
+  cache included (cgroup v1, else v2); a process that cannot join one runs uncapped, and
+  its rows say so (``memory``).
 * **cold** (same processes): every file under the store is flushed and evicted from the
   page cache (``posix_fadvise(DONTNEED)``); the store is opened and the first ``--cold``
   queries are issued one at a time: open time, first and mean latency, bytes the process
@@ -39,7 +42,7 @@ from __future__ import annotations
 import os
 import sys
 
-from harness import pin_threads_from_argv
+from harness import join_memory_cap, pin_threads_from_argv, remove_memory_cap
 
 pin_threads_from_argv()  # before numpy is imported
 
@@ -54,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 ROW = "@@ROW "  # child stdout lines carrying a JSON row
+CAP_GROUP = "asteria-bench-serve"  # the memory cgroup serving children run in (--cap-mib)
 
 
 def ints(s: str | None) -> list[int]:
@@ -206,6 +210,9 @@ def child_serve(a: argparse.Namespace) -> None:
     truth = np.load(Path(a.data) / f"gt_{a.n}_ids.npy")
     probes = ints(a.probes)
     head = {"store": a.which.split("-")[0], "n": a.n}
+    if a.cap_mib:
+        head["memory"] = join_memory_cap(CAP_GROUP, a.cap_mib)
+        print(f"serving {a.which}: {head['memory']}", file=sys.stderr)
 
     # cold first: nothing of this store has been read by this process yet
     for p in probes:
@@ -262,7 +269,7 @@ def child_serve(a: argparse.Namespace) -> None:
 def run_child(a: argparse.Namespace, args: list[str]) -> list[dict]:
     cmd = [sys.executable, __file__, "--data", a.data, "--store", a.store, "--threads", str(a.threads),
            "--probes", a.probes, "--single", str(a.single), "--cold", str(a.cold),
-           "--budget-s", str(a.budget_s), *args]
+           "--budget-s", str(a.budget_s), "--cap-mib", str(a.cap_mib), *args]
     proc_ = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     rows = []
     for line in proc_.stdout:
@@ -279,7 +286,9 @@ def run_child(a: argparse.Namespace, args: list[str]) -> list[dict]:
                 print(json.dumps(r), file=sys.stderr)
         else:
             sys.stderr.write(line)
-    if proc_.wait() != 0:
+    code = proc_.wait()
+    remove_memory_cap(CAP_GROUP)
+    if code != 0:
         sys.exit(f"child {' '.join(args)} failed (exit {proc_.returncode})")
     return rows
 
@@ -424,6 +433,8 @@ def main() -> None:
                     help="stop a one-by-one timing loop (--single, --cold) after this many seconds "
                          "(at least 20 / 5 queries): a store that scans everything stays measurable")
     ap.add_argument("--threads", default="1")
+    ap.add_argument("--cap-mib", type=int, default=0,
+                    help="serve inside a memory cgroup of this many MiB, page cache included (0: no cap)")
     ap.add_argument("--keep", action="store_true", help="keep the one-shot stores (default: removed when measured)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--table", default=None, help="also write the Markdown tables here")

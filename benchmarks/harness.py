@@ -39,3 +39,36 @@ def time_search(store, queries, probes, *, k: int = 10, single: int = 200, warm:
         store.query(v, k, probes=probes)
         lat.append(time.perf_counter() - t)
     return out, batch_s, lat
+
+
+def join_memory_cap(name: str, mib: int) -> str:
+    """Move this process into a memory cgroup ``name`` limited to ``mib`` MiB, page cache
+    included (cgroup v1 ``memory/``, else v2 ``memory.max``). Returns a label for results:
+    ``"cap <mib> MiB (cgroup v1|v2)"``, or ``"uncapped: <why>"`` when the group cannot be
+    made or joined (not root, no memory controller): the caller runs on and says so."""
+    from pathlib import Path
+
+    v1 = Path("/sys/fs/cgroup/memory")
+    if v1.is_dir():
+        group, limit_file, version = v1 / name, "memory.limit_in_bytes", "v1"
+    else:
+        group, limit_file, version = Path("/sys/fs/cgroup") / name, "memory.max", "v2"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / limit_file).write_text(str(mib * 2**20))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as exc:
+        return f"uncapped: cannot join a memory cgroup ({exc.strerror or exc})"
+    return f"cap {mib} MiB (cgroup {version})"
+
+
+def remove_memory_cap(name: str) -> None:
+    """Remove the group :func:`join_memory_cap` made (once no process is left in it)."""
+    from pathlib import Path
+
+    for root in (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")):
+        try:
+            (root / name).rmdir()
+            return
+        except OSError:
+            continue
