@@ -20,6 +20,7 @@ that ``verify --repair`` may delete.
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 import shutil
@@ -31,6 +32,12 @@ import zarr
 from zarr.storage import LocalStore
 
 from ..errors import CorruptStoreError
+
+#: Arrays whose mapped chunks are read a few rows at a time (a query's exact rescoring
+#: reads only the rows its LRSQ bounds keep): the kernel is told not to read ahead
+#: (MADV_RANDOM), so a query on a store larger than RAM reads those pages, not the
+#: ~128 KiB around each (docs/scale.md measures the difference).
+_RANDOM_ACCESS = frozenset({"vectors"})
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 
@@ -195,6 +202,8 @@ class SegmentReader:
                     f"Segment chunk {str(path)!r} is missing or truncated ({exc}); "
                     "run `asteria-store verify`."
                 ) from None
+            if array in _RANDOM_ACCESS:
+                m._mmap.madvise(mmap.MADV_RANDOM)
             m = self._maps[key] = m.view(np.ndarray)
         return m
 
