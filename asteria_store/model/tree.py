@@ -139,28 +139,26 @@ class TreeRouter:
         mine = np.einsum("ij,ij->i", x, self.children[k])
         return ok & in_cells & (mine >= scores.max(axis=1) - tol)
 
-    def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
-        """The first ``probes`` bucket keys (Q, P) of each query: its own bucket, then the
-        children of its :meth:`cells_for` best cells by ``q . child``, across cells."""
-        t = self.cells_for(probes)
-        cells = self._top_cells(queries, t)
-        scores, keys = self.expand(queries, cells)
-        # own bucket first: the best child of the assign_cells best cells (as keys() finds it)
+    def _ranked(self, queries: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`expand` of each query's ``t`` best cells, its own bucket (the best child
+        of its ``assign_cells`` best cells, as :meth:`keys` finds it) scored +inf."""
+        scores, keys = self.expand(queries, self._top_cells(queries, t))
         width = scores.shape[1] // t
         own = scores[:, : self.assign_cells * width].argmax(axis=1)
         scores[np.arange(len(queries)), own] = np.inf
+        return scores, keys
+
+    def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
+        """The first ``probes`` bucket keys (Q, P) of each query: its own bucket, then the
+        children of its :meth:`cells_for` best cells by ``q . child``, across cells."""
+        scores, keys = self._ranked(queries, self.cells_for(probes))
         p = min(probes, int((keys >= 0).sum(axis=1).min()))
         return np.take_along_axis(keys, top_order(scores, p), axis=1)
 
     def probe_scores(self, queries: np.ndarray, probes: int | None = None) -> np.ndarray:
         """Probe priority of every bucket (Q, buckets), as :meth:`probe_order` ranks them;
         -inf for buckets outside the expanded cells (for routing metrics: dense)."""
-        t = self.n_cells if probes is None else self.cells_for(probes)
-        cells = self._top_cells(queries, t)
-        scores, keys = self.expand(queries, cells)
-        width = scores.shape[1] // t
-        own = scores[:, : self.assign_cells * width].argmax(axis=1)
-        scores[np.arange(len(queries)), own] = np.inf
+        scores, keys = self._ranked(queries, self.n_cells if probes is None else self.cells_for(probes))
         out = np.full((len(queries), self.n_buckets), -np.inf, dtype=np.float32)
         valid = keys >= 0
         rows = np.nonzero(valid)[0]
