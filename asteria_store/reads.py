@@ -194,7 +194,7 @@ class ReadSide:
             "fitted_rows": growth.get("fitted_rows"),
             "grows": bool(growth.get("grow", False)),
             "extents": n_extents,
-            # How the batch path scores rows: "f32", or "bf16" on CPUs with bfloat16 matrix units.
+            # How the batch path scores rows: "f32", or "bf16" on CPUs with AMX tiles.
             "kernel": default_kernel(),
             "generation": meta["generation"],
             "next_id": meta["next_id"],

@@ -525,7 +525,7 @@ class Store:
                 buckets are split between them. Results do not depend on it.
             kernel: ``"f32"`` or ``"bf16"`` (bfloat16 products, then exact rescoring of
                 the rows that can reach the top k: same results); default ``info()["kernel"]``:
-                bf16 where the CPU has bfloat16 matrix units (AMX, AVX-512 BF16), else f32.
+                bf16 where the CPU has AMX bfloat16 tiles, else f32.
             device: a torch device such as ``"cuda"``: the probed buckets are streamed
                 there in large groups and scored on it (same routing; results equal the
                 CPU's up to float rounding; no LRSQ pruning). ``None`` or ``"cpu"``: here;

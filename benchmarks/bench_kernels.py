@@ -4,8 +4,8 @@
 
 GFLOP/s of ``score_into`` in float32 and bfloat16 for a bucket-sized product (62 queries
 x 104 rows: 2,000 queries at 32 probes of 1,024 buckets of the wordnet store) and two
-larger ones. bfloat16 pays off only on CPUs with bfloat16 matrix units (AMX, AVX-512
-BF16); ``kernels.cpu_flags()`` is printed to say which this is.
+larger ones. bfloat16 pays off on large products only with bfloat16 units (AMX tiles, AVX-512 BF16);
+``kernels.cpu_flags()`` is printed to say which this is.
 """
 
 from __future__ import annotations

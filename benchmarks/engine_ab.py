@@ -12,7 +12,8 @@ per version to compare engines on the same store and queries.
 One thread (BLAS, torch and the search's own). Batch: ``--nq`` queries in one
 ``Store.search`` call, once untimed, then the median of ``--repeat`` calls. One query:
 ``Store.query`` over the first ``--single`` queries, once untimed, then p50/p99 of a second
-pass. Recall@10 of the batch against the exact ids. Prints one JSON line.
+pass. Recall@10 of the batch against the exact ids, and the process's anonymous memory at the
+end. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--kernel", choices=("f32", "bf16"), default=None,
+                    help="the batch path's scoring kernel (default: the store's choice for this CPU)")
     args = ap.parse_args()
     import torch
 
@@ -54,6 +57,8 @@ def main() -> None:
     opts = {"probes": args.probes}
     if "threads" in store.search.__code__.co_varnames:  # engines before issue 12 had none
         opts["threads"] = 1
+    if args.kernel:
+        opts["kernel"] = args.kernel
     ids, _ = store.search(q, args.k, **opts)
     times = []
     for _ in range(args.repeat):
@@ -74,7 +79,19 @@ def main() -> None:
     print(json.dumps({"engine": commit, "queries": os.path.basename(args.queries), "probes": args.probes,
                       "batch_qps": round(args.nq / float(np.median(times))), "recall@10": round(recall, 4),
                       "p50_ms": round(1e3 * float(np.median(lat)), 3),
-                      "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 3)}))
+                      "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 3),
+                      "kernel": args.kernel or store.info()["kernel"], "anon_mib": _anon_mib()}))
+
+
+def _anon_mib() -> int | None:
+    """This process's anonymous resident memory (Linux), MiB."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from conftest import assert_same_up_to_rounding
 
@@ -84,8 +85,9 @@ def test_kernel_choice_and_bad_arguments(store, wordnet, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     monkeypatch.delenv("ASTERIA_KERNEL")
     assert kernels.default_kernel() == "bf16"
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert kernels.default_kernel() == "f32"
+    for flags in ({"avx2"}, {"avx2", "avx512f", "avx512_bf16"}):
+        monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags))
+        assert kernels.default_kernel() == "f32"
     with pytest.raises(asteria_store.InvalidArgumentError, match="kernel must be"):
         store.search(queries[:2], K, kernel="int4")
     for bad in (0, -1, 1.5, True):
@@ -179,3 +181,24 @@ def test_one_blas_thread_holds_while_any_search_runs_and_restores_after() -> Non
     assert [lib.get_num_threads() for lib in libs] == before
     for lib, n in zip(libs, own):
         lib.set_num_threads(n)
+
+
+def test_bf16_products_run_on_few_shapes() -> None:
+    """oneDNN keeps a compiled kernel per matrix shape it has multiplied: the bf16 kernel
+    tiles and pads so that any number of bucket sizes costs a handful of shapes. The shapes
+    are read from torch's profiler, i.e. what was actually multiplied; results stay within
+    the bound for every shape."""
+    rng = np.random.default_rng(5)
+    sizes = [(int(a), int(b)) for a, b in zip(rng.integers(1, 600, 150), rng.integers(1, 2500, 150))]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for nq, n in sizes:
+            q = rng.standard_normal((nq, 32)).astype(np.float32)
+            v = rng.standard_normal((n, 32)).astype(np.float32)
+            out = np.empty((nq, n), dtype=np.float32)
+            vmax = kernels.score_into("bf16", q, v, out)
+            bound = kernels.error_scale("bf16", q)[:, None] * vmax
+            assert (np.abs(q.astype(np.float64) @ v.T.astype(np.float64) - out) <= bound).all()
+    shapes = {tuple(map(tuple, e.input_shapes[:2])) for e in prof.events() if e.name == "aten::mm"}
+    assert shapes, "no bf16 product was recorded"
+    assert len(shapes) <= 9 * 8 < len(set(sizes))
+    assert {(a[0], b[1]) for a, b in shapes} <= set().union(*(kernels.bf16_shapes(nq, n) for nq, n in sizes))

@@ -4,11 +4,12 @@ The batch path asks one question of a probed bucket: which of its rows score at 
 query's threshold, and exactly what. Two kernels answer it with the same result:
 
 * ``"f32"``: one float32 matrix product (BLAS). The default, and the only kernel worth
-  running on a CPU without bfloat16 matrix units (AVX2 machines run a bfloat16 product
-  ~8x slower than float32: docs/benchmarks.md).
+  running on a CPU without bfloat16 matrix tiles (AVX2 machines run a bfloat16 product
+  ~8x slower than float32: docs/benchmarks.md; AVX-512 BF16 ones run large products 1.6x
+  faster, but the batch search's many small ones 1.5x slower end to end: docs/scale.md).
 * ``"bf16"``: a bfloat16 product with float32 accumulation, a certified bound on its
   error, then exact float32 rescoring of the rows whose approximate score is within that
-  bound of the threshold. Chosen by default where the CPU has AMX or AVX-512 BF16 units.
+  bound of the threshold. Chosen by default where the CPU has AMX (bfloat16 tiles).
 
 Both return exact float32 scores of exactly the rows at or above the threshold, so the
 search results do not depend on the kernel.
@@ -17,6 +18,7 @@ search results do not depend on the kernel.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 import warnings
@@ -55,12 +57,12 @@ def check_kernel(kernel: str) -> str:
 
 
 def default_kernel() -> str:
-    """``ASTERIA_KERNEL`` if set, else ``"bf16"`` on CPUs with bfloat16 matrix units
-    (AMX-BF16 or AVX-512 BF16), else ``"f32"``."""
+    """``ASTERIA_KERNEL`` if set, else ``"bf16"`` on CPUs with AMX-BF16 matrix tiles, else
+    ``"f32"`` (AVX-512 BF16 alone measured slower than f32 end to end: docs/scale.md)."""
     env = os.environ.get("ASTERIA_KERNEL")
     if env:
         return check_kernel(env)
-    return "bf16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "f32"
+    return "bf16" if "amx_bf16" in cpu_flags() else "f32"
 
 
 def default_threads() -> int:
@@ -131,9 +133,42 @@ def score_into(kernel: str, q: np.ndarray, v: np.ndarray, out: np.ndarray) -> fl
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only memory map: only read
-        approx = torch.from_numpy(q).bfloat16() @ torch.from_numpy(np.ascontiguousarray(v)).bfloat16().T
-    out[...] = approx.float().numpy()
-    return float(np.sqrt(np.einsum("ij,ij->i", v, v).max()))
+        qt, vt = torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(v))
+    for (q0, q1, qpad), (r0, r1, rpad) in itertools.product(_query_tiles(len(q)), _row_tiles(len(v))):
+        a = torch.zeros((qpad, q.shape[1]), dtype=torch.bfloat16)
+        b = torch.zeros((rpad, v.shape[1]), dtype=torch.bfloat16)
+        a[: q1 - q0], b[: r1 - r0] = qt[q0:q1], vt[r0:r1]
+        out[q0:q1, r0:r1] = (a @ b.T)[: q1 - q0, : r1 - r0].float().numpy()
+    return float(np.sqrt(np.einsum("ij,ij->i", v, v).max())) if len(v) else 0.0
+
+
+#: The bf16 product runs on tiles of a few fixed shapes only. oneDNN builds and caches one
+#: kernel per matrix shape (~0.5 MB each, up to 1,024 of them): free shapes grew a serving
+#: process by ~700 MB over 1,000 queries (docs/scale.md). Queries are tiled by 256 and
+#: padded to a power of two; rows by 512, padded to a multiple of 64: at most 9 x 8 shapes.
+_BF16_QUERY_TILE = 256
+_BF16_ROW_TILE = 512
+_BF16_ROW_STEP = 64
+
+
+def _tiles(n: int, tile: int, padded) -> Iterator[tuple[int, int, int]]:
+    """``(start, stop, padded(stop - start))`` of each tile of ``n`` items."""
+    for start in range(0, n, tile):
+        stop = min(n, start + tile)
+        yield start, stop, padded(stop - start)
+
+
+def _query_tiles(n: int) -> Iterator[tuple[int, int, int]]:
+    return _tiles(n, _BF16_QUERY_TILE, lambda m: 1 << (m - 1).bit_length())
+
+
+def _row_tiles(n: int) -> Iterator[tuple[int, int, int]]:
+    return _tiles(n, _BF16_ROW_TILE, lambda m: -(-m // _BF16_ROW_STEP) * _BF16_ROW_STEP)
+
+
+def bf16_shapes(nq: int, n: int) -> set[tuple[int, int]]:
+    """The (queries, rows) shapes the bf16 kernel multiplies for a (nq x d) @ (d x n) product."""
+    return {(qp, rp) for (_, _, qp), (_, _, rp) in itertools.product(_query_tiles(nq), _row_tiles(n))}
 
 
 def error_scale(kernel: str, q: np.ndarray) -> np.ndarray:
