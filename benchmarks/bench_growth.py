@@ -26,7 +26,8 @@
   (SearchStats), extents per probed bucket (catalog), at each of ``--probes``.
 * ``--cap-mib M``: the serving processes run in a memory cgroup capped at M MiB, page
   cache included (cgroup v1, else v2); a process that cannot join one runs uncapped, and
-  its rows say so (``memory``).
+  its rows say so (``memory``). A comma-separated list gives one cap per checkpoint, in
+  ascending order of the checkpoints (e.g. ``512,1024,2048`` for 1M, 3M, 10M).
 * **cold** (same processes): every file under the store is flushed and evicted from the
   page cache (``posix_fadvise(DONTNEED)``); the store is opened and the first ``--cold``
   queries are issued one at a time: open time, first and mean latency, bytes the process
@@ -75,6 +76,11 @@ def proc(field: str, path: str = "/proc/self/status") -> int:
 
 def peak_mib() -> float:
     return proc("VmHWM") / 1024
+
+
+def anon_mib() -> float:
+    """Anonymous resident memory now (RssAnon): the process's own, without mapped files."""
+    return proc("RssAnon") / 1024
 
 
 def read_bytes() -> int:
@@ -210,8 +216,8 @@ def child_serve(a: argparse.Namespace) -> None:
     truth = np.load(Path(a.data) / f"gt_{a.n}_ids.npy")
     probes = ints(a.probes)
     head = {"store": a.which.split("-")[0], "n": a.n}
-    if a.cap_mib:
-        head["memory"] = join_memory_cap(CAP_GROUP, a.cap_mib)
+    if int(a.cap_mib):
+        head["memory"] = join_memory_cap(CAP_GROUP, int(a.cap_mib))
         print(f"serving {a.which}: {head['memory']}", file=sys.stderr)
 
     # cold first: nothing of this store has been read by this process yet
@@ -261,15 +267,16 @@ def child_serve(a: argparse.Namespace) -> None:
               "kib_read_per_query": float(np.mean(st.bytes_read)) / 1024,
               "extents_per_probed_bucket": extents_per_probe(store, q, p),
               "segments": info["segments"], "buckets": info["buckets"], "extents": info["extents"],
-              "disk_bytes": info["disk_bytes"], "peak_rss_mib": peak_mib()})
+              "disk_bytes": info["disk_bytes"], "peak_rss_mib": peak_mib(), "anon_mib": anon_mib()})
     store.close()
 
 
 # ----------------------------------------------------------------------------- parent
-def run_child(a: argparse.Namespace, args: list[str]) -> list[dict]:
+def run_child(a: argparse.Namespace, args: list[str], cap_mib: int = 0) -> list[dict]:
+    args = [*args, "--cap-mib", str(cap_mib)]
     cmd = [sys.executable, __file__, "--data", a.data, "--store", a.store, "--threads", str(a.threads),
            "--probes", a.probes, "--single", str(a.single), "--cold", str(a.cold),
-           "--budget-s", str(a.budget_s), "--cap-mib", str(a.cap_mib), *args]
+           "--budget-s", str(a.budget_s), *args]
     proc_ = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     rows = []
     for line in proc_.stdout:
@@ -311,20 +318,24 @@ def parent(a: argparse.Namespace) -> None:
     store.mkdir(parents=True, exist_ok=True)
     print(f"{len(ends)} ingests: first {ends[0]:,} rows, then ~{(total - ends[0]) // max(1, len(ends) - 1):,}; "
           f"checkpoints {checkpoints}, one-shot at {sorted(oneshot)}", file=sys.stderr)
+    caps = ints(a.cap_mib) or [0]
+    if len(caps) not in (1, len(checkpoints)):
+        sys.exit(f"--cap-mib gives {len(caps)} caps for {len(checkpoints)} checkpoints: give one, or one each")
+    cap_at = dict(zip(sorted(checkpoints), caps * len(checkpoints) if len(caps) == 1 else caps))
     rows, lo, t0 = [], 0, time.perf_counter()
     for n in sorted(checkpoints):
         hi = ends.index(n) + 1
         rows += run_child(a, ["--child", "ingest", "--ends", ",".join(map(str, ends)), "--lo", str(lo), "--hi", str(hi)])
         lo = hi
-        rows += run_child(a, ["--child", "serve", "--which", "grown", "--n", str(n)])
+        rows += run_child(a, ["--child", "serve", "--which", "grown", "--n", str(n)], cap_at[n])
         if n in oneshot:
             rows += run_child(a, ["--child", "oneshot", "--n", str(n)])
-            rows += run_child(a, ["--child", "serve", "--which", f"oneshot-{n}", "--n", str(n)])
+            rows += run_child(a, ["--child", "serve", "--which", f"oneshot-{n}", "--n", str(n)], cap_at[n])
             if not a.keep:
                 shutil.rmtree(store / f"oneshot-{n}")
     meta = {"data": str(data.resolve()), "n_base": n_base, "checkpoints": checkpoints, "batches": len(ends),
             "first": ends[0], "probes": ints(a.probes), "threads": int(a.threads), "single": a.single,
-            "cold": a.cold, "budget_s": a.budget_s, "oneshot_at": sorted(oneshot), "wall_s": time.perf_counter() - t0,
+            "cold": a.cold, "budget_s": a.budget_s, "cap_mib": cap_at, "oneshot_at": sorted(oneshot), "wall_s": time.perf_counter() - t0,
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "generator": json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else None}
     result = {"meta": meta, "rows": rows}
@@ -381,13 +392,14 @@ def report(result: dict) -> str:
                        f"{s['segments']} | {s['buckets']:,} | {s['extents']:,} | {s['disk_bytes'] / 2**30:.2f} | "
                        f"{s['disk_bytes'] / (n * dim * 2):.2f} | {s['peak_rss_mib']:,.0f} |")
     out += ["", ("| N | store | probes | recall@10 | batch QPS | p50 ms | p95 ms | timed 1 by 1 | rows scanned/q | "
-                 "KiB read/q | extents per probed bucket | peak RSS MiB (serve) |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "KiB read/q | extents per probed bucket | peak RSS MiB (serve) | anon MiB |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     serve = {(r["n"], r["store"], r["probes"]): r for r in rows if r["phase"] == "serve"}
     for (n, which, p), r in sorted(serve.items()):
         ext = r["extents_per_probed_bucket"]
         out.append(f"| {n:,} | {which} | {p} | {r['recall@10']:.3f} | {r['batch_qps']:,.0f} | {r['p50_ms']:.2f} | "
                    f"{r['p95_ms']:.2f} | {r['single_n']} | {r['scanned_per_query']:,.0f} | {r['kib_read_per_query']:,.0f} | "
-                   f"{'-' if ext is None else f'{ext:.1f}'} | {r['peak_rss_mib']:,.0f} |")
+                   f"{'-' if ext is None else f'{ext:.1f}'} | {r['peak_rss_mib']:,.0f} | {r.get('anon_mib', 0):,.0f} |")
     pairs = [(n, p) for (n, w, p) in serve if w == "oneshot" and (n, "grown", p) in serve]
     if pairs:
         out += ["", "Grown / one-shot ratios (1.00: growing cost nothing):", "",
@@ -433,8 +445,9 @@ def main() -> None:
                     help="stop a one-by-one timing loop (--single, --cold) after this many seconds "
                          "(at least 20 / 5 queries): a store that scans everything stays measurable")
     ap.add_argument("--threads", default="1")
-    ap.add_argument("--cap-mib", type=int, default=0,
-                    help="serve inside a memory cgroup of this many MiB, page cache included (0: no cap)")
+    ap.add_argument("--cap-mib", default="0",
+                    help="serve inside a memory cgroup of this many MiB, page cache included (0: no cap); "
+                         "comma-separated: one per checkpoint")
     ap.add_argument("--keep", action="store_true", help="keep the one-shot stores (default: removed when measured)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--table", default=None, help="also write the Markdown tables here")
