@@ -4,7 +4,7 @@
 routing model as of the newest generation read, the memory-mapped segment readers and
 this handle's reader pin. Every read runs in ONE LMDB read transaction (a snapshot) with
 its generation pinned (storage/pins.py), so directories that a commit retires stay on disk
-until no reader can still need them. The write side (writes.py) reads through it too.
+until no reader can still need them. The write side (write/) reads through it too.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class ReadSide:
             # True while a learned store waits for its first big enough ingest to train.
             "pending_training": meta.get("pending_training") is not None,
             # The live count the routing model was sized and fitted for, and whether the
-            # index re-fits itself as the store outgrows it (see writes.py).
+            # index re-fits itself as the store outgrows it (see write/upkeep.py).
             "fitted_rows": growth.get("fitted_rows"),
             "grows": bool(growth.get("grow", False)),
             "extents": n_extents,

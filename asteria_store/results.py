@@ -25,7 +25,7 @@ class IngestResult:
     train_seconds: float = 0.0
     #: Rows of ids already stored that this ingest replaced (``on_conflict="replace"``).
     replaced: int = 0
-    #: True when the store had outgrown its index and this ingest re-fitted it (writes.py).
+    #: True when the store had outgrown its index and this ingest re-fitted it (write/upkeep.py).
     refitted: bool = False
     #: Segments the tiered merge policy merged after this ingest.
     merged_segments: int = 0

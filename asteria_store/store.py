@@ -10,7 +10,7 @@ A store is a directory::
       readers/          one pin file per open handle (storage/pins.py)
 
 Reads (reads.py) run in ONE LMDB read transaction each, with their generation pinned.
-Writes (writes.py) build their data, fsync it, and publish it in ONE LMDB write
+Writes (the write/ package) build their data, fsync it, and publish it in ONE LMDB write
 transaction: a crash at any point leaves either the old state or the new one; the only
 debris is an orphan directory, removed by the next writable open or ``verify(repair=True)``.
 Directories a commit replaces (a retrain's, re-fit's or merge's old segments and model)
@@ -62,7 +62,7 @@ from .storage.lock import WriterLock, lock_is_free
 from .storage.pins import READERS_DIR, ReaderPin
 from .translate import CATALOG_ERRORS, boundary, catalog_error
 from .verify import damage_message, verify_snapshot
-from .writes import MIN_TRAIN_ROWS, MODEL_DIR, OnConflict, WriteSide
+from .write import MIN_TRAIN_ROWS, MODEL_DIR, OnConflict, WriteSide
 
 CATALOG_DIR = "catalog.lmdb"
 
@@ -104,7 +104,7 @@ def create(
         bits: bucket bits (2**bits buckets), kept as the store grows. More bits: smaller
             buckets, fewer rows read per probe, more probes needed for the same recall.
             Default: sized to the data the store holds (~256 rows per bucket for the sign
-            router, ~128 for the learned one), and re-sized as it grows (writes.py).
+            router, ~128 for the learned one), and re-sized as it grows (write/upkeep.py).
         expected_size: how many vectors the store is expected to hold: sizes the sign
             router's first buckets, and the first training's. Default: size to the data.
         seed: seed of the router's random rotation and of training.
@@ -163,7 +163,7 @@ def create(
                 catalog.put_meta(txn, "config", config.to_dict())
                 catalog.put_meta(txn, "router", {"dir": f"{MODEL_DIR}/{model_name}", "digest": digest})
                 catalog.put_meta(txn, "pending_training", pending)
-                # The index grows with the data (writes.py), unless it came from a model file.
+                # The index grows with the data (write/upkeep.py), unless it came from a model file.
                 catalog.put_meta(txn, "growth", {"grow": model is None, "bits": requested_bits, "seed": seed,
                                                  "fitted_rows": expected_size or 0})
                 catalog.put_meta(txn, "next_id", 0)
@@ -218,7 +218,7 @@ class Store:
     """A persistent vector store. Use as a context manager, or call :meth:`close`.
 
     A thin facade: reads go to the read side (reads.py: snapshots and search), writes to
-    the write side (writes.py: ingest, upsert, delete, train, compact and the index's
+    the write side (write/: ingest, upsert, delete, train, compact and the index's
     upkeep). Every read sees ONE catalog generation from start to end: it runs in one LMDB
     read transaction, and the files of that generation stay on disk until it ends,
     whatever writers commit meanwhile (reader pins). A store pickles as what reopens it
@@ -333,10 +333,10 @@ class Store:
         return self._reads.current_view()
 
     def _orphan_models(self) -> list[str]:
-        return self._writes.orphan_models()
+        return self._writes.garbage.orphan_models()
 
     def _retired(self) -> tuple[set[str], set[str]]:
-        return self._writes.retired()
+        return self._writes.garbage.retired()
 
     # -- state ---------------------------------------------------------------------------
 
@@ -394,7 +394,7 @@ class Store:
         whatever its size. Nothing becomes visible until the final commit; on any error the
         store is left exactly as it was.
 
-        Then the index looks after itself (writes.py): a learned store trains once it holds
+        Then the index looks after itself (write/upkeep.py): a learned store trains once it holds
         enough vectors, re-fits its model as it outgrows it, and merges segments (tiered)
         so that the extents per bucket stay few. Each of these is its own atomic commit;
         another writer waits for them (readers never do).
@@ -565,11 +565,11 @@ class Store:
         if not lock.try_acquire():
             return  # a writer is at work; its segment is not an orphan
         try:
-            for name in self._writes.orphans():
+            for name in self._writes.garbage.orphans():
                 seglib.remove_segment(self._segments_root, name)
                 self._orphans_removed_at_open.append(name)
-            self._writes.remove_orphan_models()  # debris of uncommitted trainings: not worth a report
-            self._writes.collect_garbage()
+            self._writes.garbage.remove_orphan_models()  # debris of uncommitted trainings: not worth a report
+            self._writes.garbage.collect()
             _remove_stale_creations(self.path)
         finally:
             lock.release()
@@ -606,8 +606,8 @@ class Store:
                 for name in report.orphans:
                     seglib.remove_segment(self._segments_root, name)
                     report.removed.append(name)
-                self._writes.remove_orphan_models()
-                self._writes.collect_garbage()
+                self._writes.garbage.remove_orphan_models()
+                self._writes.garbage.collect()
                 # Orphans this handle already removed when it opened the store.
                 report.orphans = self._orphans_removed_at_open + report.orphans
                 report.removed = self._orphans_removed_at_open + report.removed

@@ -60,8 +60,8 @@ from tqdm import tqdm
 
 import asteria_store
 from asteria_store import IdNotFoundError
-from asteria_store.writes import MIN_TRAIN_ROWS
 from asteria_store.testing import clustered_vectors
+from asteria_store.write import MIN_TRAIN_ROWS
 
 DIM = 16
 CHUNK_ROWS = 64

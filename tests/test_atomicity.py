@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import asteria_store
-import asteria_store.writes as writes_mod
+import asteria_store.write.pipeline as pipeline_mod
 from asteria_store import (
     DimensionMismatchError,
     DuplicateIdError,
@@ -77,7 +77,7 @@ def assert_still_usable(store) -> None:
 def test_non_finite_value_in_last_block(store, disk_snapshot, monkeypatch, bad):
     x = new_vectors()
     x[-1, DIM - 1] = bad
-    monkeypatch.setattr(writes_mod, "_HASH_BLOCK_ROWS", 64)
+    monkeypatch.setattr(pipeline_mod, "_HASH_BLOCK_ROWS", 64)
     calls = count_calls(monkeypatch, store._router, "keys")
     before = disk_snapshot(store.path)
     with pytest.raises(InvalidInputError, match="first in row 1999"):
@@ -124,7 +124,7 @@ def test_invalid_input(store, disk_snapshot, vectors, ids, error):
 @pytest.mark.parametrize("exc", [Boom("disk full"), KeyboardInterrupt()],
                          ids=["error", "interrupt"])
 def test_error_while_writing_segment(store, disk_snapshot, monkeypatch, exc):
-    monkeypatch.setattr(writes_mod, "_WRITE_WINDOW_BYTES", 64 * DIM * 4)  # one chunk per write
+    monkeypatch.setattr(pipeline_mod, "_WRITE_WINDOW_BYTES", 64 * DIM * 4)  # one chunk per write
     calls = fail_on_call(monkeypatch, segments.SegmentWriter, "write", 3, exc)
     before = disk_snapshot(store.path)
     with pytest.raises(type(exc)):
@@ -137,7 +137,7 @@ def test_error_while_writing_segment(store, disk_snapshot, monkeypatch, exc):
 
 def test_progress_callback_cancels_while_writing(store, disk_snapshot, monkeypatch):
     """A caller cancels from its progress callback (public API, no patching of internals)."""
-    monkeypatch.setattr(writes_mod, "_WRITE_WINDOW_BYTES", 64 * DIM * 4)
+    monkeypatch.setattr(pipeline_mod, "_WRITE_WINDOW_BYTES", 64 * DIM * 4)
     seen = []
 
     def progress(done, total, desc):

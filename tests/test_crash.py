@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 import asteria_store
-import asteria_store.writes as writes_mod
+import asteria_store.write.pipeline as pipeline_mod
 from asteria_store.storage import catalog, segments
 from asteria_store.testing.faults import kill_on_call
+from asteria_store.write.commit import Commits
 
 path, data, point, k = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 
@@ -50,8 +51,8 @@ ids, scores = store.search(np.load(data / "q.npy"), k=k, probes="all")
 np.savez(data / "before.npz", ids=ids, scores=scores, vectors=store.get(a_ids), count=len(store))
 print("A committed", flush=True)
 
-writes_mod._HASH_BLOCK_ROWS = 64
-writes_mod._WRITE_WINDOW_BYTES = 64 * store.dim * 4  # one 64-row chunk per write
+pipeline_mod._HASH_BLOCK_ROWS = 64
+pipeline_mod._WRITE_WINDOW_BYTES = 64 * store.dim * 4  # one 64-row chunk per write
 if point == "hashing":  # pass 1, before any segment file exists
     kill_on_call(store._router, "keys", 2)
 elif point == "writing":  # pass 2, some chunks written
@@ -61,7 +62,7 @@ elif point == "written":  # segment complete and fsynced, not published
 elif point == "committing":  # inside the LMDB write transaction
     kill_on_call(catalog.Catalog, "put_ids", 1)
 elif point == "committed":  # the transaction is committed and synced
-    kill_on_call(writes_mod.WriteSide, "_commit", 1, after=True)
+    kill_on_call(Commits, "commit", 1, after=True)
 elif point == "deleting":  # inside the LMDB write transaction of a delete
     kill_on_call(catalog.Catalog, "delete_ids", 1)
     store.delete(a_ids[:10])

@@ -30,15 +30,17 @@ from pathlib import Path
 import numpy as np
 
 import asteria_store
-import asteria_store.writes as writes_mod
+import asteria_store.write.upkeep as upkeep_mod
 from asteria_store.storage import catalog, segments
 from asteria_store.testing.faults import kill_on_call
+from asteria_store.write.commit import Commits
+from asteria_store.write.pipeline import SegmentPipeline
 
 path, data, op, point = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 if op == "merge":  # small tiers, so that the fourth segment of b's size merges
-    writes_mod.MERGE_MIN_ROWS = 64
+    upkeep_mod.MERGE_MIN_ROWS = 64
 else:  # no merge gets in the way of the operation under test
-    writes_mod.MERGE_FACTOR = 10**9
+    upkeep_mod.MERGE_FACTOR = 10**9
 store = asteria_store.open(path)
 # The n-th call of each step that belongs to the operation under test (an ingest that
 # triggers a merge or a re-fit first publishes its own segment: call 1).
@@ -49,8 +51,8 @@ steps = {
                    "merge": (catalog.Catalog, "drop_segment", 1, False),
                    "upsert": (catalog.Catalog, "delete_ids", 1, False),
                    "refit": (catalog.Catalog, "clear_rows", 1, False)}[op],
-    "committed": (writes_mod.WriteSide, "_commit", nth, True),
-    "model-saved": (writes_mod.WriteSide, "_save_model", 1, True),
+    "committed": (Commits, "commit", nth, True),
+    "model-saved": (SegmentPipeline, "save_model", 1, True),
 }
 owner, name, n, after = steps[point]
 kill_on_call(owner, name, n, after=after)

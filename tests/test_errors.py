@@ -22,7 +22,7 @@ from asteria_store_cli.main import cli
 from click.testing import CliRunner
 
 import asteria_store
-import asteria_store.writes as writes_mod
+import asteria_store.write.pipeline as pipeline_mod
 from asteria_store import (
     CorruptStoreError,
     DiskFullError,
@@ -74,7 +74,7 @@ def test_disk_full_during_retrain_is_one_line_and_changes_nothing(learned, disk_
 def test_an_ingest_that_cannot_fit_is_refused_up_front(learned, disk_snapshot, monkeypatch) -> None:
     with asteria_store.open(learned) as store:
         before = disk_snapshot(learned)
-        monkeypatch.setattr(writes_mod.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+        monkeypatch.setattr(pipeline_mod.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
         with pytest.raises(DiskFullError, match=r"writing 500 rows needs about 0\.0 MiB, 0\.0 MiB are free"):
             store.ingest(x(500))
         assert disk_snapshot(learned) == before

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import asteria_store
-import asteria_store.writes as writes_mod
+import asteria_store.write.upkeep as upkeep_mod
 from asteria_store import DuplicateIdError, StoreLockedError
 from asteria_store.storage.lock import WriterLock
 from asteria_store.testing import clustered_vectors
-from asteria_store.writes import MERGE_FACTOR, learned_plan, merge_plan
+from asteria_store.write import MERGE_FACTOR, learned_plan, merge_plan
 
 DIM = 16
 
@@ -158,7 +158,7 @@ def test_merge_plan_tiers() -> None:
 def test_tiered_merges_keep_segments_few_and_results_equal_one_ingest(tmp_path, monkeypatch) -> None:
     """60 small ingests with pinned bits: merges keep O(F log N) segments, and every search
     returns exactly what a store filled in one ingest returns (same buckets, same rows)."""
-    monkeypatch.setattr(writes_mod, "MERGE_MIN_ROWS", 64)
+    monkeypatch.setattr(upkeep_mod, "MERGE_MIN_ROWS", 64)
     x = clustered_vectors(6_000, DIM, clusters=100, seed=3)
     q = clustered_vectors(30, DIM, clusters=100, seed=4)
     with asteria_store.create(tmp_path / "one", dim=DIM, router="sign", bits=6) as one:

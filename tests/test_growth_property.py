@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 )
 
 import asteria_store
-import asteria_store.writes as writes_mod
+import asteria_store.write.upkeep as upkeep_mod
 from asteria_store.testing import clustered_vectors
 
 DIM = 16
@@ -38,8 +38,8 @@ class GrowingStore(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="asteria-growth-"))
         self.model: dict[int, np.ndarray] = {}
         self.next_seed = 0
-        self.saved = (writes_mod.MERGE_MIN_ROWS, torch.get_num_threads())
-        writes_mod.MERGE_MIN_ROWS = 128  # tiers at this scale, so merges happen
+        self.saved = (upkeep_mod.MERGE_MIN_ROWS, torch.get_num_threads())
+        upkeep_mod.MERGE_MIN_ROWS = 128  # tiers at this scale, so merges happen
         torch.set_num_threads(1)
 
     @initialize()
@@ -126,7 +126,7 @@ class GrowingStore(RuleBasedStateMachine):
         if hasattr(self, "store"):
             assert self.store.verify().ok
             self.store.close()
-        writes_mod.MERGE_MIN_ROWS, threads = self.saved
+        upkeep_mod.MERGE_MIN_ROWS, threads = self.saved
         torch.set_num_threads(threads)
         shutil.rmtree(self.dir, ignore_errors=True)
 

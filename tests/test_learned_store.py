@@ -22,7 +22,6 @@ import torch
 from click.testing import CliRunner, Result
 
 import asteria_store
-import asteria_store.writes as writes_mod
 from asteria_store import (
     DimensionMismatchError,
     IdNotFoundError,
@@ -34,9 +33,10 @@ from asteria_store.model import train as train_mod
 from asteria_store.storage import catalog as catalog_mod
 from asteria_store.storage import segments as seglib
 from asteria_store.storage.catalog import Catalog
-from asteria_store.writes import MIN_TRAIN_ROWS, learned_plan
 from asteria_store.testing import brute_force_topk, clustered_vectors, recall_at_k
 from asteria_store.testing.faults import fail_on_call
+from asteria_store.write import MIN_TRAIN_ROWS, learned_plan
+from asteria_store.write.pipeline import SegmentPipeline
 from asteria_store_cli.main import cli
 
 DIM = 16
@@ -424,7 +424,7 @@ def test_failed_training_first_ingest_leaves_the_store_as_it_was(tmp_path, disk_
 def test_failed_retrain_of_a_store_trained_at_ingest_keeps_its_model(populated, disk_snapshot, monkeypatch,
                                                                       exc) -> None:
     before = disk_snapshot(populated.path)
-    fail_on_call(monkeypatch, writes_mod.WriteSide, "_write_segment", 1, exc)
+    fail_on_call(monkeypatch, SegmentPipeline, "write_segment", 1, exc)
     with pytest.raises(type(exc)):
         populated.train(epochs=1)
     assert disk_snapshot(populated.path) == before
@@ -460,10 +460,11 @@ import numpy as np
 import torch
 
 import asteria_store
-import asteria_store.writes as writes_mod
 from asteria_store.model import train as train_mod
 from asteria_store.storage import segments
 from asteria_store.testing.faults import kill_on_call
+from asteria_store.write.commit import Commits
+from asteria_store.write.pipeline import SegmentPipeline
 
 torch.set_num_threads(1)
 path, vectors, action, point = sys.argv[1:5]
@@ -472,11 +473,11 @@ path, vectors, action, point = sys.argv[1:5]
 if point == "training":  # after the first epoch, nothing written yet
     kill_on_call(train_mod, "holdout_metric", 2)
 elif point == "model-saved":  # the model dir is written and fsynced, not published
-    kill_on_call(writes_mod.WriteSide, "_save_model", 1, after=True)
+    kill_on_call(SegmentPipeline, "save_model", 1, after=True)
 elif point == "segment-written":  # model and segment on disk, not published
     kill_on_call(segments.SegmentWriter, "finish", 1, after=True)
 elif point == "committed":  # the transaction is committed and synced
-    kill_on_call(writes_mod.WriteSide, "_commit", 1, after=True)
+    kill_on_call(Commits, "commit", 1, after=True)
 else:
     raise SystemExit(f"unknown point {point}")
 store = asteria_store.open(path)
@@ -831,9 +832,9 @@ def test_nan_in_a_train_sample_changes_nothing(populated, disk_snapshot) -> None
 def test_zero_vector_in_a_sampled_first_ingest_names_its_row(tmp_path, disk_snapshot) -> None:
     """A batch larger than TRAIN_SAMPLE_ROWS trains on a sample of it: a zero vector found
     there is named by its row in the batch, not its position in the sample."""
-    n = writes_mod.TRAIN_SAMPLE_ROWS + 1000
+    n = fit_mod.TRAIN_SAMPLE_ROWS + 1000
     x = clustered_vectors(n, 4, clusters=20, seed=1)
-    sampled = fit_mod.sample_indices(n, writes_mod.TRAIN_SAMPLE_ROWS, 0)
+    sampled = fit_mod.sample_indices(n, fit_mod.TRAIN_SAMPLE_ROWS, 0)
     row = int(sampled[50_000])  # in the training sample, at another position
     assert row != 50_000
     x[row] = 0

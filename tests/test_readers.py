@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 import asteria_store
-from asteria_store.writes import learned_plan
 import asteria_store.reads as reads_mod
 import asteria_store.verify as verify_mod
 from asteria_store import CorruptStoreError, ReadOnlyError
@@ -28,6 +27,7 @@ from asteria_store.storage import pins
 from asteria_store.storage.catalog import Catalog
 from asteria_store.storage.segments import list_segment_dirs
 from asteria_store.testing import clustered_vectors
+from asteria_store.write import learned_plan
 
 DIM = 16
 N = 1500
@@ -205,7 +205,7 @@ def test_a_dead_readers_pin_expires(two_segments, python_child) -> None:
         child.kill()
         child.wait()
         assert pins.oldest_pin(two_segments) is None  # its flock is gone: the pin expired
-        assert writer._writes.collect_garbage() == ["seg-00000001", "seg-00000002", "model/ecvh-g1"]
+        assert writer._writes.garbage.collect() == ["seg-00000001", "seg-00000002", "model/ecvh-g1"]
     assert segment_dirs(two_segments) == ["seg-00000003"]
     assert os.listdir(two_segments / "readers") == []
 

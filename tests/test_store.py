@@ -16,7 +16,7 @@ import pytest
 
 import asteria_store
 import asteria_store.io as io_mod
-import asteria_store.writes as writes_mod
+import asteria_store.write.pipeline as pipeline_mod
 from asteria_store import (
     FORMAT_VERSION,
     AsteriaError,
@@ -246,8 +246,8 @@ def test_ingest_in_many_blocks_and_windows_equals_ingest_in_one(
         one.ingest(x)
         want_vectors = one.get(np.arange(1000))
         want = one.search(clustered.queries, 10, probes=4)
-    monkeypatch.setattr(writes_mod, "_HASH_BLOCK_ROWS", 97)
-    monkeypatch.setattr(writes_mod, "_WRITE_WINDOW_BYTES", 3 * 64 * DIM * 4)  # 3 chunks a window
+    monkeypatch.setattr(pipeline_mod, "_HASH_BLOCK_ROWS", 97)
+    monkeypatch.setattr(pipeline_mod, "_WRITE_WINDOW_BYTES", 3 * 64 * DIM * 4)  # 3 chunks a window
     monkeypatch.setattr(io_mod, "_GATHER_ROWS", 13)
     with asteria_store.create(tmp_path / "many", dim=DIM, bits=6, chunk_rows=64) as many:
         many.ingest(tmp_path / "x.npy")

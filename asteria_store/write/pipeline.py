@@ -1,0 +1,293 @@
+"""The segment pipeline: rows in, one bucketed segment on disk, fsynced, not yet published.
+
+An ingest, a re-bucketing and a merge all write their rows the same way:
+
+* **pass 1** (:meth:`SegmentPipeline.hash_rows`): validate every row (finite, non-zero
+  for cosine, within float16 range for a float16 store) and compute its bucket key from
+  the row as the segment will hold it, block by block;
+* **pass 2** (:meth:`SegmentPipeline.write_segment`): write the rows sorted by bucket key,
+  in chunk-aligned windows, with their LRSQ codes (copied when the source already holds
+  codes of this model, as in a merge, else encoded), then fsync.
+
+What publishing needs comes back as :class:`Written`; commit.py publishes it. Around
+each write, :meth:`SegmentPipeline.attempt` removes the debris of a write that was not
+published (its segment directory, and a model saved for it) and turns an OS error into
+a one-line asteria error; :meth:`SegmentPipeline.check_disk_space` refuses up front a
+write that cannot fit. :class:`StoredRows` reads a store's own live rows back as a
+source, for re-bucketing and merging.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import AsteriaError, CorruptStoreError, DiskFullError, InvalidInputError
+from ..io import VectorSource, normalise_rows
+from ..model.fit import sample_indices, training_sample
+from ..model.persist import save_router
+from ..model.router import Router
+from ..progress import ProgressLike, make_progress
+from ..query.engine import View
+from ..reads import ReadSide, mib
+from ..storage import segments as seglib
+from ..storage.catalog import segment_name
+from ..translate import catalog_error
+
+MODEL_DIR = "model"
+
+#: Rows hashed per block in pass 1, and bytes of rows written per window in pass 2.
+_HASH_BLOCK_ROWS = 16384
+_WRITE_WINDOW_BYTES = 16 * 1024 * 1024
+
+
+class Written(NamedTuple):
+    """A segment written but not yet published."""
+
+    keys: np.ndarray  # bucket key of each row, sorted
+    ids: np.ndarray  # id of each row, in segment order
+    chunk_rows: int
+    lrsq: dict | None  # the segment record's LRSQ entry
+    checksums: dict[str, np.ndarray]  # CRC-32C per chunk, per array
+
+
+class SegmentPipeline:
+    """Writes segments and models of one open handle (the caller holds the writer lock)."""
+
+    def __init__(self, reads: ReadSide):
+        self.reads = reads
+        self.path = reads.path
+        self.config = reads.config
+        self.catalog = reads.catalog
+        self.segments_root = reads.segments_root
+
+    def next_segment(self) -> int:
+        """The number the next segment written will have."""
+        with self.catalog.read() as txn:
+            return int(self.catalog.get_meta(txn, "next_segment"))
+
+    def sample_rows(self, source: VectorSource | StoredRows, size: int, seed: int) -> np.ndarray:
+        """A seeded uniform sample of at most ``size`` rows, in stored form."""
+        if isinstance(source, StoredRows):
+            return source.take(sample_indices(source.n, size, seed))
+        return self.as_stored(training_sample(source, size, seed, self.config.metric))
+
+    def save_model(self, router: Router) -> dict[str, str]:
+        """Write ``router`` under model/<kind>-g<generation it will be published at>
+        (fsynced); the catalog record to publish."""
+        with self.catalog.read() as txn:
+            generation = int(self.catalog.get_meta(txn, "generation"))
+            live = self.catalog.get_meta(txn, "router")["dir"]
+        name = f"{router.kind}-g{generation + 1}"
+        model_dir = self.path / MODEL_DIR / name
+        if f"{MODEL_DIR}/{name}" == live:
+            raise CorruptStoreError(f"The live model {live!r} was published at a later generation than the catalog's.")
+        if model_dir.exists():  # debris of an interrupted attempt at this same generation
+            shutil.rmtree(model_dir)
+        digest = save_router(router, model_dir)
+        seglib.fsync_dir(model_dir.parent)
+        return {"dir": f"{MODEL_DIR}/{name}", "digest": digest}
+
+    def write_bucketed(self, seg: int, rows, ids: np.ndarray, router: Router, digest: str,
+                       progress: ProgressLike, *, keys: np.ndarray | None = None) -> Written:
+        """Hash ``rows`` with ``router`` (or take their ``keys``), sort them by bucket and
+        write them as segment ``seg`` (not yet published): what publishing it needs."""
+        if keys is None:
+            keys = self.hash_rows(rows, progress, router)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        del keys
+        seg_ids = ids[order]
+        # Small segments get small chunks: Zarr pads the edge chunk to full size.
+        chunk_rows = min(self.config.chunk_rows, max(256, 1 << (len(ids) - 1).bit_length()))
+        lrsq, sums = self.write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, digest)
+        return Written(sorted_keys, seg_ids, chunk_rows, lrsq, sums)
+
+    def hash_rows(self, source: VectorSource | StoredRows, progress: ProgressLike, router: Router) -> np.ndarray:
+        """Pass 1: validate every row (finite, non-zero for cosine) and compute its bucket key."""
+        keys = np.empty(source.n, dtype=np.uint64)
+        bar = make_progress(progress, total=source.n, desc="hashing")
+        try:
+            for start, block in source.blocks(_HASH_BLOCK_ROWS):
+                x = block
+                if not isinstance(source, StoredRows):  # stored rows are in stored form
+                    x = normalise_rows(block, self.config.metric, what="vectors", offset=start)
+                    x = self.as_stored(x, offset=start)
+                keys[start : start + len(block)] = router.keys(x)
+                bar.update(len(block))
+        finally:
+            bar.close()
+        return keys
+
+    def as_stored(self, x: np.ndarray, *, offset: int = 0) -> np.ndarray:
+        """``x`` as the segment will hold it (float16 storage rounds), so keys computed from
+        it are the keys of the stored rows; refuses values the storage dtype cannot hold."""
+        if self.config.dtype != "float16":
+            return x
+        too_big = np.abs(x) > np.finfo(np.float16).max
+        if too_big.any():
+            bad = offset + int(np.argwhere(too_big)[0][0])
+            raise InvalidInputError(
+                f"Expected values within float16 range (|v| <= 65504) for a float16 store, got "
+                f"a larger one in row {bad}. Rescale the vectors or use a float32 store."
+            )
+        return x.astype(np.float16).astype(np.float32)
+
+    def write_segment(self, seg: int, source: VectorSource | StoredRows, order: np.ndarray,
+                      seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
+                      router: Router, model_digest: str) -> tuple[dict | None, dict[str, np.ndarray]]:
+        """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync.
+
+        With a learned router, every row's LRSQ codes (of its stored form) are written too:
+        copied when the source rows already hold codes of this model (a merge), else
+        encoded. Returns the segment record's ``lrsq`` entry (None without) and the chunk
+        checksums."""
+        n, dim = source.n, self.config.dim
+        window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
+        quantizer = router.lrsq
+        lrsq = None if quantizer is None else {"rank": quantizer.rank, "aux": quantizer.aux_width,
+                                               "block": quantizer.block, "model": model_digest}
+        copy_codes = quantizer is not None and isinstance(source, StoredRows) and source.has_codes(model_digest)
+        writer = seglib.SegmentWriter(self.segments_root, segment_name(seg), n=n, dim=dim,
+                                      dtype=self.config.dtype, chunk_rows=chunk_rows,
+                                      lrsq_widths=None if lrsq is None else (lrsq["rank"], lrsq["aux"]))
+        bar = make_progress(progress, total=n, desc="writing")
+        try:
+            for start in range(0, n, window):
+                rows = order[start : start + window]
+                inv = np.argsort(rows, kind="stable")
+                ascending = rows[inv]  # ascending reads, then back to key order
+                block = np.empty((len(rows), dim), dtype=np.float32)
+                block[inv] = source.take(ascending)
+                if not isinstance(source, StoredRows):
+                    block = normalise_rows(block, self.config.metric, what="vectors")
+                codes = None
+                if copy_codes:
+                    c, a = source.take_codes(ascending)
+                    codes = (np.empty_like(c), np.empty_like(a))
+                    codes[0][inv], codes[1][inv] = c, a
+                elif quantizer is not None:  # bounds must hold for the rows as stored
+                    codes = quantizer.encode(router.rotate(self.as_stored(block)))
+                writer.write(start, block, seg_ids[start : start + len(rows)], codes)
+                bar.update(len(rows))
+            sums = writer.finish()
+        finally:
+            bar.close()
+        return lrsq, sums
+
+    def check_disk_space(self, n: int) -> None:
+        """Refuse up front a write that cannot fit on the device (the segment and its codes)."""
+        need = self.segment_bytes(n)
+        free = shutil.disk_usage(self.path).free
+        if need > free:
+            raise DiskFullError(
+                f"Not enough space on the device of {str(self.path)!r}: writing {n:,} rows needs about "
+                f"{mib(need)}, {mib(free)} are free. Free some space and retry; the store is unchanged."
+            )
+
+    def segment_bytes(self, n: int) -> int:
+        row = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
+        quantizer = self.reads.router.lrsq
+        if quantizer is not None:
+            row += quantizer.rank + 2 * quantizer.aux_width
+        return n * row
+
+    def write_error(self, exc: OSError, n: int) -> AsteriaError:
+        """A failed write (nothing was published) as an asteria error naming what it needed."""
+        return catalog_error(self.path, exc, writing=(
+            f"while writing {n:,} rows (about {mib(self.segment_bytes(n))} needed, "
+            f"{mib(shutil.disk_usage(self.path).free)} free after cleanup)"))
+
+    @contextmanager
+    def attempt(self, seg: int, n: int) -> Iterator[Attempt]:
+        """One write of segment ``seg`` (``n`` rows): unless the block marks it published,
+        its segment directory and the model saved for it (``attempt.model``) are removed
+        on the way out, and an OS error becomes a one-line asteria error."""
+        attempt = Attempt()
+        try:
+            yield attempt
+        except OSError as exc:
+            raise self.write_error(exc, n) from None
+        finally:
+            if not attempt.published:
+                self.discard_unpublished(seg, attempt.model)
+
+    def discard_unpublished(self, seg: int, model: dict | None = None) -> None:
+        """Remove the directory of segment ``seg`` unless the catalog has published it, and
+        the directory of the newly saved ``model`` record, if any, with it."""
+        with self.catalog.read() as txn:
+            if seg in self.catalog.segments(txn):
+                return
+        if (self.segments_root / segment_name(seg)).exists():
+            seglib.remove_segment(self.segments_root, segment_name(seg))
+        if model is not None:
+            shutil.rmtree(self.path / model["dir"], ignore_errors=True)
+
+
+class Attempt:
+    """What :meth:`SegmentPipeline.attempt` cleans up unless the write was published."""
+
+    def __init__(self) -> None:
+        self.model: dict | None = None
+        self.published = False
+
+
+class StoredRows:
+    """The live rows of a view's segments (all, or ``segs``) as one ``(n, d)`` source:
+    ``blocks`` in storage order and ``take`` of ascending row numbers, like VectorSource."""
+
+    def __init__(self, view: View, segs: list[int] | None = None):
+        self.parts = []
+        for seg in sorted(view.segments) if segs is None else segs:
+            reader = view.segments[seg]
+            mask = view.live_mask(seg, 0, reader.n)
+            self.parts.append((reader, np.arange(reader.n) if mask is None else np.flatnonzero(mask)))
+        self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
+        self.n = int(self.offsets[-1])
+        self.dim = self.parts[0][0].dim if self.parts else 0
+
+    def _gather(self, rows: np.ndarray, read) -> list[np.ndarray]:
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        pieces = []
+        for p in np.unique(part).tolist():
+            sel = part == p
+            reader, live = self.parts[p]
+            pieces.append((sel, read(reader, live[rows[sel] - self.offsets[p]])))
+        return pieces
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for sel, values in self._gather(rows, lambda r, idx: r.take_vectors(idx)):
+            out[sel] = values
+        return out
+
+    def has_codes(self, digest: str) -> bool:
+        """Whether every part holds LRSQ codes encoded by the model of ``digest``."""
+        return all(r.lrsq_meta is not None and r.lrsq_meta.get("model") == digest for r, _ in self.parts)
+
+    def take_codes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stored LRSQ codes and aux values of ascending ``rows``."""
+        reader0 = self.parts[0][0]
+        codes = np.empty((len(rows), reader0.lrsq_meta["rank"]), dtype=np.uint8)
+        aux = np.empty((len(rows), reader0.lrsq_meta["aux"]), dtype=np.float16)
+        for sel, (c, a) in self._gather(rows, lambda r, idx: (r.take("lrsq", idx), r.take("lrsq_aux", idx))):
+            codes[sel], aux[sel] = c, a
+        return codes, aux
+
+    def blocks(self, block_rows: int):
+        for p, (reader, live) in enumerate(self.parts):
+            for start in range(0, len(live), block_rows):
+                rows = live[start : start + block_rows]
+                block = np.asarray(reader.vectors(int(rows[0]), int(rows[-1]) + 1), dtype=np.float32)
+                yield int(self.offsets[p]) + start, block[rows - rows[0]]
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([np.asarray(r.ids(0, r.n))[live] for r, live in self.parts]) \
+            if self.parts else np.empty(0, dtype=np.uint64)
+
+
+__all__ = ["MODEL_DIR", "Attempt", "SegmentPipeline", "StoredRows", "Written"]

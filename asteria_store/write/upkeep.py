@@ -1,0 +1,184 @@
+"""Upkeep policy: when the index re-fits itself and which segments it merges.
+
+After each ingest, under the same writer lock, one step at most (each its own commit):
+
+* **First training** of a learned store, once it holds ``MIN_TRAIN_ROWS`` vectors.
+* **Growth re-fit**: once the data calls for more buckets than the model has (the bucket
+  count one ingest of all of it would get: one more bit per doubling), or a learned model's
+  training sample could be twice as big (the store grew ``GROWTH_FACTOR``-fold since the
+  fit), the model is re-fitted on a sample of the stored rows (warm-started from the
+  current one) and every row is re-bucketed into one new segment. Sign stores re-draw
+  their hasher with more bits. Each row is rewritten ~2x in all as the store doubles.
+* **Tiered merge** (LSM-like): segments fall in tiers by live rows (``MERGE_MIN_ROWS`` and
+  then powers of ``MERGE_FACTOR``); a tier holding ``MERGE_FACTOR`` segments is merged into
+  one, dropping deleted rows. Bucket keys and LRSQ codes are copied, not recomputed. The
+  number of segments, and so of extents per probed bucket, stays O(MERGE_FACTOR x log N).
+
+The plans are here (:func:`learned_plan`, :meth:`Upkeep.growth_target`, :func:`merge_plan`);
+the rewrites they call for are rewrite.py's. The catalog keeps the growth state (``growth``)
+and counts the upkeep done (``maintenance``): :func:`set_growth`, :func:`count_upkeep`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+import lmdb
+
+from ..model.fit import TRAIN_SAMPLE_ROWS, BucketPlan, plan_buckets, sample_rows_for
+from ..model.router import SignHasher, bits_for_size
+from ..progress import ProgressLike
+from ..reads import ReadSide
+from ..storage.catalog import Catalog
+from .gc import Garbage
+from .pipeline import StoredRows
+
+if TYPE_CHECKING:
+    from .rewrite import Rewrites
+
+#: A learned store trains once it holds at least MIN_TRAIN_ROWS vectors (at the first
+#: ingest that big, or the ingest that brings it there), on a uniform sample of at most
+#: TRAIN_SAMPLE_ROWS (model/fit.py) of them.
+MIN_TRAIN_ROWS = 1_000
+
+#: A learned index is also re-fitted (same buckets, a bigger training sample) when the live
+#: count reaches this multiple of what it was fitted for, until the sample is full.
+GROWTH_FACTOR = 2
+
+#: Tiered merging: segments under MERGE_MIN_ROWS live rows form tier 0, then tier t holds
+#: [MERGE_MIN_ROWS * F**(t-1), MERGE_MIN_ROWS * F**t); a tier with F segments is merged.
+MERGE_FACTOR = 4
+MERGE_MIN_ROWS = 32_768
+
+
+def learned_plan(count: int, *, pinned: int | None = None) -> BucketPlan:
+    """How a learned model trained now on a store of ``count`` rows is sized: the
+    training's own rule (model/fit.py ``plan_buckets``) for the sample the store draws."""
+    return plan_buckets(count, min(count, sample_rows_for(count, bits=pinned)), bits=pinned)
+
+
+def merge_plan(live_rows: dict[int, int], *, factor: int | None = None,
+               min_rows: int | None = None) -> list[int]:
+    """The segments to merge next (the lowest tier holding ``factor`` of them), or [].
+    ``factor`` and ``min_rows`` default to MERGE_FACTOR and MERGE_MIN_ROWS as they are at
+    the call (tests and tools may change them)."""
+    factor = factor or MERGE_FACTOR
+    min_rows = min_rows or MERGE_MIN_ROWS
+    tiers: dict[int, list[int]] = {}
+    for seg, rows in live_rows.items():
+        tier = 0 if rows < min_rows else 1 + int(math.log(rows / min_rows, factor) + 1e-9)
+        tiers.setdefault(tier, []).append(seg)
+    for tier in sorted(tiers):
+        if len(tiers[tier]) >= factor:
+            return sorted(tiers[tier])
+    return []
+
+
+class UpkeepDone(NamedTuple):
+    """What one ingest's upkeep did."""
+
+    trained: bool = False
+    refitted: bool = False
+    merged: int = 0
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+class Upkeep:
+    """The upkeep after an ingest (the caller holds the writer lock)."""
+
+    def __init__(self, reads: ReadSide, rewrites: Rewrites, garbage: Garbage):
+        self.reads = reads
+        self.rewrites = rewrites
+        self.garbage = garbage
+
+    def run(self, progress: ProgressLike) -> UpkeepDone:
+        """First training, growth re-fit, or tiered merges."""
+        started = time.perf_counter()
+        view = self.reads.current_view()
+        cat = self.reads.catalog
+        with cat.read() as txn:
+            pending = cat.get_meta(txn, "pending_training")
+            growth = cat.get_meta(txn, "growth") or {}
+        if pending is not None:
+            if view.count < MIN_TRAIN_ROWS:
+                return UpkeepDone()
+            # Earlier small batches went to the baseline router: now that the store holds
+            # enough, train on a sample of it and re-bucket it.
+            result = self.rewrites.retrain(None, {"bits": pending.get("bits"), "seed": pending.get("seed", 0)},
+                                           init=None, progress=progress, pinned_bits=pending.get("bits"))
+            self.garbage.collect()
+            return UpkeepDone(trained=True, train_seconds=result.seconds, seconds=time.perf_counter() - started)
+        target = self.growth_target(view.count, growth)
+        if target is not None:
+            router = self.reads.router
+            if router.kind == "sign":
+                fresh = SignHasher.random(self.reads.config.dim, target, seed=growth.get("seed", 0))
+                self.rewrites.rebucket(fresh, view, StoredRows(view), progress, started=started,
+                                       pinned_bits=growth.get("bits"), upkeep=True)
+                self.garbage.collect()
+                return UpkeepDone(refitted=True, seconds=time.perf_counter() - started)
+            result = self.rewrites.retrain(
+                None, {"bits": growth.get("bits") or target or None, "seed": growth.get("seed", 0)},
+                init=router, progress=progress, upkeep=True, pinned_bits=growth.get("bits"))
+            self.garbage.collect()
+            return UpkeepDone(trained=True, refitted=True, train_seconds=result.seconds,
+                              seconds=time.perf_counter() - started)
+        merged = 0
+        while True:
+            view = self.reads.current_view()
+            damaged = {s for s in view.segments if view.segments[s].quarantined}
+            plan = merge_plan({s: r.n - len(view.deleted.get(s, ())) for s, r in view.segments.items()
+                               if s not in damaged})
+            if not plan:
+                break
+            self.rewrites.merge(plan, progress)
+            merged += len(plan)
+            self.garbage.collect()
+        return UpkeepDone(merged=merged, seconds=time.perf_counter() - started if merged else 0.0)
+
+    def growth_target(self, count: int, growth: dict) -> int | None:
+        """The bits a growth re-fit would pass to training now (``growth``: the catalog's
+        record; 0: let the sizing rule choose a tree's buckets), or None when none is due:
+        when the data calls for GROWTH_FACTOR times the buckets the model has (what one
+        ingest of all of it would get), or, for a flat learned model, when the store has
+        grown GROWTH_FACTOR-fold since the fit and the training sample could be twice as
+        big."""
+        if not growth.get("grow"):
+            return None
+        router = self.reads.router
+        pinned = growth.get("bits")
+        if router.kind == "sign":
+            target = pinned or bits_for_size(count)
+            return target if target > router.bits else None
+        plan = learned_plan(count, pinned=pinned)
+        if plan.buckets >= GROWTH_FACTOR * router.n_buckets:
+            return pinned or (0 if plan.tree else plan.bits)
+        if plan.tree or router.kind == "tree":
+            return None
+        fitted = int(growth.get("fitted_rows") or 0)
+        trained_on = int(router.info.get("trained_on") or 0)
+        sample_grows = min(count, TRAIN_SAMPLE_ROWS) >= 2 * (trained_on + min(1000, max(1, trained_on // 9)))
+        return max(plan.bits, router.bits) if sample_grows and count >= GROWTH_FACTOR * max(fitted, 1) else None
+
+
+def set_growth(cat: Catalog, txn: lmdb.Transaction, **fields) -> None:
+    """Update the catalog's growth record (a store without one does not grow)."""
+    growth = cat.get_meta(txn, "growth")
+    if growth is not None:
+        cat.put_meta(txn, "growth", {**growth, **fields})
+
+
+def count_upkeep(cat: Catalog, txn: lmdb.Transaction, what: str, rows: int, seconds: float) -> None:
+    """Count one upkeep step of kind ``what`` (refits, merges, compact) in ``maintenance``."""
+    stats = cat.get_meta(txn, "maintenance") or {}
+    stats[what] = stats.get(what, 0) + 1
+    stats[f"{what}_rows"] = stats.get(f"{what}_rows", 0) + int(rows)
+    stats[f"{what}_seconds"] = round(stats.get(f"{what}_seconds", 0.0) + seconds, 3)
+    cat.put_meta(txn, "maintenance", stats)
+
+
+__all__ = ["GROWTH_FACTOR", "MERGE_FACTOR", "MERGE_MIN_ROWS", "MIN_TRAIN_ROWS", "Upkeep", "UpkeepDone",
+           "count_upkeep", "learned_plan", "merge_plan", "set_growth"]
