@@ -162,6 +162,8 @@ class ReadSide:
     # -- reads ---------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
+        """A short summary of the store; what only upkeep, tests and tools look at is under
+        ``"internals"``."""
         with self.snapshot() as snap:
             cat, txn = self.catalog, snap.txn
             meta = cat.all_meta(txn)
@@ -177,32 +179,40 @@ class ReadSide:
                 except FileNotFoundError:  # removed by a writer's collection meanwhile
                     pass
         growth = meta.get("growth") or {}
+        stored = sum(s["rows"] for s in segs.values())
         return {
             "path": str(self.path),
             "format_version": meta["format_version"],
-            **self.config.to_dict(),
+            "dim": self.config.dim,
+            "metric": self.config.metric,
+            "dtype": self.config.dtype,
             "count": meta["count"],
+            # Rows deleted but still stored (compact() drops them).
+            "deleted": stored - meta["count"],
             "segments": len(segs),
-            "rows_stored": sum(s["rows"] for s in segs.values()),
-            "deleted": sum(s["rows"] for s in segs.values()) - meta["count"],
-            "router": {**router.config(), "digest": digest[:16]},
             "buckets": router.n_buckets,
+            "router": router.kind,
             # True while a learned store waits for its first big enough ingest to train.
             "pending_training": meta.get("pending_training") is not None,
-            # The live count the routing model was sized and fitted for, and whether the
-            # index re-fits itself as the store outgrows it (see write/upkeep.py).
-            "fitted_rows": growth.get("fitted_rows"),
-            "grows": bool(growth.get("grow", False)),
-            "extents": n_extents,
             # How the batch path scores rows: "f32", or "bf16" on CPUs with AMX tiles.
             "kernel": default_kernel(),
             "generation": meta["generation"],
-            "next_id": meta["next_id"],
-            # Segment and model directories retired by a commit, kept while readers pin them.
-            "retired": len(meta.get("retired") or []),
-            # Re-fits and merges so far: how many, rows rewritten, seconds.
-            "maintenance": meta.get("maintenance") or {},
             "disk_bytes": disk,
+            "internals": {
+                "chunk_rows": self.config.chunk_rows,
+                "rows_stored": stored,
+                "extents": n_extents,
+                "next_id": meta["next_id"],
+                "router": {**router.config(), "digest": digest[:16]},
+                # The live count the routing model was sized and fitted for, and whether the
+                # index re-fits itself as the store outgrows it (see write/upkeep.py).
+                "fitted_rows": growth.get("fitted_rows"),
+                "grows": bool(growth.get("grow", False)),
+                # Segment and model directories retired by a commit, kept while readers pin them.
+                "retired": len(meta.get("retired") or []),
+                # Re-fits and merges so far: how many, rows rewritten, seconds.
+                "maintenance": meta.get("maintenance") or {},
+            },
         }
 
     def ids(self) -> np.ndarray:

@@ -368,8 +368,13 @@ class Store:
 
     @boundary
     def info(self) -> dict[str, Any]:
-        """A JSON-able summary: configuration, counts, router, buckets, segments, upkeep
-        (re-fits and merges so far), disk usage."""
+        """A short JSON-able summary: path, dim, metric, dtype, count, deleted rows,
+        segments, buckets, router kind, kernel, generation, disk usage.
+
+        What only upkeep, tests and tools look at is under ``info()["internals"]``: chunk
+        rows, rows stored, extents, next automatic id, the router's configuration and
+        digest, growth state (``fitted_rows``, ``grows``), retired directories, and upkeep
+        so far (``maintenance``: re-fits and merges)."""
         self._check_open()
         return self._reads.info()
 

@@ -41,7 +41,7 @@ def extents_per_bucket(store) -> float:
     info = store.info()
     with store._catalog.read() as txn:
         buckets = {b for b, *_ in store._catalog.iter_extents(txn)}
-    return info["extents"] / max(1, len(buckets))
+    return info["internals"]["extents"] / max(1, len(buckets))
 
 
 def main() -> None:
@@ -83,7 +83,8 @@ def main() -> None:
             info = store.info()
             results[name] = {
                 "ingest_seconds": round(ingest_s, 1), "buckets": info["buckets"], "segments": info["segments"],
-                "extents_per_bucket": round(extents_per_bucket(store), 2), "maintenance": info["maintenance"],
+                "extents_per_bucket": round(extents_per_bucket(store), 2),
+                "maintenance": info["internals"]["maintenance"],
                 "disk_mb": round(info["disk_bytes"] / 2**20, 1), "upkeep_events": upkeep,
                 "search": measure(store, q, gt, probes),
             }

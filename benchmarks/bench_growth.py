@@ -99,16 +99,18 @@ def plan(total: int, batches: int, first: int, checkpoints: list[int]) -> list[i
 
 
 def store_info(store) -> dict:
-    """What ``store.info()`` tells about the index's shape, defensively (fields come and go)."""
+    """What ``store.info()`` tells about the index's shape, defensively (fields come and go;
+    extents, the router's bits, growth state and upkeep are under ``"internals"``)."""
     info = store.info()
-    router = info.get("router") or {}
+    internals = info.get("internals") or info
+    router = internals.get("router") or {}
     bits = router.get("bits")
-    return {"count": info.get("count"), "segments": info.get("segments"), "extents": info.get("extents"),
+    return {"count": info.get("count"), "segments": info.get("segments"), "extents": internals.get("extents"),
             "router_kind": router.get("kind"), "bits": bits,
             "buckets": info.get("buckets", 2 ** bits if bits is not None else None),
             "generation": info.get("generation"), "disk_bytes": info.get("disk_bytes"),
-            "fitted_rows": info.get("fitted_rows"), "pending_training": info.get("pending_training"),
-            "maintenance": info.get("maintenance") or {},
+            "fitted_rows": internals.get("fitted_rows"), "pending_training": info.get("pending_training"),
+            "maintenance": internals.get("maintenance") or {},
             **{k: info[k] for k in ("refits", "merges") if k in info}}
 
 

@@ -128,8 +128,8 @@ def main() -> None:
     else:
         truth = store.search(q, k, probes="all")[0]
     rows = []
-    meta = {"store": args.store, "n": info["count"], "buckets": 2 ** info["router"]["bits"],
-            "router": info["router"]["kind"], "nq": len(q), "k": k, "threads": int(args.threads),
+    meta = {"store": args.store, "n": info["count"], "buckets": info["buckets"],
+            "router": info["router"], "nq": len(q), "k": k, "threads": int(args.threads),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
 
     # Reference: exact numpy brute force over the same vectors, in RAM.

@@ -122,7 +122,7 @@ class Asteria(System):
         with self.lib.open(self.a.store, readonly=True) as s:
             info = s.info()
         return {"built": built, "build_s": time.perf_counter() - t if built else None,
-                "path": str(Path(self.a.store).resolve()), "buckets": 2 ** info["router"]["bits"], "count": info["count"]}
+                "path": str(Path(self.a.store).resolve()), "buckets": info["buckets"], "count": info["count"]}
 
     def build(self):
         self.store = self.lib.open(self.a.store, readonly=True)

@@ -166,7 +166,7 @@ def perform(store: asteria_store.Store, intent: dict) -> dict:
     else:
         store.train(epochs=1, seed=intent["seed"])
     if intent["op"] == "train" or done.get("trained") or done.get("refitted"):
-        done["router"] = store.info()["router"]["digest"]
+        done["router"] = store.info()["internals"]["router"]["digest"]
     return done
 
 
@@ -399,7 +399,7 @@ def check_store(path: Path, candidates: list[Expected], queries: np.ndarray) -> 
             report = store.verify()
             violations += [f"read-only verify: {p}" for p in report.problems]
             result.orphans = report.orphans
-            result.router = store.info()["router"]["digest"]
+            result.router = store.info()["internals"]["router"]["digest"]
             k = max(len(store), *(len(c.vectors) for c in candidates)) + 8
             live, problems = exact_live_ids(store, queries, k)
             violations += problems
@@ -597,7 +597,7 @@ def run(cycles: int, seed: int, router: str, out: Path, *, max_delay: float = 3.
     store_path = workdir / STORE_DIR
     with asteria_store.create(store_path, dim=DIM, chunk_rows=CHUNK_ROWS, router=router,
                               expected_size=CAP_ROWS, seed=seed) as store:
-        model = store.info()["router"]["digest"]
+        model = store.info()["internals"]["router"]["digest"]
     (workdir / JOURNAL).touch()
     journal = Journal(workdir / JOURNAL, router=model)
     summary = Summary(router=router, seed=seed)
@@ -648,7 +648,7 @@ def run(cycles: int, seed: int, router: str, out: Path, *, max_delay: float = 3.
             if violations:
                 break
     with asteria_store.open(store_path, readonly=True) as store:
-        summary.router_kind = store.info()["router"]["kind"]
+        summary.router_kind = store.info()["router"]
     summary.seconds = time.perf_counter() - started
     if own_dir and not summary.violations:
         shutil.rmtree(workdir)

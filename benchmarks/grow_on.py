@@ -15,7 +15,7 @@ for lo in range(n0, 3_000_000, 30_000):
     t=time.perf_counter()
     r=st.ingest(np.asarray(base[lo:hi], dtype=np.float32), ids=np.arange(lo,hi))
     info=st.info()
-    print(json.dumps({"stop":hi,"s":round(time.perf_counter()-t,2),"buckets":info["buckets"],"kind":info["router"]["kind"],"segments":info["segments"],"refit":r.refitted,"merged":r.merged_segments}), flush=True)
+    print(json.dumps({"stop":hi,"s":round(time.perf_counter()-t,2),"buckets":info["buckets"],"kind":info["router"],"segments":info["segments"],"refit":r.refitted,"merged":r.merged_segments}), flush=True)
 print("ingest wall", time.perf_counter()-t0, "rows", 3_000_000-n0, flush=True)
 st.close()
 st=asteria_store.open(path, readonly=True)
@@ -28,4 +28,4 @@ for p in (8,16,32,64):
     for v in q[:200]:
         t=time.perf_counter(); st.query(v,10,probes=p); lat.append(time.perf_counter()-t)
     print(json.dumps({"probes":p,"recall":recall_at_k(ids,truth,10),"scanned":float(stats.scanned.mean()),"kib_read":float(stats.bytes_read.mean())/1024,"batch_qps":len(q)/bs,"p50_ms":float(np.median(lat))*1000,"p99_ms":float(np.percentile(lat,99))*1000}), flush=True)
-print(json.dumps(st.info()["router"]["kind"]), st.info()["buckets"])
+print(json.dumps(st.info()["router"]), st.info()["buckets"])

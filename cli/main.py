@@ -252,6 +252,9 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
 def info(path: Path, as_json: bool, no_lock: bool) -> None:
     """Show a store's configuration, counts and disk usage.
 
+    The text lists the summary; --json adds the internals (extents, the router's
+    configuration and digest, growth state, upkeep so far).
+
     \b
     Example:
         asteria-store info mystore
@@ -263,6 +266,7 @@ def info(path: Path, as_json: bool, no_lock: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
+    summary.pop("internals", None)
     for key, value in _flatten(summary):
         if key == "disk_bytes":
             value = f"{value} ({_human_bytes(value)})"

@@ -111,7 +111,7 @@ def test_create(tmp_path: Path):
     with asteria_store.open(path, readonly=True) as s:
         info = s.info()
     assert (info["dim"], info["metric"], info["dtype"], info["count"]) == (8, "ip", "float16", 0)
-    assert (info["router"]["bits"], info["router"]["seed"]) == (3, 7)
+    assert (info["internals"]["router"]["bits"], info["internals"]["router"]["seed"]) == (3, 7)
 
 
 def test_create_sizes_buckets_from_expected_size(tmp_path: Path):
@@ -207,7 +207,8 @@ def test_info(store: Path):
     assert f"count: {N}" in lines
     assert f"dim: {DIM}" in lines
     assert "metric: cosine" in lines
-    assert any(line.startswith("router.bits: ") for line in lines)
+    assert "router: sign" in lines
+    assert not any(line.startswith("internals") for line in lines)  # those are for --json
     assert any(re.fullmatch(r"disk_bytes: \d+ \(\d+\.\d (B|KiB|MiB)\)", line) for line in lines)
 
 

@@ -145,9 +145,9 @@ def test_kill_during_upkeep_leaves_old_or_new_state(tmp_path, python_child, op, 
         if op == "merge":
             assert info["segments"] == (1 if committed else 4)
         if op == "refit":
-            refits = before["maintenance"].get("refits", 0)
-            assert info["maintenance"].get("refits", 0) == refits + committed
-            assert (info["router"]["bits"] > before["router"]["bits"]) == committed
+            refits = before["internals"]["maintenance"].get("refits", 0)
+            assert info["internals"]["maintenance"].get("refits", 0) == refits + committed
+            assert (info["internals"]["router"]["bits"] > before["internals"]["router"]["bits"]) == committed
 
     with asteria_store.open(path) as store:  # a writable open removes the debris
         report = store.verify(repair=True)

@@ -100,8 +100,8 @@ def test_sign_store_grows_its_buckets_with_the_data(tmp_path) -> None:
         ids, scores = store.search(q, 10, probes="all")
     assert bits[0] <= 2 < bits[-1]
     assert info["buckets"] == 2 ** asteria_store.model.router.bits_for_size(20_000)
-    assert info["fitted_rows"] >= 20_000 // 4  # re-fitted on the way, not sized by the first batch
-    assert info["maintenance"]["refits"] >= 2
+    assert info["internals"]["fitted_rows"] >= 20_000 // 4  # re-fitted on the way, not sized by the first batch
+    assert info["internals"]["maintenance"]["refits"] >= 2
     assert info["segments"] <= 2 * MERGE_FACTOR
     np.testing.assert_array_equal(ids, exact_top(x, np.arange(len(x)), q, 10))
 
@@ -125,10 +125,10 @@ def test_learned_store_refits_as_it_outgrows_its_first_sample(tmp_path, wordnet)
     # whenever the data calls for another bucket bit: at 2,000 and 3,000 rows
     assert refits == [learned_plan(n).bits > learned_plan(n - 1000).bits for n in (2000, 3000, 4000, 5000)]
     assert refits == [True, True, False, False]
-    assert info["router"]["kind"] == "ecvh"
-    assert info["router"]["bits"] == learned_plan(5_000).bits > bits_first
-    assert info["fitted_rows"] == 3_000
-    assert info["maintenance"]["refits"] == 2
+    assert info["router"] == "ecvh"
+    assert info["internals"]["router"]["bits"] == learned_plan(5_000).bits > bits_first
+    assert info["internals"]["fitted_rows"] == 3_000
+    assert info["internals"]["maintenance"]["refits"] == 2
     np.testing.assert_array_equal(exact, exact_top(x, np.arange(5000), q, 10))
     assert recall(ids, exact) >= 0.8
 
@@ -137,11 +137,11 @@ def test_a_model_file_store_never_refits(tmp_path, wordnet) -> None:
     x = more_wordnet(wordnet, 4_000)
     asteria_store.train_model(x[:2000], save=tmp_path / "m.asteria-model", epochs=None)
     with asteria_store.create(tmp_path / "s", dim=x.shape[1], model=tmp_path / "m.asteria-model") as store:
-        digest = store.info()["router"]["digest"]
+        digest = store.info()["internals"]["router"]["digest"]
         for part in np.array_split(np.arange(4000), 8):
             assert not store.ingest(x[part], ids=part).refitted
-        assert store.info()["router"]["digest"] == digest
-        assert not store.info()["grows"]
+        assert store.info()["internals"]["router"]["digest"] == digest
+        assert not store.info()["internals"]["grows"]
 
 
 # --- merging and compaction ---------------------------------------------------------------------
@@ -174,8 +174,8 @@ def test_tiered_merges_keep_segments_few_and_results_equal_one_ingest(tmp_path, 
         assert store.verify().ok
     # tiers of 64 * 4**t rows: at most F-1 segments per tier, ~5 tiers for 6,000 rows
     assert most <= (MERGE_FACTOR - 1) * 5 + 1
-    assert info["maintenance"]["merges"] >= 10
-    assert info["router"]["bits"] == 6  # pinned: never re-sized
+    assert info["internals"]["maintenance"]["merges"] >= 10
+    assert info["internals"]["router"]["bits"] == 6  # pinned: never re-sized
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
 
@@ -214,8 +214,9 @@ def test_compact_drops_deleted_rows_and_returns_their_space(tmp_path) -> None:
         result = store.compact()
         info = store.info()
         assert (result.segments_before, result.segments_after, result.rows, result.dropped) == (3, 1, 2000, 2000)
-        assert (info["segments"], info["rows_stored"], info["deleted"], info["count"]) == (1, 2000, 0, 2000)
-        assert info["retired"] == 0  # no reader pinned the old segments: their space is back
+        assert (info["segments"], info["deleted"], info["count"]) == (1, 0, 2000)
+        assert info["internals"]["rows_stored"] == 2000
+        assert info["internals"]["retired"] == 0  # no reader pinned the old segments: their space is back
         assert dir_bytes(store.path / "segments.zarr") < 0.6 * disk_before
         after = store.search(q, 10, probes=8)
         np.testing.assert_array_equal(after[0], before[0])
@@ -251,13 +252,13 @@ def test_reader_keeps_its_generation_across_a_merge_and_a_refit(tmp_path) -> Non
             more = writer.ingest(clustered_vectors(9_000, DIM, clusters=30, seed=9),
                                  ids=np.arange(10**5, 10**5 + 9000))
             assert more.refitted and writer.router.bits > bits
-            assert writer.info()["retired"] >= len(old_segments)
+            assert writer.info()["internals"]["retired"] >= len(old_segments)
         ids, scores = search_exact(snap.view, q, 20)  # the old generation, still whole
         np.testing.assert_array_equal(ids, want[0])
         np.testing.assert_allclose(scores, want[1], rtol=1e-6)
     with asteria_store.open(path) as writer:  # the reader let go: the old files go
         writer.ingest(clustered_vectors(10, DIM, clusters=30, seed=10))
-        assert writer.info()["retired"] == 0
+        assert writer.info()["internals"]["retired"] == 0
     reader.close()
     for seg in old_segments:
         assert not (path / "segments.zarr" / f"seg-{seg:08d}").exists()
@@ -344,7 +345,7 @@ def test_info_reports_growth_fields_as_json(tmp_path) -> None:
     with asteria_store.create(tmp_path / "s", dim=DIM, router="sign") as store:
         store.ingest(clustered_vectors(50, DIM, clusters=5, seed=15))
         info = store.info()
-    assert info["grows"] is True
+    assert info["internals"]["grows"] is True
     json.dumps(info)
 
 

@@ -120,7 +120,7 @@ class GrowingStore(RuleBasedStateMachine):
         probed, _ = store.search(q, K)  # a routed search returns k whenever the store holds k
         assert ((probed >= 0).sum(axis=1) == kk).all()
         info = store.info()
-        assert info["rows_stored"] - info["deleted"] == len(self.model)
+        assert info["internals"]["rows_stored"] - info["deleted"] == len(self.model)
 
     def teardown(self) -> None:
         if hasattr(self, "store"):

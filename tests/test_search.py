@@ -138,7 +138,7 @@ def test_verify_checks_lrsq_chunks(tmp_path, wordnet) -> None:
     base, _ = wordnet
     with asteria_store.create(tmp_path / "s", dim=384, bits=5) as s:
         s.ingest(base[:1500])
-        assert s.info()["router"]["kind"] == "ecvh" and s.verify().ok
+        assert s.info()["router"] == "ecvh" and s.verify().ok
     chunk = next((tmp_path / "s" / "segments.zarr").glob("seg-*/lrsq/c/0/0"))
     chunk.write_bytes(chunk.read_bytes()[:-1])
     with asteria_store.open(tmp_path / "s", readonly=True) as s:

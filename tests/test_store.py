@@ -144,10 +144,13 @@ def test_info_keys_and_values(tmp_store) -> None:
     tmp_store.ingest(x[60:])
     tmp_store.delete([0, 5, 70])
     info = tmp_store.info()
-    assert set(info) == {
-        "path", "format_version", "dim", "metric", "dtype", "chunk_rows", "count", "segments",
-        "rows_stored", "deleted", "router", "extents", "generation", "next_id", "disk_bytes", "pending_training",
-        "retired", "buckets", "fitted_rows", "grows", "maintenance", "kernel",
+    assert set(info) == {  # short: the rest is under "internals"
+        "path", "format_version", "dim", "metric", "dtype", "count", "deleted", "segments", "buckets", "router",
+        "pending_training", "kernel", "generation", "disk_bytes", "internals",
+    }
+    assert set(info["internals"]) == {
+        "chunk_rows", "rows_stored", "extents", "next_id", "router", "fitted_rows", "grows", "retired",
+        "maintenance",
     }
     # A learned store's baseline serves until MIN_TRAIN_ROWS vectors: sized for that many.
     expected_bits = bits_for_size(1_000)
@@ -156,16 +159,17 @@ def test_info_keys_and_values(tmp_store) -> None:
     assert info["path"] == str(tmp_store.path)
     assert info["format_version"] == FORMAT_VERSION
     assert (info["dim"], info["metric"], info["dtype"]) == (32, "cosine", "float32")
-    assert info["chunk_rows"] == 131072  # largest power of two with <= 16 MiB of float32 rows
-    assert (info["count"], info["segments"], info["rows_stored"], info["deleted"]) == (97, 2, 100, 3)
+    assert info["internals"]["chunk_rows"] == 131072  # largest power of two with <= 16 MiB of float32 rows
+    assert (info["count"], info["segments"], info["internals"]["rows_stored"], info["deleted"]) == (97, 2, 100, 3)
     assert info["generation"] == 3  # two ingests and one delete
-    assert {k: v for k, v in info["router"].items() if k != "digest"} == {
+    assert info["router"] == "sign"
+    assert {k: v for k, v in info["internals"]["router"].items() if k != "digest"} == {
         "kind": "sign", "bits": expected_bits, "dim": 32, "seed": 0,
     }
-    assert len(info["router"]["digest"]) == 16
-    int(info["router"]["digest"], 16)
+    assert len(info["internals"]["router"]["digest"]) == 16
+    int(info["internals"]["router"]["digest"], 16)
     # Extents are (bucket, segment) pairs: at least the distinct live keys, at most one per row.
-    assert len(np.unique(keys)) <= info["extents"] <= 100
+    assert len(np.unique(keys)) <= info["internals"]["extents"] <= 100
     assert info["disk_bytes"] > 2 * 4 * DIM * 100
     json.dumps(info)  # JSON-able as promised
 

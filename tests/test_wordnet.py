@@ -51,7 +51,7 @@ def test_exact_search_equals_brute_force(wordnet_store, wordnet, truth) -> None:
     # Ids up to exact ties in score (measured: identical, recall 1.0).
     assert recall_at_k(ids, exp_ids, K) >= 0.999
     info = wordnet_store.info()
-    assert (info["segments"], info["buckets"], info["maintenance"]["refits"]) == (1, 2**5, 1)
+    assert (info["segments"], info["buckets"], info["internals"]["maintenance"]["refits"]) == (1, 2**5, 1)
 
 
 def test_probed_search_recall_with_default_probes(wordnet_store, wordnet, truth) -> None:

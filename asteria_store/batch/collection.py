@@ -277,7 +277,7 @@ class Collection:
         t0 = time.perf_counter()
         with WriterLock(self.path, timeout=self._lock_timeout):
             if ids is None:
-                base = max(int(s.info()["next_id"]) for s in self.shards)
+                base = max(int(s.info()["internals"]["next_id"]) for s in self.shards)
                 id_arr = np.arange(base, base + src.n, dtype=np.uint64)
             else:
                 id_arr = load_ids(ids, n=src.n)
