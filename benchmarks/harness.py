@@ -4,6 +4,9 @@
   (default 1) before numpy is imported; call it first.
 * :func:`time_search`: the warm-up, one timed batch and a loop of timed single queries that
   every speed table reports.
+* :func:`join_memory_cap` / :func:`remove_memory_cap`: serve inside a memory cgroup.
+* :func:`evict`, :func:`read_bytes`, :func:`peak_mib`, :func:`anon_mib`: cold page cache and
+  what a process read and holds.
 """
 
 from __future__ import annotations
@@ -72,3 +75,50 @@ def remove_memory_cap(name: str) -> None:
             return
         except OSError:
             continue
+
+
+def proc_counter(field: str, path: str = "/proc/self/status") -> int:
+    """A counter of this process: VmHWM/VmRSS/RssAnon in KiB (status) or read_bytes (io);
+    -1 where the field is missing."""
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def peak_mib() -> float:
+    """Peak resident memory (VmHWM), mapped file pages included."""
+    return proc_counter("VmHWM") / 1024
+
+
+def anon_mib() -> float:
+    """Anonymous resident memory now (RssAnon): the process's own, without mapped files."""
+    return proc_counter("RssAnon") / 1024
+
+
+def read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (page cache misses)."""
+    return proc_counter("read_bytes", "/proc/self/io")
+
+
+def evict(path) -> int:
+    """Flush and drop every file under ``path`` (a folder or one file) from the page cache;
+    returns the files evicted."""
+    paths = [path] if os.path.isfile(path) else [
+        os.path.join(root, name) for root, _dirs, files in os.walk(path) for name in files]
+    count = 0
+    for file in paths:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            count += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return count

@@ -686,7 +686,9 @@ class _BucketRanges:
             for ch in range(first // c, (first + n - 1) // c + 1):  # one piece per chunk
                 lo, hi = max(first, ch * c), min(first + n, (ch + 1) * c)
                 rows.append((seg, lo, hi - lo, ch, lo - ch * c))
-        ids = [view.segments[seg]._chunk("ids", ch)[a : a + m] for seg, _, m, ch, a in rows]
+        for seg, _, m, ch, a in rows:
+            view.segments[seg].will_need("ids", ch, a, a + m)
+        ids = [view.segments[seg].chunk("ids", ch)[a : a + m] for seg, _, m, ch, a in rows]
         return cls(rows, ids)
 
 
@@ -713,8 +715,11 @@ class _Ranges:
                 by_chunk.setdefault((seg, ch), []).append((a, a + m, o))
             for (seg, ch), ranges in sorted(by_chunk.items()):
                 reader = view.segments[seg]
+                for a, z, _ in ranges:  # the codes the bounds read, asked for in one go
+                    reader.will_need("lrsq", ch, a, z)
+                    reader.will_need("lrsq_aux", ch, a, z)
                 starts, stops, out = np.array(list(zip(*ranges)), dtype=np.int64)
-                self.parts.append((reader._chunk("lrsq", ch), reader._chunk("lrsq_aux", ch), starts, stops, out))
+                self.parts.append((reader.chunk("lrsq", ch), reader.chunk("lrsq_aux", ch), starts, stops, out))
 
     @property
     def id_bytes(self) -> int:

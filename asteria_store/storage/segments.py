@@ -33,11 +33,12 @@ from zarr.storage import LocalStore
 
 from ..errors import CorruptStoreError
 
-#: Arrays whose mapped chunks are read a few rows at a time (a query's exact rescoring
-#: reads only the rows its LRSQ bounds keep): the kernel is told not to read ahead
-#: (MADV_RANDOM), so a query on a store larger than RAM reads those pages, not the
-#: ~128 KiB around each (docs/scale.md measures the difference).
-_RANDOM_ACCESS = frozenset({"vectors"})
+#: Every mapped chunk is advised MADV_RANDOM: the kernel reads no pages around a fault.
+#: A query reads a bucket's ids and codes as whole row ranges, announced to the kernel first
+#: (:meth:`SegmentReader.will_need`: MADV_WILLNEED of exactly those pages, one request per
+#: range), and its rescoring reads a few hundred scattered vectors, a page each. Read-around
+#: (~128 KiB per fault) made a cold query read 10-25x the bytes it used (docs/scale.md).
+_PAGE = mmap.PAGESIZE
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 
@@ -175,6 +176,7 @@ class SegmentReader:
             self._arrays["lrsq"] = (np.dtype("u1"), lrsq["rank"])
             self._arrays["lrsq_aux"] = (np.dtype("<f2"), lrsq["aux"])
         self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._mmaps: dict[tuple[str, int], mmap.mmap] = {}
         #: Chunks ``verify`` found damaged: ``{(array, chunk): message}``; reading one raises.
         self.quarantined: dict[tuple[str, int], str] = {}
 
@@ -183,43 +185,63 @@ class SegmentReader:
         self.quarantined = dict(damaged)
         for key in damaged:
             self._maps.pop(key, None)
+            self._mmaps.pop(key, None)
 
-    def _chunk(self, array: str, index: int) -> np.ndarray:
-        """Chunk ``index`` of ``array``, memory-mapped (a plain ndarray view of the map:
-        slicing a ``np.memmap`` subclass costs several times more per call)."""
+    def chunk(self, array: str, index: int) -> np.ndarray:
+        """Chunk ``index`` of ``array``, memory-mapped read-only (a plain ndarray over the
+        map: slicing a ``np.memmap`` subclass costs several times more per call)."""
         key = (array, index)
         m = self._maps.get(key)
         if m is None:
-            if key in self.quarantined:
-                raise CorruptStoreError(self.quarantined[key])
-            dtype, width = self._arrays[array]
-            path = chunk_path(self.dir, array, index)
-            shape = (self.chunk_rows,) if width is None else (self.chunk_rows, width)
-            try:
-                m = np.memmap(path, dtype=dtype, mode="r", shape=shape)
-            except (OSError, ValueError) as exc:
-                raise CorruptStoreError(
-                    f"Segment chunk {str(path)!r} is missing or truncated ({exc}); "
-                    "run `asteria-store verify`."
-                ) from None
-            if array in _RANDOM_ACCESS:
-                m._mmap.madvise(mmap.MADV_RANDOM)
-            m = self._maps[key] = m.view(np.ndarray)
+            m = self._maps[key] = self._map(array, index)
         return m
+
+    def _map(self, array: str, index: int) -> np.ndarray:
+        key = (array, index)
+        if key in self.quarantined:
+            raise CorruptStoreError(self.quarantined[key])
+        dtype, width = self._arrays[array]
+        path = chunk_path(self.dir, array, index)
+        shape = (self.chunk_rows,) if width is None else (self.chunk_rows, width)
+        size = int(np.prod(shape)) * dtype.itemsize
+        try:
+            with open(path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            if len(mm) < size:
+                raise ValueError(f"{len(mm)} bytes, expected {size}")
+        except (OSError, ValueError) as exc:
+            raise CorruptStoreError(
+                f"Segment chunk {str(path)!r} is missing or truncated ({exc}); "
+                "run `asteria-store verify`."
+            ) from None
+        mm.madvise(mmap.MADV_RANDOM)
+        self._mmaps[key] = mm
+        return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def will_need(self, array: str, index: int, lo: int, hi: int) -> None:
+        """Ask the kernel to read rows ``[lo, hi)`` of chunk ``index`` of ``array`` now, in one
+        request (MADV_WILLNEED of exactly their pages): the reads that follow find them in
+        the page cache or on their way. Costs ~1 us when they are already there."""
+        if hi <= lo:
+            return
+        self.chunk(array, index)
+        dtype, width = self._arrays[array]
+        row = dtype.itemsize * (width or 1)
+        start = lo * row // _PAGE * _PAGE
+        self._mmaps[(array, index)].madvise(mmap.MADV_WILLNEED, start, hi * row - start)
 
     def read(self, array: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of ``array`` ("vectors", "ids", "lrsq", "lrsq_aux"): a
-        view of the memory-mapped chunk, or a copy where the range spans chunks."""
+        view of the memory-mapped chunk, or a copy where the range spans chunks. Their pages
+        are asked for first (:meth:`will_need`)."""
         c = self.chunk_rows
-        first, last = start // c, (stop - 1) // c
-        if first == last:
-            return self._chunk(array, first)[start - first * c : stop - first * c]
         parts = []
-        for i in range(first, last + 1):
+        for i in range(start // c, (stop - 1) // c + 1):
             lo = max(start, i * c) - i * c
             hi = min(stop, (i + 1) * c) - i * c
-            parts.append(self._chunk(array, i)[lo:hi])
-        return np.concatenate(parts)
+            self.will_need(array, i, lo, hi)
+            parts.append(self.chunk(array, i)[lo:hi])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def vectors(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as a (possibly memory-mapped) array of the storage dtype."""
@@ -239,11 +261,11 @@ class SegmentReader:
         chunk = rows // c
         first, last = int(chunk.min()), int(chunk.max())
         if first == last:
-            out[:] = self._chunk(array, first)[rows - first * c]
+            out[:] = self.chunk(array, first)[rows - first * c]
             return out
         for i in np.unique(chunk).tolist():
             sel = chunk == i
-            out[sel] = self._chunk(array, i)[rows[sel] - i * c]
+            out[sel] = self.chunk(array, i)[rows[sel] - i * c]
         return out
 
     def take_vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -252,6 +274,7 @@ class SegmentReader:
 
     def close(self) -> None:
         self._maps.clear()
+        self._mmaps.clear()
 
 
 def list_segment_dirs(root: str | os.PathLike[str]) -> list[str]:

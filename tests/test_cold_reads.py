@@ -1,0 +1,73 @@
+"""A query on a store that is not in the page cache reads what it uses, not the pages the
+kernel would read around them (storage/segments.py: MADV_RANDOM, then MADV_WILLNEED of the
+ranges a query reads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asteria_store
+
+PAGE = 4096
+
+
+def _read_bytes() -> int:
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError("no read_bytes")
+
+
+def _evict(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def cold_store(wordnet, tmp_path_factory):
+    if not os.path.exists("/proc/self/io"):
+        pytest.skip("needs /proc/self/io (Linux)")
+    path = tmp_path_factory.mktemp("cold") / "store"
+    rng = np.random.default_rng(0)  # 30,000 rows: the real slice ten times, each copy jittered
+    rows = np.concatenate([wordnet.base + rng.normal(0, 0.02, wordnet.base.shape) for _ in range(10)])
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    with asteria_store.create(path, dim=384, bits=7) as s:
+        for part in np.array_split(rows.astype(np.float32), 3):
+            s.ingest(part)
+    probe = path / "probe.bin"  # does evicting a file here make reading it hit the device?
+    probe.write_bytes(os.urandom(1 << 20))
+    os.sync()
+    _evict(probe.parent)
+    before = _read_bytes()
+    probe.read_bytes()
+    if _read_bytes() - before < (1 << 19):
+        pytest.skip("evicted pages are not read from a device here (tmpfs or no io accounting)")
+    probe.unlink()
+    return path
+
+
+def test_a_cold_query_reads_about_what_it_counts(cold_store: Path, wordnet) -> None:
+    """The device bytes of cold queries stay within 1.25x of what SearchStats counts, plus a
+    page for each rescored row (counted at its own size)."""
+    with asteria_store.open(cold_store, readonly=True) as s:
+        s.query(wordnet.queries[0], 10, probes=8)  # the compiled path and the model, loaded
+        read = allowed = 0
+        for q in wordnet.queries[1:21]:
+            _evict(cold_store / "segments.zarr")
+            before = _read_bytes()
+            _, _, stats = s.query(q, 10, probes=8, explain=True)
+            read += _read_bytes() - before
+            rescored = stats["scanned"] - stats["pruned"]
+            allowed += 1.25 * stats["bytes_read"] + rescored * PAGE
+        assert read > 0
+        assert read <= allowed, (read, allowed)
