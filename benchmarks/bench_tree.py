@@ -52,17 +52,11 @@ def main() -> None:
     tree, _ = train(base, TrainConfig(bits=args.bits, threads=args.threads, flat_max_bits=args.bits - 1,
                                       sample_size=len(base), tree_refine=0))
     for a in (int(v) for v in args.assign.split(",")):
-        children = tree.children
+        router = TreeRouter(tree.coarse, tree.children, tree.offsets, assign_cells=a)
         for steps in range(max(int(v) for v in args.refine.split(",")) + 1):
-            router = TreeRouter(tree.coarse, children, tree.offsets, assign_cells=a)
             if str(steps) in args.refine.split(","):
                 measure(router, f"tree assign={a} refine={steps}")
-            keys = router.keys(base).astype(np.int64)
-            sums = np.zeros(children.shape, dtype=np.float64)
-            np.add.at(sums, keys, base)
-            empty = np.bincount(keys, minlength=len(children)) == 0
-            sums[empty] = children[empty]
-            children = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+            router = router.refined(base)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,21 @@ def test_a_tree_past_the_flat_cap_has_the_buckets_asked_for(tree, tree_data) -> 
     assert tree.n_cells < tree.n_buckets
     used = np.unique(tree.keys(tree_data).astype(np.int64))
     assert len(used) > 0.8 * tree.n_buckets  # children are placed where the data is
+    assert tree.info["occupancy"]["max_over_mean"] >= 1 and tree.info["train_seconds"] > 0
+
+
+def test_a_refinement_step_moves_children_to_their_rows_mean(tree, tree_data) -> None:
+    """Lloyd: each child of the refined tree is the normalised mean of the rows the tree
+    assigned it (computed here row by row); cells keep their children."""
+    x = tree_data[:1500]
+    refined = tree.refined(x)
+    keys = tree.keys(x).astype(np.int64)
+    np.testing.assert_array_equal(refined.offsets, tree.offsets)
+    for child in np.unique(keys)[:50]:
+        mean = x[keys == child].astype(np.float64).mean(axis=0)
+        np.testing.assert_allclose(refined.children[child], mean / np.linalg.norm(mean), atol=1e-5)
+    unused = np.setdiff1d(np.arange(tree.n_buckets), keys)
+    np.testing.assert_array_equal(refined.children[unused], tree.children[unused])
 
 
 def test_keys_are_the_best_child_of_the_best_cells(tree, tree_data) -> None:

@@ -530,15 +530,9 @@ def _train_tree(vectors, config: TrainConfig, plan, progress, log, init, threads
             "coarse": coarse.info, "config": config.to_dict()}
     router = TreeRouter(coarse, children, offsets, info=info)
     for _ in range(config.tree_refine):
-        keys = torch.from_numpy(router.keys(x_np).astype(np.int64))
-        sums = torch.zeros(router.n_buckets, x.shape[1], dtype=torch.float64).index_add_(0, keys, x.double())
-        empty = torch.bincount(keys, minlength=router.n_buckets) == 0
-        sums[empty] = torch.from_numpy(children[empty.numpy()]).double()
-        children = (sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)).float().numpy()
-        router = TreeRouter(coarse, children, offsets, info=info)
+        router = router.refined(x_np)
     occ = occupancy(router.keys(x_np).astype(np.int64), router.n_buckets)
-    info["occupancy"] = occ
-    info["train_seconds"] = round(time.perf_counter() - started, 2)
+    router.info.update(occupancy=occ, train_seconds=round(time.perf_counter() - started, 2))
     history.append({"epoch": "tree", "buckets": router.n_buckets, **occ})
     log(f"tree: {router.n_cells} cells, {router.n_buckets} buckets, max/mean bucket "
         f"{occ['max_over_mean']:.1f} on the sample")

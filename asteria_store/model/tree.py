@@ -75,6 +75,19 @@ class TreeRouter:
         self._sizes = np.diff(self.offsets)
         self._cell_of = np.repeat(np.arange(n_cells), self._sizes)
 
+    def refined(self, x: np.ndarray) -> TreeRouter:
+        """One Lloyd step over the tree's own assignment: each child moves to the normalised
+        mean of the rows ``x`` it is assigned (a child assigned none stays). Cells and
+        offsets do not change, so no row moves between coarse cells."""
+        x = np.asarray(x, dtype=np.float32)
+        keys = self.keys(x).astype(np.int64)
+        sums = np.zeros(self.children.shape, dtype=np.float64)
+        np.add.at(sums, keys, x)
+        empty = np.bincount(keys, minlength=self.n_buckets) == 0
+        sums[empty] = self.children[empty]
+        children = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        return TreeRouter(self.coarse, children, self.offsets, assign_cells=self.assign_cells, info=self.info)
+
     # -- routing -------------------------------------------------------------------------
 
     def rotate(self, x: np.ndarray) -> np.ndarray:
