@@ -43,7 +43,8 @@ from __future__ import annotations
 import os
 import sys
 
-from harness import join_memory_cap, pin_threads_from_argv, remove_memory_cap
+from harness import (anon_mib, evict, join_memory_cap, peak_mib, pin_threads_from_argv, read_bytes,
+                     remove_memory_cap)
 
 pin_threads_from_argv()  # before numpy is imported
 
@@ -63,28 +64,6 @@ CAP_GROUP = "asteria-bench-serve"  # the memory cgroup serving children run in (
 
 def ints(s: str | None) -> list[int]:
     return [int(v) for v in str(s).split(",")] if s else []
-
-
-def proc(field: str, path: str = "/proc/self/status") -> int:
-    """A counter of this process: VmHWM/VmRSS in KiB (status) or read_bytes (io)."""
-    with open(path) as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def peak_mib() -> float:
-    return proc("VmHWM") / 1024
-
-
-def anon_mib() -> float:
-    """Anonymous resident memory now (RssAnon): the process's own, without mapped files."""
-    return proc("RssAnon") / 1024
-
-
-def read_bytes() -> int:
-    return proc("read_bytes", "/proc/self/io")
 
 
 def emit(row: dict) -> None:
@@ -170,26 +149,6 @@ def child_oneshot(a: argparse.Namespace) -> None:
               "peak_rss_mib": peak_mib()})
     if tmp is not None:
         tmp.unlink()
-
-
-def evict(path: Path) -> int:
-    """Flush and drop every file under ``path`` from the page cache; returns files evicted."""
-    count = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                count += 1
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return count
 
 
 def extents_per_probe(store, queries: np.ndarray, probes: int) -> float | None:

@@ -36,7 +36,6 @@ pin_threads_from_argv()  # before numpy is imported
 import argparse
 import json
 import math
-import os
 import subprocess
 import time
 from pathlib import Path
