@@ -40,6 +40,9 @@ from ..errors import CorruptStoreError
 #: (~128 KiB per fault) made a cold query read 10-25x the bytes it used (docs/scale.md).
 _PAGE = mmap.PAGESIZE
 
+#: A gather whose rows fill at least 1/_DENSE_SPAN of their span reads the span in one go.
+_DENSE_SPAN = 4
+
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
@@ -261,12 +264,22 @@ class SegmentReader:
         chunk = rows // c
         first, last = int(chunk.min()), int(chunk.max())
         if first == last:
-            out[:] = self.chunk(array, first)[rows - first * c]
+            out[:] = self._gather(array, first, rows - first * c)
             return out
         for i in np.unique(chunk).tolist():
             sel = chunk == i
-            out[sel] = self.chunk(array, i)[rows[sel] - i * c]
+            out[sel] = self._gather(array, i, rows[sel] - i * c)
         return out
+
+    def _gather(self, array: str, index: int, local: np.ndarray) -> np.ndarray:
+        """Rows ``local`` of one chunk. Rows that fill most of their span (a merge reading
+        runs of its sources, a re-bucketing) ask for the span first, in one request: with
+        no read-around, faulting them in page by page is one synchronous read per page.
+        A query's few scattered survivors are read page by page."""
+        lo, hi = int(local.min()), int(local.max()) + 1
+        if hi - lo <= _DENSE_SPAN * len(local):
+            self.will_need(array, index, lo, hi)
+        return self.chunk(array, index)[local]
 
     def take_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Rows by index as float32 (for ``Store.get`` and exact rescoring)."""
