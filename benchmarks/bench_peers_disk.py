@@ -7,8 +7,8 @@
 System: **FAISS IVF with its lists on disk** (``faiss-ivf-disk``): ``IndexIVFScalarQuantizer``
 with float16 lists (the bytes per row of an asteria float16 store), an HNSW coarse quantizer
 (assigning 10M rows to ~12k lists by brute force would take most of an hour on 2 cores), and
-``nlist = --nlist-factor x sqrt(N)`` (FAISS's guideline: 4-16 sqrt(N)), trained on 32 sample
-rows per list. Built in RAM (uncapped: its build RSS is reported), written once, then
+``nlist = --nlist-factor x sqrt(N)`` (FAISS's guideline: 4-16 sqrt(N)), trained on
+``--train-per-list`` sample rows per list (default 32). Built in RAM (uncapped: its build RSS is reported), written once, then
 served from ``read_index(path, IO_FLAG_MMAP_IFC)``: the lists stay a shared read-only map
 of the file, paged in on demand like asteria's chunks.
 
@@ -73,8 +73,8 @@ def child_build(a) -> None:
     index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(a.n, size=min(a.n, 32 * nlist), replace=False))
-    index.cp.max_points_per_centroid = 32
+    sample = np.sort(rng.choice(a.n, size=min(a.n, a.train_per_list * nlist), replace=False))
+    index.cp.max_points_per_centroid = a.train_per_list
     index.train(np.asarray(base[sample], dtype=np.float32))
     train_s = time.perf_counter() - t0
     for start in range(0, a.n, BLOCK):
@@ -83,7 +83,8 @@ def child_build(a) -> None:
     path = index_path(a)
     path.parent.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(path))
-    emit({"system": "faiss-ivf-disk", "phase": "build", "n": a.n, "nlist": nlist, "train_s": train_s,
+    emit({"system": "faiss-ivf-disk", "phase": "build", "n": a.n, "nlist": nlist, "train_rows": len(sample),
+          "train_s": train_s,
           "build_s": time.perf_counter() - t0, "peak_rss_mib": peak_mib(), "disk_bytes": path.stat().st_size},
          a.out)
 
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, required=True, help="rows of the base (a prefix), with gt_{N}_ids.npy")
     ap.add_argument("--workdir", required=True, help="where the index file is built and kept")
     ap.add_argument("--nlist-factor", type=float, default=4.0, help="nlist = factor x sqrt(N)")
+    ap.add_argument("--train-per-list", type=int, default=32, help="k-means sample rows per list")
     ap.add_argument("--nprobe", default="8,16,32,64")
     ap.add_argument("--cap-mib", type=int, default=0, help="serve inside a memory cgroup of this many MiB")
     ap.add_argument("--cold", type=int, default=20)
