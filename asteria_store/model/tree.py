@@ -130,11 +130,31 @@ class TreeRouter:
         return top_order(self.cell_scores(x), t)
 
     def keys(self, x: np.ndarray) -> np.ndarray:
+        """Each row's best child among the children of its ``assign_cells`` best cells
+        (equal scores: the better cell, then the lower child). One product per distinct
+        cell, reduced to each row's best child of that cell at once."""
         out = np.empty(len(x), dtype=np.uint64)
         for s in range(0, len(x), _BLOCK):
             xb = x[s : s + _BLOCK]
-            scores, keys = self.expand(xb, self._top_cells(xb, self.assign_cells))
-            out[s : s + len(xb)] = keys[np.arange(len(xb)), scores.argmax(axis=1)]
+            cells = self._top_cells(xb, self.assign_cells)
+            n, t = cells.shape
+            best = np.full(n, -np.inf, dtype=np.float32)
+            best_slot = np.full(n, t, dtype=np.int64)
+            key = np.zeros(n, dtype=np.int64)
+            flat = cells.ravel()
+            order = np.argsort(flat, kind="stable")
+            uniq, start = np.unique(flat[order], return_index=True)
+            bounds = np.append(start, len(flat)).tolist()
+            for c, a, b in zip(uniq.tolist(), bounds[:-1], bounds[1:]):
+                rows, slot = np.divmod(order[a:b], t)
+                lo, hi = int(self.offsets[c]), int(self.offsets[c + 1])
+                sc = xb[rows] @ self.children[lo:hi].T
+                j = sc.argmax(axis=1)
+                v = sc[np.arange(len(rows)), j]
+                win = (v > best[rows]) | ((v == best[rows]) & (slot < best_slot[rows]))
+                rows, v, j, slot = rows[win], v[win], j[win], slot[win]
+                best[rows], best_slot[rows], key[rows] = v, slot, lo + j
+            out[s : s + n] = key
         return out
 
     def consistent(self, x: np.ndarray, keys: np.ndarray, *, tol: float = 1e-4) -> np.ndarray:
