@@ -176,15 +176,24 @@ def normalise_rows(x: np.ndarray, metric: str, *, what: str, offset: int = 0) ->
     is refused, named by its row number (``offset`` + its index in ``x``)."""
     if metric != "cosine":
         return x
-    # float64: squares of finite float32 values neither overflow nor underflow there.
-    x64 = x.astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))[:, None]
-    if (norms == 0).any():
-        bad = offset + int(np.argwhere(norms[:, 0] == 0)[0][0])
-        raise InvalidInputError(
-            f"Expected non-zero {what} for metric 'cosine', got an all-zero vector in row {bad}."
-        )
-    return (x64 / norms).astype(np.float32)
+    out = np.empty(x.shape, dtype=np.float32)
+    # float64: squares of finite float32 values neither overflow nor underflow there. In
+    # blocks of rows, so the float64 copies stay a few MiB whatever len(x) is (a training
+    # sample of 400,000 rows held 3 GiB of them at once).
+    for start in range(0, len(x), _NORMALISE_ROWS):
+        x64 = x[start : start + _NORMALISE_ROWS].astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))[:, None]
+        if (norms == 0).any():
+            bad = offset + start + int(np.argwhere(norms[:, 0] == 0)[0][0])
+            raise InvalidInputError(
+                f"Expected non-zero {what} for metric 'cosine', got an all-zero vector in row {bad}."
+            )
+        out[start : start + len(x64)] = x64 / norms
+    return out
+
+
+#: Rows normalised per float64 block by :func:`normalise_rows`.
+_NORMALISE_ROWS = 4096
 
 
 def read_array(data: ArrayLike, what: str) -> np.ndarray:

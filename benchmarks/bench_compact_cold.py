@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import time
 
-from harness import evict, read_bytes
+from harness import AnonPeak, evict, read_bytes
 
 
 def main() -> None:
@@ -35,9 +35,10 @@ def main() -> None:
         evict(a.work)
         with asteria_store.open(a.work) as s:
             r0, t = read_bytes(), time.perf_counter()
-            s.compact()
+            with AnonPeak() as anon:
+                s.compact()
             print(f"dense_span={dense} compact {s.info()['count']:,} rows: {time.perf_counter() - t:.1f} s, "
-                  f"read {(read_bytes() - r0) / 2**30:.2f} GiB", flush=True)
+                  f"read {(read_bytes() - r0) / 2**30:.2f} GiB, anon peak {anon.mib:,.0f} MiB", flush=True)
         shutil.rmtree(a.work)
 
 

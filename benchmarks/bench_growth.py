@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 import sys
 
-from harness import (anon_mib, evict, join_memory_cap, peak_mib, pin_threads_from_argv, read_bytes,
+from harness import (AnonPeak, anon_mib, evict, join_memory_cap, peak_mib, pin_threads_from_argv, read_bytes,
                      remove_memory_cap)
 
 pin_threads_from_argv()  # before numpy is imported
@@ -113,11 +113,12 @@ def child_ingest(a: argparse.Namespace) -> None:
             start, stop = (ends[i - 1] if i else 0), ends[i]
             vec, ids = np.array(base[start:stop]), np.arange(start, stop, dtype=np.int64)
             t = time.perf_counter()
-            res = store.ingest(vec, ids)
+            with AnonPeak() as anon:
+                res = store.ingest(vec, ids)
             wall = time.perf_counter() - t
             emit({"phase": "ingest", "batch": i, "start": start, "stop": stop, "wall_s": wall,
                   **{f: getattr(res, f) for f in RESULT_FIELDS if hasattr(res, f)},
-                  **store_info(store), "peak_rss_mib": peak_mib()})
+                  **store_info(store), "peak_rss_mib": peak_mib(), "anon_peak_mib": anon.mib})
 
 
 def child_oneshot(a: argparse.Namespace) -> None:
@@ -142,11 +143,12 @@ def child_oneshot(a: argparse.Namespace) -> None:
     copy_s = time.perf_counter() - t
     with asteria_store.create(path, dim=base.shape[1], dtype="float16", router="learned") as store:
         t = time.perf_counter()
-        res = store.ingest(src, np.arange(n, dtype=np.int64))
+        with AnonPeak() as anon:
+            res = store.ingest(src, np.arange(n, dtype=np.int64))
         wall = time.perf_counter() - t
         emit({"phase": "oneshot", "n": n, "wall_s": wall, "prefix_copy_s": copy_s,
               **{f: getattr(res, f) for f in RESULT_FIELDS if hasattr(res, f)}, **store_info(store),
-              "peak_rss_mib": peak_mib()})
+              "peak_rss_mib": peak_mib(), "anon_peak_mib": anon.mib})
     if tmp is not None:
         tmp.unlink()
 

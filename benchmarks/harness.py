@@ -6,7 +6,7 @@
   every speed table reports.
 * :func:`join_memory_cap` / :func:`remove_memory_cap`: serve inside a memory cgroup.
 * :func:`evict`, :func:`read_bytes`, :func:`peak_mib`, :func:`anon_mib`: cold page cache and
-  what a process read and holds.
+  what a process read and holds; :class:`AnonPeak` samples the anonymous memory's peak.
 """
 
 from __future__ import annotations
@@ -122,3 +122,31 @@ def evict(path) -> int:
         finally:
             os.close(fd)
     return count
+
+
+class AnonPeak:
+    """The peak of this process's anonymous memory (RssAnon, MiB) while the ``with`` block
+    runs, sampled every ``interval`` seconds by a thread (the kernel keeps no high-water
+    mark of anonymous memory alone: VmHWM counts mapped file pages too)."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.interval, self.mib = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.mib = max(self.mib, anon_mib())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.mib = max(self.mib, anon_mib())

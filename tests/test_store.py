@@ -858,3 +858,20 @@ def test_verify_accepts_a_healthy_float16_store(tmp_path: Path) -> None:
         # their bucket 0").
         report = store.verify()
         assert report.problems == []
+
+
+def test_normalising_in_blocks_equals_one_float64_pass_and_names_the_row() -> None:
+    """normalise_rows works in float64 blocks of rows (bounded memory): the result equals
+    normalising the whole matrix in float64 at once, and a zero row past the first block
+    is named by its own number."""
+    from asteria_store.io import normalise_rows
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((10_000, 48)).astype(np.float32)
+    x[6_000] *= np.float32(1e-30)  # a tiny row: float64 keeps its norm
+    x64 = x.astype(np.float64)
+    whole = (x64 / np.sqrt((x64 * x64).sum(axis=1))[:, None]).astype(np.float32)
+    np.testing.assert_allclose(normalise_rows(x, "cosine", what="vectors"), whole, rtol=1e-6, atol=0)
+    x[9_001] = 0
+    with pytest.raises(asteria_store.InvalidInputError, match="row 9101"):
+        normalise_rows(x, "cosine", what="vectors", offset=100)
