@@ -60,6 +60,7 @@ Path(ready).touch()
 deadline = time.monotonic() + 600  # a guard only: the stop file ends it
 while not os.path.exists(stop) and time.monotonic() < deadline:
     observations.append(observe())
+    Path(ready).write_text(str(len(observations)))  # progress the writer can wait on
     if len(observations) % 4 == 0:  # a read-only verify must not block on, or trip over, the writer
         problems.extend(store.verify().problems)
 observations.append(observe())  # after the stop file: the final state
@@ -77,7 +78,8 @@ path, data, timeout = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 store = asteria_store.open(path, lock_timeout=None if timeout == "default" else float(timeout))
 print("go", flush=True)
 try:
-    result = store.ingest(np.load(data / "b.npy"), ids=np.load(data / "b_ids.npy"))
+    # progress on: a writer that waits for the lock says so on stderr (after ~1 s)
+    result = store.ingest(np.load(data / "b.npy"), ids=np.load(data / "b_ids.npy"), progress=True)
     print(json.dumps({"ok": True, "rows": result.rows}))
 except asteria_store.StoreLockedError as exc:
     print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
@@ -89,13 +91,20 @@ def digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(ids.astype(np.int64)).tobytes()).hexdigest()
 
 
-def wait_for(path: Path, procs, *, timeout: float = 60.0) -> None:
+def wait_for(done, procs, *, timeout: float = 60.0, what: str = "a reader's state") -> None:
+    """Poll ``done()`` until true, failing at the deadline or if a child exits first."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not done():
         for p in procs:
             assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
+        assert time.monotonic() < deadline, f"{what} never came"
         time.sleep(0.01)
+
+
+def searches(ready: Path) -> int:
+    """Searches a reader has finished (0 before its first progress note)."""
+    text = ready.read_text() if ready.exists() else ""
+    return int(text) if text else 0
 
 
 def test_readers_see_whole_commits_only(tmp_path, python_child, monkeypatch):
@@ -119,8 +128,9 @@ def test_readers_see_whole_commits_only(tmp_path, python_child, monkeypatch):
         out, ready = tmp_path / f"reader{r}.json", tmp_path / f"reader{r}.ready"
         proc = python_child(READER, path, queries, out, ready, stop, K, 2**BITS, SMALL_MAP)
         readers.append((proc, out, ready))
+    procs = [p for p, _, _ in readers]
     for _, _, ready in readers:
-        wait_for(ready, [p for p, _, _ in readers])
+        wait_for(ready.exists, procs, what=f"{ready}")
 
     # Commits while the readers search: four ingests and a delete, with pauses so that
     # the readers also catch the states in between.
@@ -136,7 +146,10 @@ def test_readers_see_whole_commits_only(tmp_path, python_child, monkeypatch):
             store.ingest(clustered_vectors(N_BATCH, DIM, clusters=20, seed=10 + step), ids=new)
             live = np.concatenate([live, new])
         states.append(digest(live))
-        time.sleep(0.1)
+        # each reader finishes a search begun after this commit before the next one
+        after = [searches(ready) + 2 for _, _, ready in readers]
+        for (_, _, ready), n in zip(readers, after):
+            wait_for(lambda: searches(ready) >= n, procs)
     assert len(store) == len(live) < K
     assert store._catalog.env.info()["map_size"] >= 4 * SMALL_MAP
     stop.touch()
@@ -197,8 +210,12 @@ def test_second_writer_waits_or_raises_locked(tmp_path, python_child, monkeypatc
             proc = python_child(WRITER, path, data, lock_timeout)
             writer2.append(proc)
             assert proc.stdout.readline() == "go\n", proc.communicate()
-            if lock_timeout == "default":
-                time.sleep(0.3)  # let it block on the lock
+            if lock_timeout == "default":  # it says it waits for the lock we hold
+                for line in iter(proc.stderr.readline, ""):
+                    if "waiting for another process writing" in line:
+                        break
+                else:
+                    raise AssertionError(proc.communicate())
             else:
                 proc.wait(timeout=60)  # it gives up while we still hold the lock
         return original_write(self, start, vectors, ids, lrsq)

@@ -11,7 +11,7 @@ that ``verify(repair=True)`` or a writable open removes.
 from __future__ import annotations
 
 import signal
-import time
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +220,10 @@ def test_kill_at_random_time_leaves_old_or_new_state(tmp_path, python_child, del
     proc = python_child(CHILD, path, data, "ready", k)
     lines = [proc.stdout.readline() for _ in range(2)]
     assert lines == ["A committed\n", "ready\n"], proc.communicate()
-    time.sleep(delay)
+    try:  # kill it `delay` seconds in, unless it has exited by then
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        pass
     proc.kill()
     out, err = proc.communicate(timeout=60)
     finished = "B done" in out

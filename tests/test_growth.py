@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -331,8 +330,7 @@ def test_a_second_writer_waits_for_the_first_instead_of_failing(tmp_path) -> Non
                 impatient.ingest(x, ids=np.arange(200))
         thread = threading.Thread(target=write)
         thread.start()
-        time.sleep(0.5)
-        assert not done.is_set()  # still waiting, not failed
+        assert not done.wait(timeout=0.5)  # still waiting, not failed
     finally:
         holder.release()
     thread.join()
