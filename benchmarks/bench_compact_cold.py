@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import time
 
-from harness import AnonPeak, evict, read_bytes
+from harness import AnonPeak
+
+from asteria_store.testing.pagecache import evict, read_bytes
 
 
 def main() -> None:

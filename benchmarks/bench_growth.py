@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 import sys
 
-from harness import (AnonPeak, anon_mib, evict, join_memory_cap, peak_mib, pin_threads_from_argv, read_bytes,
+from harness import (AnonPeak, anon_mib, join_memory_cap, peak_mib, pin_threads_from_argv,
                      remove_memory_cap)
 
 pin_threads_from_argv()  # before numpy is imported
@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from asteria_store.testing.pagecache import evict, read_bytes
 
 ROW = "@@ROW "  # child stdout lines carrying a JSON row
 CAP_GROUP = "asteria-bench-serve"  # the memory cgroup serving children run in (--cap-mib)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-from harness import (anon_mib, evict, join_memory_cap, peak_mib, pin_threads_from_argv, read_bytes,
+from harness import (anon_mib, join_memory_cap, peak_mib, pin_threads_from_argv,
                      remove_memory_cap)
 
 pin_threads_from_argv()  # before numpy is imported
@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from asteria_store.testing.pagecache import evict, read_bytes
 
 CAP_GROUP = "asteria-bench-peers"
 BLOCK = 200_000  # rows added per call (float32 copies of this many rows at a time)

@@ -19,7 +19,8 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-from harness import evict, read_bytes
+
+from asteria_store.testing.pagecache import evict, read_bytes
 
 
 def resident(store: Path) -> dict[str, int]:

@@ -5,8 +5,8 @@
 * :func:`time_search`: the warm-up, one timed batch and a loop of timed single queries that
   every speed table reports.
 * :func:`join_memory_cap` / :func:`remove_memory_cap`: serve inside a memory cgroup.
-* :func:`evict`, :func:`read_bytes`, :func:`peak_mib`, :func:`anon_mib`: cold page cache and
-  what a process read and holds; :class:`AnonPeak` samples the anonymous memory's peak.
+* :func:`peak_mib`, :func:`anon_mib`: what a process holds; :class:`AnonPeak` samples the
+  anonymous memory's peak (cold page cache: ``asteria_store.testing.pagecache``).
 """
 
 from __future__ import annotations
@@ -95,33 +95,6 @@ def peak_mib() -> float:
 def anon_mib() -> float:
     """Anonymous resident memory now (RssAnon): the process's own, without mapped files."""
     return proc_counter("RssAnon") / 1024
-
-
-def read_bytes() -> int:
-    """Bytes this process has caused to be read from storage (page cache misses)."""
-    return proc_counter("read_bytes", "/proc/self/io")
-
-
-def evict(path) -> int:
-    """Flush and drop every file under ``path`` (a folder or one file) from the page cache;
-    returns the files evicted."""
-    paths = [path] if os.path.isfile(path) else [
-        os.path.join(root, name) for root, _dirs, files in os.walk(path) for name in files]
-    count = 0
-    for file in paths:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            count += 1
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return count
 
 
 class AnonPeak:

@@ -11,26 +11,9 @@ import numpy as np
 import pytest
 
 import asteria_store
+from asteria_store.testing.pagecache import evict, read_bytes
 
 PAGE = 4096
-
-
-def _read_bytes() -> int:
-    with open("/proc/self/io") as fh:
-        for line in fh:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    raise RuntimeError("no read_bytes")
-
-
-def _evict(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +30,10 @@ def cold_store(wordnet, tmp_path_factory):
     probe = path / "probe.bin"  # does evicting a file here make reading it hit the device?
     probe.write_bytes(os.urandom(1 << 20))
     os.sync()
-    _evict(probe.parent)
-    before = _read_bytes()
+    evict(probe.parent)
+    before = read_bytes()
     probe.read_bytes()
-    if _read_bytes() - before < (1 << 19):
+    if read_bytes() - before < (1 << 19):
         pytest.skip("evicted pages are not read from a device here (tmpfs or no io accounting)")
     probe.unlink()
     return path
@@ -63,10 +46,10 @@ def test_a_cold_query_reads_about_what_it_counts(cold_store: Path, wordnet) -> N
         s.query(wordnet.queries[0], 10, probes=8)  # the compiled path and the model, loaded
         read = allowed = 0
         for q in wordnet.queries[1:21]:
-            _evict(cold_store / "segments.zarr")
-            before = _read_bytes()
+            evict(cold_store / "segments.zarr")
+            before = read_bytes()
             _, _, stats = s.query(q, 10, probes=8, explain=True)
-            read += _read_bytes() - before
+            read += read_bytes() - before
             rescored = stats["scanned"] - stats["pruned"]
             allowed += 1.25 * stats["bytes_read"] + rescored * PAGE
         assert read > 0

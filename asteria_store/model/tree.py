@@ -112,18 +112,23 @@ class TreeRouter:
         width = int(self._sizes.max())
         scores = np.full((n, t * width), -np.inf, dtype=np.float32)
         keys = np.full((n, t * width), -1, dtype=np.int64)
+        for rows, slot, lo, hi in self._by_cell(cells):
+            cols = slot[:, None] * width + np.arange(hi - lo)[None, :]
+            scores[rows[:, None], cols] = x[rows] @ self.children[lo:hi].T
+            keys[rows[:, None], cols] = np.arange(lo, hi)
+        return scores, keys
+
+    def _by_cell(self, cells: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+        """For each distinct cell of ``cells`` (n, T): the rows that expand it, the slot
+        (0 = their best cell) it has in each, and its children's range ``[lo, hi)``."""
+        t = cells.shape[1]
         flat = cells.ravel()
         order = np.argsort(flat, kind="stable")
         uniq, start = np.unique(flat[order], return_index=True)
         bounds = np.append(start, len(flat)).tolist()
         for c, a, b in zip(uniq.tolist(), bounds[:-1], bounds[1:]):
-            pairs = order[a:b]
-            rows, slot = pairs // t, pairs % t
-            lo, hi = int(self.offsets[c]), int(self.offsets[c + 1])
-            cols = slot[:, None] * width + np.arange(hi - lo)[None, :]
-            scores[rows[:, None], cols] = x[rows] @ self.children[lo:hi].T
-            keys[rows[:, None], cols] = np.arange(lo, hi)
-        return scores, keys
+            rows, slot = np.divmod(order[a:b], t)
+            yield rows, slot, int(self.offsets[c]), int(self.offsets[c + 1])
 
     def _top_cells(self, x: np.ndarray, t: int) -> np.ndarray:
         """The ``t`` best coarse cells of each row (n, t), best first, ties by index."""
@@ -141,13 +146,7 @@ class TreeRouter:
             best = np.full(n, -np.inf, dtype=np.float32)
             best_slot = np.full(n, t, dtype=np.int64)
             key = np.zeros(n, dtype=np.int64)
-            flat = cells.ravel()
-            order = np.argsort(flat, kind="stable")
-            uniq, start = np.unique(flat[order], return_index=True)
-            bounds = np.append(start, len(flat)).tolist()
-            for c, a, b in zip(uniq.tolist(), bounds[:-1], bounds[1:]):
-                rows, slot = np.divmod(order[a:b], t)
-                lo, hi = int(self.offsets[c]), int(self.offsets[c + 1])
+            for rows, slot, lo, hi in self._by_cell(cells):
                 sc = xb[rows] @ self.children[lo:hi].T
                 j = sc.argmax(axis=1)
                 v = sc[np.arange(len(rows)), j]
