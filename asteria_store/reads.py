@@ -49,6 +49,13 @@ class Snapshot(NamedTuple):
     view: View
 
 
+def codes_digest(router_rec: dict[str, str]) -> str:
+    """What the LRSQ codes written under the catalog's router record are labelled with:
+    the digest of the model that first encoded with its quantizer (``"codes"``: a model
+    whose leaves were split keeps its parent's codes), else the model's own digest."""
+    return router_rec.get("codes") or router_rec["digest"]
+
+
 def _no_lookup(bucket: int) -> list[tuple[int, int, int]]:
     raise RuntimeError("a cached View is only searched through a snapshot")
 
@@ -57,12 +64,14 @@ class ReadSide:
     """An open handle's shared state and its reads (one snapshot each)."""
 
     def __init__(self, path: Path, config: StoreConfig, catalog: Catalog, router: Router,
-                 router_digest: str, pin: ReaderPin | None):
+                 router_rec: dict[str, str], pin: ReaderPin | None):
         self.path = path
         self.config = config
         self.catalog = catalog
         self.router = router
-        self.router_digest = router_digest
+        self.router_digest = router_rec["digest"]
+        #: The label of the LRSQ codes this router's segments hold (codes_digest).
+        self.codes_digest = codes_digest(router_rec)
         self.pin = pin
         self.segments_root = path / SEGMENTS_DIR
         self.readers: dict[int, seglib.SegmentReader] = {}
@@ -126,6 +135,7 @@ class ReadSide:
         if router_rec["digest"] != self.router_digest:  # (re)trained since we loaded it
             self.router = load_router(self.path / router_rec["dir"], digest=router_rec["digest"])
             self.router_digest = router_rec["digest"]
+            self.codes_digest = codes_digest(router_rec)
         readers = {}
         for seg, rec in segs.items():
             r = self.readers.get(seg)
@@ -142,7 +152,7 @@ class ReadSide:
         for seg in [s for s in self.readers if s not in segs]:  # retired since the last view
             self.readers.pop(seg).close()
         view = View(generation=generation, count=count, segments=readers, deleted=deleted,
-                    lookup_extents=_no_lookup, router_digest=self.router_digest)
+                    lookup_extents=_no_lookup, codes_digest=self.codes_digest)
         self.view = view
         return view
 

@@ -273,7 +273,7 @@ class Store:
             if isinstance(exc, (*CATALOG_ERRORS, OSError)) and not isinstance(exc, AsteriaError):
                 raise catalog_error(self.path, exc) from None
             raise
-        self._reads = ReadSide(self.path, self.config, catalog, router, router_rec["digest"], pin)
+        self._reads = ReadSide(self.path, self.config, catalog, router, router_rec, pin)
         self._writes = WriteSide(self._reads, lock_timeout=lock_timeout)
         self._closed = False
         self._orphans_removed_at_open: list[str] = []

@@ -119,13 +119,18 @@ def _verify_segment(store, seg, rec, extents, id_locs, dead, sums: dict[str, np.
                                   dtype=store.config.dtype, chunk_rows=cr)
     try:
         extents.sort()
+        dead_rows = np.asarray(dead if dead is not None else [], dtype=np.int64)
+
+        def all_dead(lo: int, hi: int) -> bool:  # rows a split moved out have no extent
+            return int(np.searchsorted(dead_rows, hi) - np.searchsorted(dead_rows, lo)) == hi - lo
+
         pos = 0
         for first, cnt, bucket in extents:
-            if first != pos:
+            if first < pos or not all_dead(pos, first):
                 problems.append(f"{name}: bucket extents leave a gap or overlap at row {pos}")
                 break
             pos = first + cnt
-        if pos != n and not problems:
+        if not all_dead(pos, n) and not problems:
             problems.append(f"{name}: bucket extents cover {pos} of {n} rows")
         # Spot-check that rows hash to the bucket that holds them.
         rng = np.random.default_rng(seg)

@@ -84,6 +84,10 @@ class ECVHRouter:
     def n_buckets(self) -> int:
         return 2**self.bits
 
+    @property
+    def trained_buckets(self) -> int:
+        return self.n_buckets
+
     def cell_directions(self) -> np.ndarray:
         """Unit direction of every bucket (2**bits, d): its probe centroid, else the full
         code's centroid."""

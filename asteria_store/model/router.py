@@ -30,6 +30,8 @@ class Router(Protocol):
     bits: int
     #: Buckets the router routes to (keys are 0 .. n_buckets - 1 for learned routers).
     n_buckets: int
+    #: Buckets the model was trained with: n_buckets, less any a tree's splits added.
+    trained_buckets: int
 
     def keys(self, x: np.ndarray) -> np.ndarray:
         """Bucket key (uint64) of each row of ``x`` (n, d), L2-normalised float32."""
@@ -195,6 +197,10 @@ class SignHasher:
     @property
     def n_buckets(self) -> int:
         return 2**self.bits
+
+    @property
+    def trained_buckets(self) -> int:
+        return self.n_buckets
 
     def margins(self, x: np.ndarray) -> np.ndarray:
         return x @ self.projection.T

@@ -50,8 +50,9 @@ class View:
     segments: dict[int, SegmentReader]
     deleted: dict[int, np.ndarray]
     lookup_extents: Callable[[int], list[tuple[int, int, int]]]
-    #: Digest of the router that routed this state: LRSQ codes encoded by it are usable.
-    router_digest: str = ""
+    #: What the LRSQ codes of this state's router are labelled with (codes_digest of the
+    #: catalog's router record): codes labelled so are usable.
+    codes_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     _range_cache: dict[int, _BucketRanges] = field(default_factory=dict)
 
@@ -480,7 +481,7 @@ class _Block:
     def _bucket(self, bucket: int, qs: np.ndarray, home: np.ndarray) -> _Bucket:
         rows = _Rows.gather(self.view, [bucket])
         pruned = (self.lrsq is not None and len(qs) <= self.group_max and len(rows.ids) > 0
-                  and rows.usable_codes(self.view.router_digest))
+                  and rows.usable_codes(self.view.codes_digest))
         scored = qs[home] if pruned else qs if len(rows.ids) else qs[:0]
         return _Bucket(rows, qs, home, pruned, scored)
 
@@ -706,7 +707,7 @@ class _Ranges:
         self.n, self._at = at[-1], at[:-1]
         self.segs = sorted({r[0] for r in self._rows})
         self.readers = [view.segments[s] for s in self.segs]
-        self.usable = all(r.lrsq_meta is not None and r.lrsq_meta["model"] == view.router_digest
+        self.usable = all(r.lrsq_meta is not None and r.lrsq_meta["model"] == view.codes_digest
                           for r in self.readers)
         self.parts = []
         if self.usable:

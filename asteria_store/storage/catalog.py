@@ -377,6 +377,23 @@ class Catalog:
                 out.append((_BUCKET_KEY.unpack(k)[1], first, n))
         return out
 
+    def renumber_buckets(self, txn: lmdb.Transaction, renumber: np.ndarray, drop: Iterable[int]) -> None:
+        """Give every extent of bucket ``b`` the key ``renumber[b]`` (a rising map), and
+        remove the extents of the buckets in ``drop`` (their rows moved)."""
+        drop = set(int(b) for b in drop)
+        bdb = self.dbs["buckets"]
+        moved = []
+        with txn.cursor(db=bdb) as cur:
+            for k, v in cur:
+                bucket, seg = _BUCKET_KEY.unpack(k)
+                if bucket in drop or renumber[bucket] != bucket:
+                    moved.append((bytes(k), bytes(v), bucket, seg))
+        for k, _, _, _ in moved:
+            txn.delete(k, db=bdb)
+        items = [(_BUCKET_KEY.pack(int(renumber[b]), seg), v) for _, v, b, seg in moved if b not in drop]
+        with txn.cursor(db=bdb) as cur:
+            cur.putmulti(items)
+
     def iter_extents(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int, int, int]]:
         """Every ``(bucket, segment, first_row, n_rows)`` in bucket order."""
         with txn.cursor(db=self.dbs["buckets"]) as cur:

@@ -104,7 +104,7 @@ class WriteSide:
                     attempt.model = model_rec = self.pipeline.save_model(router)
                     train_s = time.perf_counter() - t0
                 written = self.pipeline.write_bucketed(
-                    seg, source, id_arr, router, (model_rec or {"digest": self.reads.router_digest})["digest"],
+                    seg, source, id_arr, router, model_rec["digest"] if model_rec else self.reads.codes_digest,
                     progress)
                 replaced = self._publish_segment(seg, written, next_id=next_id, model=model_rec,
                                                  replace=on_conflict == "replace")

@@ -240,12 +240,16 @@ class StoredRows:
     """The live rows of a view's segments (all, or ``segs``) as one ``(n, d)`` source:
     ``blocks`` in storage order and ``take`` of ascending row numbers, like VectorSource."""
 
-    def __init__(self, view: View, segs: list[int] | None = None):
+    def __init__(self, view: View, segs: list[int] | None = None, *, rows: dict[int, np.ndarray] | None = None):
+        """``rows``: instead of whole segments, these live rows (ascending) of each."""
         self.parts = []
-        for seg in sorted(view.segments) if segs is None else segs:
-            reader = view.segments[seg]
-            mask = view.live_mask(seg, 0, reader.n)
-            self.parts.append((reader, np.arange(reader.n) if mask is None else np.flatnonzero(mask)))
+        if rows is not None:
+            self.parts = [(view.segments[seg], np.asarray(r, dtype=np.int64)) for seg, r in sorted(rows.items())]
+        else:
+            for seg in sorted(view.segments) if segs is None else segs:
+                reader = view.segments[seg]
+                mask = view.live_mask(seg, 0, reader.n)
+                self.parts.append((reader, np.arange(reader.n) if mask is None else np.flatnonzero(mask)))
         self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
         self.n = int(self.offsets[-1])
         self.dim = self.parts[0][0].dim if self.parts else 0

@@ -118,7 +118,7 @@ class Rewrites:
         with self.pipeline.attempt(seg, rows.n) as attempt:
             self.pipeline.check_disk_space(rows.n)
             written = self.pipeline.write_bucketed(seg, rows, rows.ids(), self.reads.router,
-                                                   self.reads.router_digest, progress,
+                                                   self.reads.codes_digest, progress,
                                                    keys=row_keys) if rows.n else None
             seconds = time.perf_counter() - started
 
@@ -132,6 +132,64 @@ class Rewrites:
 
             self.commits.commit(changes, what="a merge", expect={"generation": view.generation}, retire=segs)
             attempt.published = True
+
+
+    def split(self, leaves: list[int], progress: ProgressLike) -> int:
+        """Split each of ``leaves`` (buckets of a tree router) in two (model/tree.py
+        ``TreeRouter.split``): their live rows move to ONE new segment under their new keys,
+        with their LRSQ codes copied (the quantizer does not change), and ONE commit
+        publishes it with the new model, deletes the rows' old places and renumbers every
+        other bucket's extents. Returns the rows moved (0: no leaf separated, nothing
+        written)."""
+        started = time.perf_counter()
+        view = self.reads.current_view()
+        router = self.reads.router
+        cat = self.catalog
+        picked: dict[int, list[np.ndarray]] = {}  # rows of each segment, ascending
+        leaf_of: dict[int, list[np.ndarray]] = {}
+        with cat.read() as txn:
+            seg = int(cat.get_meta(txn, "next_segment"))
+            for leaf in sorted(leaves):  # a segment holds its buckets in key order
+                for s, first, n in cat.extents(txn, leaf):
+                    rows = np.arange(first, first + n)
+                    mask = view.live_mask(s, first, n)
+                    rows = rows if mask is None else rows[mask]
+                    picked.setdefault(s, []).append(rows)
+                    leaf_of.setdefault(s, []).append(np.full(len(rows), leaf))
+        segs = sorted(picked)
+        rows = {s: np.concatenate(picked[s]) for s in segs}
+        leaf = np.concatenate([np.concatenate(leaf_of[s]) for s in segs]) if segs else np.empty(0, dtype=np.int64)
+        x = StoredRows(view, rows=rows).take(np.arange(len(leaf)))  # StoredRows order: by segment
+        tree, renumber = router.split({b: x[leaf == b] for b in sorted(leaves)})
+        split_leaves = np.flatnonzero(np.diff(np.append(renumber, tree.n_buckets)) == 2)
+        moving = np.isin(leaf, split_leaves)
+        if not moving.any():
+            return 0
+        keys = tree.descend(x[moving], router.node_of(leaf[moving])).astype(np.uint64)
+        del x
+        bounds = np.cumsum([0] + [len(rows[s]) for s in segs])
+        keep = {s: rows[s][moving[a:b]] for s, a, b in zip(segs, bounds[:-1], bounds[1:])}
+        keep = {s: r for s, r in keep.items() if len(r)}
+        moved = StoredRows(view, rows=keep)
+        ids = moved.ids()
+        old_segs = np.concatenate([np.full(len(keep[s]), s) for s in sorted(keep)])
+        old_rows = np.concatenate([keep[s] for s in sorted(keep)])
+        with self.pipeline.attempt(seg, moved.n) as attempt:
+            self.pipeline.check_disk_space(moved.n)
+            attempt.model = model_rec = {**self.pipeline.save_model(tree), "codes": self.reads.codes_digest}
+            written = self.pipeline.write_bucketed(seg, moved, ids, tree, self.reads.codes_digest, progress,
+                                                   keys=keys)
+            seconds = time.perf_counter() - started
+
+            def changes(txn, generation: int) -> None:
+                cat.delete_ids(txn, ids, old_segs, old_rows)
+                cat.renumber_buckets(txn, renumber, drop=split_leaves)
+                record_segment(cat, txn, seg, written, overwrite_ids=True)
+                count_upkeep(cat, txn, "splits", moved.n, seconds)
+
+            self.commits.commit(changes, what="a split", expect={"generation": view.generation}, model=model_rec)
+            attempt.published = True
+        return moved.n
 
 
 def _segment_keys(cat: Catalog, txn, segs: list[int], view: View) -> tuple[dict[int, np.ndarray],

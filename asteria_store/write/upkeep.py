@@ -9,6 +9,12 @@ After each ingest, under the same writer lock, one step at most (each its own co
   fit), the model is re-fitted on a sample of the stored rows (warm-started from the
   current one) and every row is re-bucketed into one new segment. Sign stores re-draw
   their hasher with more bits. Each row is rewritten ~2x in all as the store doubles.
+* **Local splits** (a tree router's): a bucket holding more than ``SPLIT_FACTOR x
+  TREE_BUCKET_ROWS`` live rows is split in two (model/tree.py), its rows moved to a new
+  segment; other rows stay where they are. Up to ``SPLIT_STEP_ROWS`` rows per commit,
+  fullest buckets first. A tree is re-fitted only when the data calls for
+  ``TREE_REFIT_FACTOR`` times the buckets it was trained with (its coarse cells and
+  training sample then grow too).
 * **Tiered merge** (LSM-like): segments fall in tiers by live rows (``MERGE_MIN_ROWS`` and
   then powers of ``MERGE_FACTOR``); a tier holding ``MERGE_FACTOR`` segments is merged into
   one, dropping deleted rows. Bucket keys and LRSQ codes are copied, not recomputed. The
@@ -27,6 +33,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import lmdb
 
+import numpy as np
+
+from ..model import fit
 from ..model.fit import TRAIN_SAMPLE_ROWS, BucketPlan, plan_buckets, sample_rows_for
 from ..model.router import SignHasher, bits_for_size
 from ..progress import ProgressLike
@@ -46,6 +55,17 @@ MIN_TRAIN_ROWS = 1_000
 #: A learned index is also re-fitted (same buckets, a bigger training sample) when the live
 #: count reaches this multiple of what it was fitted for, until the sample is full.
 GROWTH_FACTOR = 2
+
+#: A tree's bucket splits once it holds more than SPLIT_FACTOR x fit.TREE_BUCKET_ROWS live
+#: rows (its halves then hold about TREE_BUCKET_ROWS each).
+SPLIT_FACTOR = 2
+
+#: Rows moved by one split commit, at most (they are held in RAM as float32 meanwhile).
+SPLIT_STEP_ROWS = 131_072
+
+#: A tree re-fits when the data calls for this many times the buckets it was trained with;
+#: in between, splits keep its buckets at their size.
+TREE_REFIT_FACTOR = 8
 
 #: Tiered merging: segments under MERGE_MIN_ROWS live rows form tier 0, then tier t holds
 #: [MERGE_MIN_ROWS * F**(t-1), MERGE_MIN_ROWS * F**t); a tier with F segments is merged.
@@ -81,6 +101,7 @@ class UpkeepDone(NamedTuple):
 
     trained: bool = False
     refitted: bool = False
+    split_rows: int = 0
     merged: int = 0
     train_seconds: float = 0.0
     seconds: float = 0.0
@@ -126,6 +147,15 @@ class Upkeep:
             self.garbage.collect()
             return UpkeepDone(trained=True, refitted=True, train_seconds=result.seconds,
                               seconds=time.perf_counter() - started)
+        split_rows = 0
+        leaves, overfull = self.split_plan(self.reads.current_view())
+        for _ in range(2 + overfull // SPLIT_STEP_ROWS):  # bounded: halves are not split again
+            moved = self.rewrites.split(leaves, progress) if leaves else 0
+            if not moved:
+                break
+            split_rows += moved
+            self.garbage.collect()
+            leaves, _ = self.split_plan(self.reads.current_view())
         merged = 0
         while True:
             view = self.reads.current_view()
@@ -137,7 +167,29 @@ class Upkeep:
             self.rewrites.merge(plan, progress)
             merged += len(plan)
             self.garbage.collect()
-        return UpkeepDone(merged=merged, seconds=time.perf_counter() - started if merged else 0.0)
+        return UpkeepDone(split_rows=split_rows, merged=merged,
+                          seconds=time.perf_counter() - started if merged or split_rows else 0.0)
+
+    def split_plan(self, view) -> tuple[list[int], int]:
+        """The buckets of a tree router to split next: those holding more than
+        SPLIT_FACTOR x TREE_BUCKET_ROWS live rows, fullest first, up to SPLIT_STEP_ROWS rows
+        (at least one bucket), and the live rows of all such buckets; ([], 0) for other
+        routers."""
+        router = self.reads.router
+        if router.kind != "tree":
+            return [], 0
+        live = np.zeros(router.n_buckets, dtype=np.int64)
+        with self.reads.catalog.read() as txn:
+            for bucket, seg, first, n in self.reads.catalog.iter_extents(txn):
+                dead = view.deleted.get(seg)
+                if dead is not None and len(dead):
+                    n -= int(np.searchsorted(dead, first + n) - np.searchsorted(dead, first))
+                live[bucket] += n
+        over = np.flatnonzero(live > SPLIT_FACTOR * fit.TREE_BUCKET_ROWS)
+        over = over[np.argsort(-live[over], kind="stable")]
+        rows = np.cumsum(live[over])
+        take = max(1, int(np.searchsorted(rows, SPLIT_STEP_ROWS, side="right")))
+        return sorted(over[:take].tolist()), int(rows[-1]) if len(rows) else 0
 
     def growth_target(self, count: int, growth: dict) -> int | None:
         """The bits a growth re-fit would pass to training now (``growth``: the catalog's
@@ -154,7 +206,8 @@ class Upkeep:
             target = pinned or bits_for_size(count)
             return target if target > router.bits else None
         plan = learned_plan(count, pinned=pinned)
-        if plan.buckets >= GROWTH_FACTOR * router.n_buckets:
+        factor = TREE_REFIT_FACTOR if router.kind == "tree" else GROWTH_FACTOR
+        if plan.buckets >= factor * router.trained_buckets:
             return pinned or (0 if plan.tree else plan.bits)
         if plan.tree or router.kind == "tree":
             return None
@@ -180,5 +233,6 @@ def count_upkeep(cat: Catalog, txn: lmdb.Transaction, what: str, rows: int, seco
     cat.put_meta(txn, "maintenance", stats)
 
 
-__all__ = ["GROWTH_FACTOR", "MERGE_FACTOR", "MERGE_MIN_ROWS", "MIN_TRAIN_ROWS", "Upkeep", "UpkeepDone",
+__all__ = ["GROWTH_FACTOR", "MERGE_FACTOR", "MERGE_MIN_ROWS", "MIN_TRAIN_ROWS", "SPLIT_FACTOR", "SPLIT_STEP_ROWS",
+           "TREE_REFIT_FACTOR", "Upkeep", "UpkeepDone",
            "count_upkeep", "learned_plan", "merge_plan", "set_growth"]

@@ -1,0 +1,156 @@
+"""Local splits of a routing tree's buckets (model/tree.py ``TreeRouter.split``,
+write/rewrite.py ``Rewrites.split``): an overfull bucket is split in two, only its rows
+move, and the store's results, ids and codes stay what they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import asteria_store
+from asteria_store.model import fit
+from asteria_store.model.persist import load_router, save_router
+from asteria_store.model.train import TrainConfig, train
+from asteria_store.model.tree import TreeRouter, two_means
+from asteria_store.testing import brute_force_topk, clustered_vectors, recall_at_k
+from asteria_store.write import upkeep
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return clustered_vectors(4000, 32, clusters=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tree(data) -> TreeRouter:
+    torch.set_num_threads(1)
+    router, _ = train(data, TrainConfig(bits=9, flat_max_bits=4, threads=1, seed=0))
+    return router
+
+
+def fullest(keys: np.ndarray, n: int, count: int) -> list[int]:
+    return np.argsort(-np.bincount(keys, minlength=n), kind="stable")[:count].tolist()
+
+
+def test_a_split_moves_only_the_rows_of_the_split_leaves(tree, data) -> None:
+    keys = tree.keys(data).astype(np.int64)
+    big = fullest(keys, tree.n_buckets, 6)
+    split, renumber = tree.split({b: data[keys == b] for b in big})
+    assert split.n_buckets == tree.n_buckets + len(big)
+    assert split.n_nodes == tree.n_nodes == split.trained_buckets
+    assert (np.diff(renumber) >= 1).all()  # rising: segments sorted by old keys stay sorted
+    new = split.keys(data).astype(np.int64)
+    others = ~np.isin(keys, big)
+    np.testing.assert_array_equal(new[others], renumber[keys[others]])
+    for b in big:
+        halves = new[keys == b] - renumber[b]
+        assert set(halves.tolist()) == {0, 1}  # both halves used, nothing leaves them
+    assert split.consistent(data, new.astype(np.uint64)).all()
+    # the halves of a split leaf are not interchangeable
+    moved = np.isin(keys, big)
+    assert not split.consistent(data[moved], (new[moved] ^ 1).astype(np.uint64)).all()
+
+
+def test_split_leaves_split_again_and_persist(tree, data, tmp_path) -> None:
+    keys = tree.keys(data).astype(np.int64)
+    once, _ = tree.split({b: data[keys == b] for b in fullest(keys, tree.n_buckets, 4)})
+    k1 = once.keys(data).astype(np.int64)
+    again = fullest(k1, once.n_buckets, 4)
+    twice, renumber = once.split({b: data[k1 == b] for b in again})
+    k2 = twice.keys(data).astype(np.int64)
+    np.testing.assert_array_equal(k2[~np.isin(k1, again)], renumber[k1[~np.isin(k1, again)]])
+    assert twice.consistent(data, k2.astype(np.uint64)).all()
+    save_router(twice, tmp_path / "m")
+    back = load_router(tmp_path / "m")
+    np.testing.assert_array_equal(back.keys(data), twice.keys(data))
+    np.testing.assert_array_equal(back.probe_order(data[:40], 16), twice.probe_order(data[:40], 16))
+
+
+def test_probe_order_after_splits_starts_at_the_own_leaf_and_ranks_leaves(tree, data) -> None:
+    keys = tree.keys(data).astype(np.int64)
+    split, _ = tree.split({b: data[keys == b] for b in fullest(keys, tree.n_buckets, 8)})
+    q = data[::101][:30]
+    order = split.probe_order(q, 12)
+    np.testing.assert_array_equal(order[:, 0], split.keys(q).astype(np.int64))
+    for row, ks in zip(q, order):
+        assert len(set(ks.tolist())) == len(ks)
+        assert (np.diff(split.leaves[ks[1:]] @ row) <= 1e-6).all()
+
+
+def test_two_means_refuses_rows_that_do_not_separate() -> None:
+    same = np.tile(np.eye(8, dtype=np.float32)[:1], (50, 1))
+    assert two_means(same) is None
+    two = np.concatenate([same, np.tile(np.eye(8, dtype=np.float32)[1:2], (50, 1))])
+    left, right = two_means(two)
+    assert {int(np.argmax(left)), int(np.argmax(right))} == {0, 1}
+
+
+def test_bad_split_structures_are_refused(tree, data) -> None:
+    keys = tree.keys(data).astype(np.int64)
+    split, _ = tree.split({b: data[keys == b] for b in fullest(keys, tree.n_buckets, 2)})
+    arrays = split.arrays()
+    bad = dict(arrays, node_root=arrays["node_root"].copy())
+    bad["node_root"][0] = bad["node_root"][1]  # two nodes share a subtree, one leaf is orphaned
+    with pytest.raises(ValueError, match="exactly one node"):
+        TreeRouter.from_saved(split.config(), bad)
+
+
+@pytest.fixture
+def small_tree_sizing(monkeypatch):
+    """A tree past 2**3 buckets of ~32 rows, that splits instead of re-fitting."""
+    monkeypatch.setattr(fit, "FLAT_MAX_BITS", 3)
+    monkeypatch.setattr(fit, "TREE_BUCKET_ROWS", 32)
+    monkeypatch.setattr(upkeep, "SPLIT_STEP_ROWS", 400)  # several split commits per ingest
+
+
+def test_a_growing_store_splits_its_full_buckets_and_keeps_its_results(tmp_path, wordnet,
+                                                                        small_tree_sizing) -> None:
+    from asteria_store.query.engine import search_exact
+
+    torch.set_num_threads(1)
+    base = np.asarray(wordnet.base, dtype=np.float32)
+    queries = np.asarray(wordnet.queries, dtype=np.float32)
+    path = tmp_path / "s"
+    with asteria_store.create(path, dim=base.shape[1]) as store:
+        store.ingest(base[:1500])
+        first = store.info()
+        first_rows = store.get(np.arange(1500))
+    assert first["router"] == "tree"
+    reader = asteria_store.open(path, readonly=True)
+    want = reader.search(queries[:20], 10, probes="all")
+    with reader._reads.snapshot() as snap, asteria_store.open(path) as store:  # a long read meanwhile
+        store.ingest(base[1500:2200])
+        store.ingest(base[2200:])  # 2x the rows: buckets overflow, no re-fit is due yet
+        ids, scores = search_exact(snap.view, queries[:20], 10)  # the old generation, whole
+        np.testing.assert_array_equal(ids, want[0])
+        info = store.info()
+        done = info["internals"]["maintenance"]
+        assert done.get("splits", 0) >= 2 and done.get("refits", 0) == 0
+        assert info["buckets"] > first["buckets"]
+        assert info["internals"]["router"]["nodes"] == first["buckets"]
+        assert store.verify().ok
+        np.testing.assert_array_equal(store.get(np.arange(1500)), first_rows)  # moved rows bit for bit
+        np.testing.assert_array_equal(np.sort(store.ids()), np.arange(len(base)))
+        # every stored row sits in the bucket the split tree gives it; none is overfull
+        reads = store._reads
+        with reads.snapshot() as now:
+            router = reads.router
+            limit = upkeep.SPLIT_FACTOR * fit.TREE_BUCKET_ROWS
+            for bucket in range(router.n_buckets):
+                live = []
+                for seg, first_row, n in now.view.extents(bucket):
+                    mask = now.view.live_mask(seg, first_row, n)
+                    rows = np.asarray(now.view.segments[seg].vectors(first_row, first_row + n), dtype=np.float32)
+                    live.append(rows if mask is None else rows[mask])
+                live = np.concatenate(live) if live else np.zeros((0, base.shape[1]), dtype=np.float32)
+                assert router.consistent(live, np.full(len(live), bucket, dtype=np.uint64)).all()
+                assert len(live) <= limit or two_means(live) is None
+            # the moved rows' codes were copied: every segment's codes still serve the bounds
+            assert all(r.lrsq_meta["model"] == now.view.codes_digest for r in now.view.segments.values())
+        ids, scores = store.search(queries, 10, probes="all")
+        truth_ids, truth_scores = brute_force_topk(base, queries, 10)
+        np.testing.assert_allclose(scores, truth_scores, atol=1e-4)
+        probed = store.search(queries, 10, probes=16)[0]
+        assert recall_at_k(probed, truth_ids, 10) >= 0.8
+    reader.close()
