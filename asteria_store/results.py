@@ -29,7 +29,9 @@ class IngestResult:
     refitted: bool = False
     #: Segments the tiered merge policy merged after this ingest.
     merged_segments: int = 0
-    #: Seconds of that upkeep (training, re-fit or merges), included in ``seconds``.
+    #: Rows moved by local splits of full buckets after this ingest (a tree's upkeep).
+    split_rows: int = 0
+    #: Seconds of that upkeep (training, re-fit, splits or merges), included in ``seconds``.
     upkeep_seconds: float = 0.0
 
 

@@ -24,6 +24,8 @@
   batch QPS (one ``search`` of all queries after an untimed warm-up), one-query p50/p95
   latency (``query`` of the first ``--single``), rows scanned and KiB read per query
   (SearchStats), extents per probed bucket (catalog), at each of ``--probes``.
+* ``--upkeep refit``: the stores grow as they did before local splits (no splits, a tree
+  re-fits at GROWTH_FACTOR x its buckets), for an A/B against the default ``split``.
 * ``--cap-mib M``: the serving processes run in a memory cgroup capped at M MiB, page
   cache included (cgroup v1, else v2); a process that cannot join one runs uncapped, and
   its rows say so (``memory``). A comma-separated list gives one cap per checkpoint, in
@@ -95,7 +97,19 @@ def store_info(store) -> dict:
             **{k: info[k] for k in ("refits", "merges") if k in info}}
 
 
-RESULT_FIELDS = ("rows", "seconds", "trained", "train_seconds", "refitted", "merged_segments", "upkeep_seconds")
+RESULT_FIELDS = ("rows", "seconds", "trained", "train_seconds", "refitted", "merged_segments", "split_rows",
+                 "upkeep_seconds")
+
+
+def set_upkeep(policy: str) -> None:
+    """``split``: the store's own growth policy (local splits; a tree re-fits at
+    TREE_REFIT_FACTOR). ``refit``: no splits, and a tree re-fits whenever the data calls
+    for GROWTH_FACTOR x its buckets (the policy before local splits), for A/B runs."""
+    from asteria_store.write import upkeep
+
+    if policy == "refit":
+        upkeep.SPLIT_FACTOR = 10**12
+        upkeep.TREE_REFIT_FACTOR = upkeep.GROWTH_FACTOR
 
 
 # ----------------------------------------------------------------------------- children
@@ -105,6 +119,7 @@ def child_ingest(a: argparse.Namespace) -> None:
 
     import asteria_store
     torch.set_num_threads(int(a.threads))
+    set_upkeep(a.upkeep)
     path = Path(a.store) / "grown"
     base = np.load(Path(a.data) / "base.f16.npy", mmap_mode="r")
     ends = ints(a.ends)
@@ -128,6 +143,7 @@ def child_oneshot(a: argparse.Namespace) -> None:
 
     import asteria_store
     torch.set_num_threads(int(a.threads))
+    set_upkeep(a.upkeep)
     n, src = a.n, Path(a.data) / "base.f16.npy"
     base = np.load(src, mmap_mode="r")
     path, tmp = Path(a.store) / f"oneshot-{n}", None
@@ -241,7 +257,7 @@ def run_child(a: argparse.Namespace, args: list[str], cap_mib: int = 0) -> list[
     args = [*args, "--cap-mib", str(cap_mib)]
     cmd = [sys.executable, __file__, "--data", a.data, "--store", a.store, "--threads", str(a.threads),
            "--probes", a.probes, "--single", str(a.single), "--cold", str(a.cold),
-           "--budget-s", str(a.budget_s), *args]
+           "--budget-s", str(a.budget_s), "--upkeep", a.upkeep, *args]
     proc_ = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     rows = []
     for line in proc_.stdout:
@@ -410,6 +426,8 @@ def main() -> None:
                     help="stop a one-by-one timing loop (--single, --cold) after this many seconds "
                          "(at least 20 / 5 queries): a store that scans everything stays measurable")
     ap.add_argument("--threads", default="1")
+    ap.add_argument("--upkeep", choices=["split", "refit"], default="split",
+                    help="growth policy of the grown and one-shot stores (refit: no local splits, as before)")
     ap.add_argument("--cap-mib", default="0",
                     help="serve inside a memory cgroup of this many MiB, page cache included (0: no cap); "
                          "comma-separated: one per checkpoint")

@@ -1,6 +1,10 @@
 """Randomized SIGKILL crasher: a writer killed at any moment never breaks the store.
 
-    python benchmarks/crasher.py --cycles 200 --seed 0 --out /tmp/crash.jsonl [--router sign]
+    python benchmarks/crasher.py --cycles 200 --seed 0 --out /tmp/crash.jsonl [--router sign|tree]
+
+``--router tree`` is a learned store sized as a big one is, scaled down (SMALL_TREE: a
+routing tree of ~32-row buckets from its first training), so that ingests split buckets
+locally (write/upkeep.py) and the kills land in splits too.
 
 A run creates one store (dim 16, cosine, ``chunk_rows=64``) in a temporary directory and
 keeps it across cycles, so state accumulates and later cycles retrain bigger stores. Each
@@ -154,20 +158,33 @@ def draw_op(rng: np.random.Generator, seq: int, live: np.ndarray, next_id: int, 
 
 def perform(store: asteria_store.Store, intent: dict) -> dict:
     """Run one op on the store; its done record (with the new model's digest, for an op
-    that trained)."""
+    that trained or split buckets)."""
     done = {"seq": intent["seq"], "event": "done", "op": intent["op"], "kind": intent["kind"]}
     if intent["op"] == "ingest":
         ids = None if intent["ids"] is None else np.asarray(intent["ids"], dtype=np.uint64)
         result = store.ingest(op_vectors(intent["seed"], intent["n"]), ids=ids)
-        # trained: the first training, or a growth re-fit (refitted); either changes the model
-        done.update(ids=result.ids.tolist(), trained=result.trained, refitted=result.refitted)
+        # trained: the first training, or a growth re-fit (refitted); either changes the
+        # model, and so does a split
+        done.update(ids=result.ids.tolist(), trained=result.trained, refitted=result.refitted,
+                    split_rows=result.split_rows)
     elif intent["op"] == "delete":
         store.delete(np.asarray(intent["ids"], dtype=np.uint64))
     else:
         store.train(epochs=1, seed=intent["seed"])
-    if intent["op"] == "train" or done.get("trained") or done.get("refitted"):
+    if intent["op"] == "train" or done.get("trained") or done.get("refitted") or done.get("split_rows"):
         done["router"] = store.info()["internals"]["router"]["digest"]
     return done
+
+
+#: (FLAT_MAX_BITS, TREE_BUCKET_ROWS) of ``--router tree``.
+SMALL_TREE = (3, 32)
+
+
+def small_tree_sizing() -> None:
+    """Size learned models as a big store's, scaled down to SMALL_TREE."""
+    from asteria_store.model import fit
+
+    fit.FLAT_MAX_BITS, fit.TREE_BUCKET_ROWS = SMALL_TREE
 
 
 def child_main(workdir: Path) -> None:
@@ -178,10 +195,12 @@ def child_main(workdir: Path) -> None:
 
     torch.set_num_threads(1)
     plan = json.loads((workdir / CHILD_PLAN).read_text())
+    if plan["router"] == "tree":
+        small_tree_sizing()
     rng = np.random.default_rng(plan["seed"])
     live = np.asarray(plan["live"], dtype=np.int64)
     next_id, seq = plan["next_id"], plan["next_seq"]
-    learned = plan["router"] == "learned"
+    learned = plan["router"] in ("learned", "tree")
     store = asteria_store.open(workdir / STORE_DIR)
     info = store.info()
     pending, has_segments = info["pending_training"], info["segments"] > 0
@@ -568,6 +587,8 @@ class Summary:
     orphan_cycles: int = 0
     live: int = 0
     router_kind: str = ""
+    #: Completed ingests whose upkeep split buckets (a kill may land in a split too).
+    split_ingests: int = 0
     violations: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -579,7 +600,8 @@ class Summary:
         for kind in KINDS:
             committed, done = ("-", "-") if kind == "idle" else (self.committed[kind], self.completed[kind])
             rows.append(f"{kind:<12} {self.landed[kind]:>6}  {committed:>25}  {done:>13}")
-        rows += [f"cycles that left orphan segments (removed by the writable open): {self.orphan_cycles}",
+        rows += [f"completed ingests that split buckets: {self.split_ingests}",
+                 f"cycles that left orphan segments (removed by the writable open): {self.orphan_cycles}",
                  f"final store: {self.live} live ids",
                  f"violations: {len(self.violations)}", *(f"  {v}" for v in self.violations)]
         return "\n".join(rows)
@@ -595,7 +617,10 @@ def run(cycles: int, seed: int, router: str, out: Path, *, max_delay: float = 3.
     own_dir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="asteria-crasher-")) if own_dir else Path(workdir)
     store_path = workdir / STORE_DIR
-    with asteria_store.create(store_path, dim=DIM, chunk_rows=CHUNK_ROWS, router=router,
+    if router == "tree":
+        small_tree_sizing()
+    with asteria_store.create(store_path, dim=DIM, chunk_rows=CHUNK_ROWS,
+                              router="learned" if router == "tree" else router,
                               expected_size=CAP_ROWS, seed=seed) as store:
         model = store.info()["internals"]["router"]["digest"]
     (workdir / JOURNAL).touch()
@@ -607,7 +632,7 @@ def run(cycles: int, seed: int, router: str, out: Path, *, max_delay: float = 3.
     with out.open("w") as out_fh, tqdm(range(cycles), desc=f"crasher {router}", disable=not progress) as bar:
         for cycle in bar:
             t0 = time.perf_counter()
-            kill = draw_kill(rng, max_delay, router == "learned")
+            kill = draw_kill(rng, max_delay, router != "sign")
             (workdir / CHILD_PLAN).write_text(json.dumps({
                 "seed": int(rng.integers(2**31)), "router": router, "next_seq": journal.next_seq,
                 "next_id": journal.expected.next_id, "live": sorted(journal.expected.vectors)}))
@@ -634,6 +659,7 @@ def run(cycles: int, seed: int, router: str, out: Path, *, max_delay: float = 3.
             summary.landed[landed] += 1
             summary.committed[landed] += bool(retrained if landed in ("train", "auto-train") else ids_applied)
             summary.completed.update(r["kind"] for r in records if r["event"] == "done")
+            summary.split_ingests += sum(bool(r.get("split_rows")) for r in records)
             summary.orphan_cycles += bool(check.orphans)
             summary.live = len(journal.expected.vectors)
             summary.violations += [f"cycle {cycle}: {v}" for v in violations]
@@ -661,7 +687,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--router", choices=["learned", "sign"], default="learned")
+    ap.add_argument("--router", choices=["learned", "sign", "tree"], default="learned")
     ap.add_argument("--max-delay", type=float, default=3.0, help="latest timed kill, seconds after the child is ready")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "crasher.jsonl")
     ap.add_argument("--child-of", type=Path, help=argparse.SUPPRESS)  # internal: run as the child

@@ -12,6 +12,7 @@ import pytest
 from asteria_store import CorruptStoreError, UnsupportedFormatError
 from asteria_store.model.persist import load_router, save_router
 from asteria_store.model.router import (
+    BASE_MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
     SignHasher,
     bits_for_size,
@@ -150,7 +151,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert len(digest) == 64
     assert sorted(p.name for p in (tmp_path / "sign-0").iterdir()) == ["projection.npy", "router.json"]
     desc = json.loads((tmp_path / "sign-0" / "router.json").read_text())
-    assert desc == {"format_version": MODEL_FORMAT_VERSION, "kind": "sign", "bits": 12, "dim": 32, "seed": 5}
+    assert desc == {"format_version": BASE_MODEL_FORMAT, "kind": "sign", "bits": 12, "dim": 32, "seed": 5}
     for check in (digest, None):
         loaded = load_router(tmp_path / "sign-0", digest=check)
         assert isinstance(loaded, SignHasher)

@@ -4,6 +4,8 @@ move, and the store's results, ids and codes stay what they were."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,10 @@ def test_split_leaves_split_again_and_persist(tree, data, tmp_path) -> None:
     np.testing.assert_array_equal(k2[~np.isin(k1, again)], renumber[k1[~np.isin(k1, again)]])
     assert twice.consistent(data, k2.astype(np.uint64)).all()
     save_router(twice, tmp_path / "m")
+    # format 2: a reader of format 1 would load the nodes alone and misroute, so it refuses
+    assert json.loads((tmp_path / "m" / "router.json").read_text())["format_version"] == 2
+    save_router(tree, tmp_path / "unsplit")
+    assert json.loads((tmp_path / "unsplit" / "router.json").read_text())["format_version"] == 1
     back = load_router(tmp_path / "m")
     np.testing.assert_array_equal(back.keys(data), twice.keys(data))
     np.testing.assert_array_equal(back.probe_order(data[:40], 16), twice.probe_order(data[:40], 16))

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import CorruptStoreError, ModelFileError, UnsupportedFormatError
 from .ecvh import ECVHRouter
 from .tree import TreeRouter
-from .router import MODEL_FORMAT_VERSION, Router, SignHasher
+from .router import BASE_MODEL_FORMAT, MODEL_FORMAT_VERSION, Router, SignHasher
 
 
 def router_kinds() -> dict[str, type]:
@@ -32,7 +32,7 @@ def save_router(router: Router, directory: str | os.PathLike[str]) -> str:
     """Write ``router`` to ``directory`` (created) and fsync it; returns its sha256 digest."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    desc = {"format_version": MODEL_FORMAT_VERSION, **router.config()}
+    desc = {"format_version": BASE_MODEL_FORMAT, **router.config()}
     files = {"router.json": json.dumps(desc, sort_keys=True).encode("utf-8")}
     for name, arr in router.arrays().items():
         arr = np.ascontiguousarray(arr)
@@ -115,7 +115,7 @@ def save_model_file(router: Router, path: str | os.PathLike[str]) -> None:
     """
     import torch
 
-    desc = {"magic": MODEL_FILE_MAGIC, "format_version": MODEL_FORMAT_VERSION, **router.config()}
+    desc = {"magic": MODEL_FILE_MAGIC, "format_version": BASE_MODEL_FORMAT, **router.config()}
     payload = {
         "router_json": json.dumps(desc, sort_keys=True),
         "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in router.arrays().items()},

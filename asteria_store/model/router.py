@@ -19,7 +19,11 @@ import numpy as np
 if TYPE_CHECKING:
     from .lrsq import LRSQ
 
-MODEL_FORMAT_VERSION = 1
+#: The newest model format this version reads. A model is saved with the oldest format
+#: that holds it (``format_version`` of its config, else BASE_MODEL_FORMAT), so older
+#: readers refuse only what they would misread: 2 = a tree with split leaves.
+MODEL_FORMAT_VERSION = 2
+BASE_MODEL_FORMAT = 1
 
 
 class Router(Protocol):

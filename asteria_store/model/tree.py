@@ -392,8 +392,8 @@ class TreeRouter:
         out = {"kind": self.kind, "bits": self.bits, "dim": self.dim, "buckets": self.n_buckets,
                "cells": self.n_cells, "assign_cells": self.assign_cells, "info": self.info,
                "coarse": self.coarse.config()}
-        if self.n_buckets != self.n_nodes:
-            out.update(nodes=self.n_nodes, splits=len(self.split_w))
+        if self.n_buckets != self.n_nodes:  # format 2: a reader of format 1 would misroute
+            out.update(format_version=2, nodes=self.n_nodes, splits=len(self.split_w))
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
