@@ -161,3 +161,22 @@ def assert_same_up_to_rounding(ids, scores, ref_i, ref_s, atol=1e-6) -> None:
         near = np.abs(ref_s[r, differ] - kth) <= atol
         swapped = np.abs(np.diff(ref_s[r])) <= atol
         assert near.all() or swapped.any(), r
+
+
+@pytest.fixture(scope="module")
+def tree_data() -> np.ndarray:
+    """Clustered vectors a routing tree of ~500 buckets is trained on (test_tree, test_split)."""
+    return clustered_vectors(4000, 32, clusters=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tree(tree_data):
+    """A routing tree (model/tree.py) trained on ``tree_data``, one thread."""
+    import torch
+
+    from asteria_store.model.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    router, history = train(tree_data, TrainConfig(bits=9, flat_max_bits=4, threads=1, seed=0))
+    assert history[-1]["epoch"] == "tree"
+    return router

@@ -13,70 +13,57 @@ import torch
 import asteria_store
 from asteria_store.model import fit
 from asteria_store.model.persist import load_router, save_router
-from asteria_store.model.train import TrainConfig, train
 from asteria_store.model.tree import TreeRouter, two_means
-from asteria_store.testing import brute_force_topk, clustered_vectors, recall_at_k
+from asteria_store.testing import brute_force_topk, recall_at_k
 from asteria_store.write import upkeep
-
-
-@pytest.fixture(scope="module")
-def data() -> np.ndarray:
-    return clustered_vectors(4000, 32, clusters=40, seed=3)
-
-
-@pytest.fixture(scope="module")
-def tree(data) -> TreeRouter:
-    torch.set_num_threads(1)
-    router, _ = train(data, TrainConfig(bits=9, flat_max_bits=4, threads=1, seed=0))
-    return router
 
 
 def fullest(keys: np.ndarray, n: int, count: int) -> list[int]:
     return np.argsort(-np.bincount(keys, minlength=n), kind="stable")[:count].tolist()
 
 
-def test_a_split_moves_only_the_rows_of_the_split_leaves(tree, data) -> None:
-    keys = tree.keys(data).astype(np.int64)
+def test_a_split_moves_only_the_rows_of_the_split_leaves(tree, tree_data) -> None:
+    keys = tree.keys(tree_data).astype(np.int64)
     big = fullest(keys, tree.n_buckets, 6)
-    split, renumber = tree.split({b: data[keys == b] for b in big})
+    split, renumber = tree.split({b: tree_data[keys == b] for b in big})
     assert split.n_buckets == tree.n_buckets + len(big)
     assert split.n_nodes == tree.n_nodes == split.trained_buckets
     assert (np.diff(renumber) >= 1).all()  # rising: segments sorted by old keys stay sorted
-    new = split.keys(data).astype(np.int64)
+    new = split.keys(tree_data).astype(np.int64)
     others = ~np.isin(keys, big)
     np.testing.assert_array_equal(new[others], renumber[keys[others]])
     for b in big:
         halves = new[keys == b] - renumber[b]
         assert set(halves.tolist()) == {0, 1}  # both halves used, nothing leaves them
-    assert split.consistent(data, new.astype(np.uint64)).all()
+    assert split.consistent(tree_data, new.astype(np.uint64)).all()
     # the halves of a split leaf are not interchangeable
     moved = np.isin(keys, big)
-    assert not split.consistent(data[moved], (new[moved] ^ 1).astype(np.uint64)).all()
+    assert not split.consistent(tree_data[moved], (new[moved] ^ 1).astype(np.uint64)).all()
 
 
-def test_split_leaves_split_again_and_persist(tree, data, tmp_path) -> None:
-    keys = tree.keys(data).astype(np.int64)
-    once, _ = tree.split({b: data[keys == b] for b in fullest(keys, tree.n_buckets, 4)})
-    k1 = once.keys(data).astype(np.int64)
+def test_split_leaves_split_again_and_persist(tree, tree_data, tmp_path) -> None:
+    keys = tree.keys(tree_data).astype(np.int64)
+    once, _ = tree.split({b: tree_data[keys == b] for b in fullest(keys, tree.n_buckets, 4)})
+    k1 = once.keys(tree_data).astype(np.int64)
     again = fullest(k1, once.n_buckets, 4)
-    twice, renumber = once.split({b: data[k1 == b] for b in again})
-    k2 = twice.keys(data).astype(np.int64)
+    twice, renumber = once.split({b: tree_data[k1 == b] for b in again})
+    k2 = twice.keys(tree_data).astype(np.int64)
     np.testing.assert_array_equal(k2[~np.isin(k1, again)], renumber[k1[~np.isin(k1, again)]])
-    assert twice.consistent(data, k2.astype(np.uint64)).all()
+    assert twice.consistent(tree_data, k2.astype(np.uint64)).all()
     save_router(twice, tmp_path / "m")
     # format 2: a reader of format 1 would load the nodes alone and misroute, so it refuses
     assert json.loads((tmp_path / "m" / "router.json").read_text())["format_version"] == 2
     save_router(tree, tmp_path / "unsplit")
     assert json.loads((tmp_path / "unsplit" / "router.json").read_text())["format_version"] == 1
     back = load_router(tmp_path / "m")
-    np.testing.assert_array_equal(back.keys(data), twice.keys(data))
-    np.testing.assert_array_equal(back.probe_order(data[:40], 16), twice.probe_order(data[:40], 16))
+    np.testing.assert_array_equal(back.keys(tree_data), twice.keys(tree_data))
+    np.testing.assert_array_equal(back.probe_order(tree_data[:40], 16), twice.probe_order(tree_data[:40], 16))
 
 
-def test_probe_order_after_splits_starts_at_the_own_leaf_and_ranks_leaves(tree, data) -> None:
-    keys = tree.keys(data).astype(np.int64)
-    split, _ = tree.split({b: data[keys == b] for b in fullest(keys, tree.n_buckets, 8)})
-    q = data[::101][:30]
+def test_probe_order_after_splits_starts_at_the_own_leaf_and_ranks_leaves(tree, tree_data) -> None:
+    keys = tree.keys(tree_data).astype(np.int64)
+    split, _ = tree.split({b: tree_data[keys == b] for b in fullest(keys, tree.n_buckets, 8)})
+    q = tree_data[::101][:30]
     order = split.probe_order(q, 12)
     np.testing.assert_array_equal(order[:, 0], split.keys(q).astype(np.int64))
     for row, ks in zip(q, order):
@@ -92,9 +79,9 @@ def test_two_means_refuses_rows_that_do_not_separate() -> None:
     assert {int(np.argmax(left)), int(np.argmax(right))} == {0, 1}
 
 
-def test_bad_split_structures_are_refused(tree, data) -> None:
-    keys = tree.keys(data).astype(np.int64)
-    split, _ = tree.split({b: data[keys == b] for b in fullest(keys, tree.n_buckets, 2)})
+def test_bad_split_structures_are_refused(tree, tree_data) -> None:
+    keys = tree.keys(tree_data).astype(np.int64)
+    split, _ = tree.split({b: tree_data[keys == b] for b in fullest(keys, tree.n_buckets, 2)})
     arrays = split.arrays()
     bad = dict(arrays, node_root=arrays["node_root"].copy())
     bad["node_root"][0] = bad["node_root"][1]  # two nodes share a subtree, one leaf is orphaned

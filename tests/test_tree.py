@@ -10,22 +10,8 @@ import torch
 import asteria_store
 from asteria_store.model import fit
 from asteria_store.model.persist import load_router, save_router
-from asteria_store.model.train import TrainConfig, train
 from asteria_store.model.tree import TreeRouter
-from asteria_store.testing import brute_force_topk, clustered_vectors, recall_at_k
-
-
-@pytest.fixture(scope="module")
-def tree_data() -> np.ndarray:
-    return clustered_vectors(4000, 32, clusters=40, seed=3)
-
-
-@pytest.fixture(scope="module")
-def tree(tree_data) -> TreeRouter:
-    torch.set_num_threads(1)
-    router, history = train(tree_data, TrainConfig(bits=9, flat_max_bits=4, threads=1, seed=0))
-    assert history[-1]["epoch"] == "tree"
-    return router
+from asteria_store.testing import brute_force_topk, recall_at_k
 
 
 def reference_keys(router: TreeRouter, x: np.ndarray) -> np.ndarray:

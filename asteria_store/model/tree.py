@@ -160,12 +160,12 @@ class TreeRouter:
         self.bits = max(1, math.ceil(math.log2(self.n_buckets)))
         self._node_cell = np.repeat(np.arange(n_cells), np.diff(self.offsets))
         self._cell_of = np.repeat(np.arange(n_cells), np.diff(self.leaf_offsets))
-        self._parents = self._link_leaves()
+        self._leaf_node, self._leaf_up, self._split_up = self._link_leaves()
 
-    def _link_leaves(self) -> tuple[np.ndarray, np.ndarray]:
-        """The parent of every leaf and split, as ``split * 2 + side`` (-1: a node's root),
-        walking down from the nodes; checks that each leaf and split hangs under exactly
-        one node, and each leaf is numbered in its node's cell."""
+    def _link_leaves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The node of every leaf, and the parent of every leaf and split as ``split * 2 +
+        side`` (-1: a node's root), walking down from the nodes; checks that each leaf and
+        split hangs under exactly one node, and each leaf is numbered in its node's cell."""
         b, s = self.n_buckets, len(self.split_w)
         if len(self.node_root) != self.n_nodes:
             raise ValueError(f"node roots: {len(self.node_root)} for {self.n_nodes} nodes")
@@ -190,8 +190,7 @@ class TreeRouter:
             raise ValueError("every leaf and split must hang under exactly one node")
         if (self._node_cell[leaf_node] != self._cell_of).any():
             raise ValueError("a leaf is numbered outside its node's cell")
-        self._leaf_node = leaf_node
-        return leaf_up, split_up
+        return leaf_node, leaf_up, split_up
 
     def split(self, rows: dict[int, np.ndarray], *, iters: int = 8) -> tuple[TreeRouter, np.ndarray]:
         """This tree with each leaf of ``rows`` (leaf -> its rows (n, d)) split in two by
@@ -341,14 +340,13 @@ class TreeRouter:
         scores, _ = self.expand(x, self._top_cells(x, a), nodes=True)
         mine = np.einsum("ij,ij->i", x, self.children[node])
         ok &= in_cells & (mine >= scores.max(axis=1) - tol)
-        leaf_up, split_up = self._parents
-        up = leaf_up[k]
+        up = self._leaf_up[k]
         at = np.flatnonzero(up >= 0)
         while len(at):
             s, side = np.divmod(up[at], 2)
             v = np.einsum("ij,ij->i", x[at], self.split_w[s])
             ok[at] &= np.where(side == 0, v >= -tol, v <= tol)
-            up[at] = split_up[s]
+            up[at] = self._split_up[s]
             at = at[up[at] >= 0]
         return ok
 
