@@ -171,12 +171,14 @@ class VectorSource:
         self._advise("MADV_DONTNEED")
 
 
-def normalise_rows(x: np.ndarray, metric: str, *, what: str, offset: int = 0) -> np.ndarray:
+def normalise_rows(x: np.ndarray, metric: str, *, what: str, offset: int = 0,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """Rows L2-normalised for ``metric="cosine"`` (as given for ``"ip"``); an all-zero row
-    is refused, named by its row number (``offset`` + its index in ``x``)."""
+    is refused, named by its row number (``offset`` + its index in ``x``). ``out``: where
+    to write them (float32, ``x`` itself for in place)."""
     if metric != "cosine":
         return x
-    out = np.empty(x.shape, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.float32) if out is None else out
     # float64: squares of finite float32 values neither overflow nor underflow there. In
     # blocks of rows, so the float64 copies stay a few MiB whatever len(x) is (a training
     # sample of 400,000 rows held 3 GiB of them at once).

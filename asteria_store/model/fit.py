@@ -199,7 +199,7 @@ def training_sample(source: VectorSource, size: int, seed: int, metric: str) -> 
         raise InvalidInputError(f"Expected finite {source.what}, got NaN or inf (first in row {bad}). "
                                 "Clean or drop those rows and retry.")
     try:
-        return normalise_rows(x, metric, what=source.what)
+        return normalise_rows(x, metric, what=source.what, out=x)  # x is ours: in place
     except InvalidInputError:  # name the row of the input, not of the sample
         bad = int(rows[np.flatnonzero(~x.any(axis=1))[0]])
         raise InvalidInputError(

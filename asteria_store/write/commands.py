@@ -98,9 +98,10 @@ class WriteSide:
                 if pending is not None and empty and n >= MIN_TRAIN_ROWS:
                     t0 = time.perf_counter()
                     expected = max(n, pending.get("expected_size") or 0)
-                    sample = self.pipeline.sample_rows(
-                        source, sample_rows_for(expected, bits=pending.get("bits")), pending["seed"])
-                    router, _ = self.rewrites.fit(sample, pending, expected=expected, init=None, progress=progress)
+                    # no name holds the sample: its memory is free before the rows are written
+                    router, _ = self.rewrites.fit(self.pipeline.sample_rows(
+                        source, sample_rows_for(expected, bits=pending.get("bits")), pending["seed"]),
+                        pending, expected=expected, init=None, progress=progress)
                     attempt.model = model_rec = self.pipeline.save_model(router)
                     train_s = time.perf_counter() - t0
                 written = self.pipeline.write_bucketed(

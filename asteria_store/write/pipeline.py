@@ -74,7 +74,7 @@ class SegmentPipeline:
         """A seeded uniform sample of at most ``size`` rows, in stored form."""
         if isinstance(source, StoredRows):
             return source.take(sample_indices(source.n, size, seed))
-        return self.as_stored(training_sample(source, size, seed, self.config.metric))
+        return self.as_stored(training_sample(source, size, seed, self.config.metric), in_place=True)
 
     def save_model(self, router: Router) -> dict[str, str]:
         """Write ``router`` under model/<kind>-g<generation it will be published at>
@@ -123,19 +123,25 @@ class SegmentPipeline:
             bar.close()
         return keys
 
-    def as_stored(self, x: np.ndarray, *, offset: int = 0) -> np.ndarray:
+    def as_stored(self, x: np.ndarray, *, offset: int = 0, in_place: bool = False) -> np.ndarray:
         """``x`` as the segment will hold it (float16 storage rounds), so keys computed from
-        it are the keys of the stored rows; refuses values the storage dtype cannot hold."""
+        it are the keys of the stored rows; refuses values the storage dtype cannot hold.
+        Works in blocks (a training sample is hundreds of MB); ``in_place``: rounds ``x``
+        itself, which the caller owns."""
         if self.config.dtype != "float16":
             return x
-        too_big = np.abs(x) > np.finfo(np.float16).max
-        if too_big.any():
-            bad = offset + int(np.argwhere(too_big)[0][0])
-            raise InvalidInputError(
-                f"Expected values within float16 range (|v| <= 65504) for a float16 store, got "
-                f"a larger one in row {bad}. Rescale the vectors or use a float32 store."
-            )
-        return x.astype(np.float16).astype(np.float32)
+        out = x if in_place else np.empty_like(x, dtype=np.float32)
+        for s in range(0, len(x), _HASH_BLOCK_ROWS):
+            block = x[s : s + _HASH_BLOCK_ROWS]
+            too_big = np.abs(block) > np.finfo(np.float16).max
+            if too_big.any():
+                bad = offset + s + int(np.argwhere(too_big)[0][0])
+                raise InvalidInputError(
+                    f"Expected values within float16 range (|v| <= 65504) for a float16 store, got "
+                    f"a larger one in row {bad}. Rescale the vectors or use a float32 store."
+                )
+            out[s : s + len(block)] = block.astype(np.float16)
+        return out
 
     def write_segment(self, seg: int, source: VectorSource | StoredRows, order: np.ndarray,
                       seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,

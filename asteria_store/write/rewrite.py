@@ -57,8 +57,10 @@ class Rewrites:
         x = self.pipeline.sample_rows(src if src is not None else stored, size, settings.get("seed", 0))
         router, history = self.fit(check_sample_size(x), settings, expected=max(stored.n, len(x)), init=init,
                                    progress=progress)
+        trained_on = len(x)
+        del x  # free before every row is rewritten
         self.rebucket(router, view, stored, progress, started=started, pinned_bits=pinned_bits, upkeep=upkeep)
-        return TrainResult(rows_trained_on=len(x), rows_rebucketed=stored.n, buckets=router.n_buckets,
+        return TrainResult(rows_trained_on=trained_on, rows_rebucketed=stored.n, buckets=router.n_buckets,
                            history=history, seconds=time.perf_counter() - started)
 
     def fit(self, sample: np.ndarray, settings: dict, *, expected: int, init: Router | None,
