@@ -22,6 +22,29 @@ Phases, each in its own process (``--child``) so that its RSS and reads are its 
   queries one at a time (p50, p99), and the anonymous memory held.
 
 Prints and appends one JSON line per phase and setting to ``--out``.
+
+``--system`` picks the peer (default ``faiss-ivf-disk``); the others:
+
+* **DiskANN** (``diskann``): ``diskannpy.build_disk_index`` (Vamana graph of degree
+  ``--graph-degree``, build list ``--build-complexity``, L2 on the normalised rows, which ranks
+  as cosine; full float32 rows in the 4 KiB sectors of the disk index, ``--pq-bytes`` PQ codes
+  per row in RAM), served from ``StaticDiskIndex`` (O_DIRECT + libaio reads, so its graph
+  never enters the page cache) with ``--cache-nodes`` nodes cached at open (``--cache-mechanism
+  2``: the BFS levels around the medoid). The sweep is the search list size ``--complexity`` at
+  ``--beam-width``. diskannpy 0.7.0 pins numpy 1.25, so its children run under ``--python``
+  (another venv) while this parent stays in the main environment. The index opens with 2 I/O
+  contexts (``num_threads=2``: with 1, diskannpy 0.7.0 deadlocks in
+  ``use_medoids_data_as_centroids``, which borrows a second context while it holds the only
+  one); queries run on the calling thread and ``batch_search(num_threads=--threads)``.
+* **LanceDB IVF_PQ** (``lancedb``): a Lance table of float16 rows and an int64 ``id``, an
+  ``IVF_PQ`` index (``metric="dot"``, ``num_partitions = --nlist-factor x sqrt(N)``,
+  ``--pq-bytes`` sub-vectors of 8 bits), served from a fresh connection and ``Session`` (its
+  caches) per setting. The sweep is ``--nprobe`` with ``--refine-factor`` (re-ranks ``refine x
+  k`` rows read from the table). ``LANCE_CPU_THREADS`` is set to ``--threads``; its I/O threads
+  keep their default (with ``LANCE_IO_THREADS=1`` an index build of 20k rows took > 3x longer),
+  pinned with the rest.
+
+Rows of the new peers carry ``threads``. ``--timeout-s`` kills a child that runs too long.
 """
 
 from __future__ import annotations
@@ -31,7 +54,10 @@ import sys
 from harness import (anon_mib, join_memory_cap, peak_mib, pin_threads_from_argv,
                      remove_memory_cap)
 
-pin_threads_from_argv()  # before numpy is imported
+THREADS = pin_threads_from_argv()  # before numpy is imported
+import os  # noqa: E402
+
+os.environ.setdefault("LANCE_CPU_THREADS", THREADS)
 
 import argparse
 import json
@@ -42,14 +68,41 @@ from pathlib import Path
 
 import numpy as np
 
-from asteria_store.testing.pagecache import evict, read_bytes
+
+def _load_pagecache():
+    """asteria_store/testing/pagecache.py by path: a child under another interpreter (the
+    DiskANN venv) cannot import the asteria_store package (torch, zarr, ...)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "asteria_store" / "testing" / "pagecache.py"
+    spec = importlib.util.spec_from_file_location("asteria_pagecache", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.evict, mod.read_bytes
+
+
+evict, read_bytes = _load_pagecache()
 
 CAP_GROUP = "asteria-bench-peers"
 BLOCK = 200_000  # rows added per call (float32 copies of this many rows at a time)
 
 
 def index_path(a) -> Path:
+    if a.system == "diskann":
+        return Path(a.workdir) / f"diskann-{a.n}-R{a.graph_degree}-L{a.build_complexity}-pq{a.pq_bytes}"
+    if a.system == "lancedb":
+        return Path(a.workdir) / f"lancedb-{a.n}-x{a.nlist_factor}-pq{a.pq_bytes}"
     return Path(a.workdir) / f"faiss-ivf-sqfp16-{a.n}-x{a.nlist_factor}.index"
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def recall_at_10(ids, truth) -> float:
+    return float(np.mean([len(set(np.asarray(r).tolist()) & set(g.tolist())) / 10 for r, g in zip(ids, truth)]))
 
 
 def nlist_for(a) -> int:
@@ -133,6 +186,160 @@ def child_serve(a) -> None:
         del index
 
 
+def serve_sweep(a, head: dict, path: Path, settings, open_index, one, batch) -> None:
+    """The cold / warm phases of :func:`child_serve` for a peer given as functions:
+    ``open_index(setting)`` (after the eviction), ``one(index, setting, vector) -> ids`` and
+    ``batch(index, setting, queries) -> ids`` (k = 10). ``head`` names the peer."""
+    q = np.load(Path(a.data) / "queries.f16.npy").astype(np.float32)
+    truth = np.load(Path(a.data) / f"gt_{a.n}_ids.npy")[:, :10]
+    memory = join_memory_cap(CAP_GROUP, a.cap_mib) if a.cap_mib else "uncapped"
+    head = {**head, "n": a.n, "memory": memory, "threads": int(a.threads), "disk_bytes": disk_bytes(path)}
+    for setting in settings:
+        evict(path)
+        r0, t = read_bytes(), time.perf_counter()
+        index = open_index(setting)
+        open_s, open_read = time.perf_counter() - t, read_bytes() - r0
+        lat, io = [], []
+        for v in q[: a.cold]:
+            r0, t = read_bytes(), time.perf_counter()
+            one(index, setting, v)
+            lat.append(time.perf_counter() - t)
+            io.append(read_bytes() - r0)
+        emit({**head, "phase": "cold", **setting, "open_ms": open_s * 1000, "open_kib_read": open_read / 1024,
+              "first_ms": lat[0] * 1000, "p50_ms": float(np.median(lat)) * 1000,
+              "first_kib_read": io[0] / 1024, "mean_kib_read": float(np.mean(io)) / 1024, "queries": len(lat)},
+             a.out)
+        batch(index, setting, q)  # warm-up
+        t = time.perf_counter()
+        ids = batch(index, setting, q)
+        batch_s = time.perf_counter() - t
+        lat = []
+        for v in q[: a.single]:
+            t = time.perf_counter()
+            one(index, setting, v)
+            lat.append(time.perf_counter() - t)
+        emit({**head, "phase": "serve", **setting, "recall@10": recall_at_10(ids, truth),
+              "batch_qps": len(q) / batch_s,
+              "p50_ms": float(np.percentile(lat, 50)) * 1000, "p99_ms": float(np.percentile(lat, 99)) * 1000,
+              "anon_mib": anon_mib(), "peak_rss_mib": peak_mib()}, a.out)
+        del index
+
+
+def diskann_params(a) -> dict:
+    return {"graph_degree": a.graph_degree, "build_complexity": a.build_complexity, "pq_bytes": a.pq_bytes,
+            "metric": "l2"}
+
+
+def child_build_diskann(a) -> None:
+    import diskannpy
+
+    base = np.load(Path(a.data) / "base.f16.npy", mmap_mode="r")[: a.n]
+    d = base.shape[1]
+    path = index_path(a)
+    path.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # DiskANN's input: a .bin file (uint32 n, uint32 d, float32 rows), written in blocks
+    vectors = path / "input_vectors.bin"
+    with open(vectors, "wb") as f:
+        np.array([a.n, d], dtype=np.uint32).tofile(f)
+        for start in range(0, a.n, BLOCK):
+            np.asarray(base[start : start + BLOCK], dtype=np.float32).tofile(f)
+    write_s = time.perf_counter() - t0
+    diskannpy.build_disk_index(
+        data=str(vectors), vector_dtype=np.float32, distance_metric="l2", index_directory=str(path),
+        complexity=a.build_complexity, graph_degree=a.graph_degree,
+        # diskann sizes the in-RAM PQ codes as floor(budget bytes / N) per row
+        search_memory_maximum=(a.pq_bytes + 0.5) * a.n / 2**30, build_memory_maximum=a.build_memory_gib,
+        num_threads=int(a.threads), pq_disk_bytes=0)
+    build_s = time.perf_counter() - t0
+    for leftover in (vectors, path / "ann_mem.index.data"):  # the input and an intermediate
+        leftover.unlink(missing_ok=True)
+    emit({"system": "diskann", "phase": "build", "n": a.n, **diskann_params(a), "threads": int(a.threads),
+          "write_input_s": write_s, "build_s": build_s, "peak_rss_mib": peak_mib(), "disk_bytes": disk_bytes(path),
+          "files": sorted(f.name for f in path.iterdir())}, a.out)
+
+
+def child_serve_diskann(a) -> None:
+    import diskannpy
+
+    path = index_path(a)
+    nt = int(a.threads)
+
+    def open_index(setting):
+        # num_threads=2: two I/O contexts; with 1 the open deadlocks (module docstring)
+        return diskannpy.StaticDiskIndex(index_directory=str(path), num_threads=max(2, nt),
+                                         num_nodes_to_cache=a.cache_nodes,
+                                         cache_mechanism=a.cache_mechanism)
+
+    def one(index, setting, v):
+        return index.search(v, 10, setting["complexity"], a.beam_width).identifiers
+
+    def batch(index, setting, q):
+        return index.batch_search(q, 10, setting["complexity"], nt, a.beam_width).identifiers
+
+    settings = [{"complexity": int(c), "beam_width": a.beam_width} for c in a.complexity.split(",")]
+    head = {"system": "diskann", **diskann_params(a), "cache_nodes": a.cache_nodes,
+            "cache_mechanism": a.cache_mechanism, "open_io_contexts": max(2, nt)}
+    serve_sweep(a, head, path, settings, open_index, one, batch)
+
+
+def lance_partitions(a) -> int:
+    return int(round(a.nlist_factor * math.sqrt(a.n)))
+
+
+def child_build_lancedb(a) -> None:
+    import lancedb
+    import pyarrow as pa
+
+    base = np.load(Path(a.data) / "base.f16.npy", mmap_mode="r")[: a.n]
+    d = base.shape[1]
+    path = index_path(a)
+    schema = pa.schema([pa.field("id", pa.int64()), pa.field("vector", pa.list_(pa.float16(), d))])
+
+    def batches():
+        for start in range(0, a.n, BLOCK):
+            block = np.ascontiguousarray(base[start : start + BLOCK])
+            vec = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), d)
+            ids = pa.array(np.arange(start, start + len(block), dtype=np.int64))
+            yield pa.RecordBatch.from_arrays([ids, vec], schema=schema)
+
+    t0 = time.perf_counter()
+    db = lancedb.connect(str(path))
+    table = db.create_table("rows", data=pa.RecordBatchReader.from_batches(schema, batches()), mode="overwrite")
+    write_s = time.perf_counter() - t0
+    table.create_index(metric="dot", vector_column_name="vector", index_type="IVF_PQ",
+                       num_partitions=lance_partitions(a), num_sub_vectors=a.pq_bytes, num_bits=8)
+    emit({"system": "lancedb", "phase": "build", "n": a.n, "num_partitions": lance_partitions(a),
+          "num_sub_vectors": a.pq_bytes, "metric": "dot", "vector_dtype": "float16", "threads": int(a.threads),
+          "lancedb_version": lancedb.__version__, "write_table_s": write_s,
+          "build_s": time.perf_counter() - t0, "peak_rss_mib": peak_mib(), "disk_bytes": disk_bytes(path)}, a.out)
+
+
+def child_serve_lancedb(a) -> None:
+    import lancedb
+
+    path = index_path(a)
+
+    def open_index(setting):
+        # a fresh Session: no index or metadata cached from the last setting's connection
+        return lancedb.connect(str(path), session=lancedb.Session()).open_table("rows")
+
+    def one(table, setting, v):
+        query = (table.search(v, vector_column_name="vector").distance_type("dot").nprobes(setting["nprobe"])
+                 .limit(10).select(["id"]))
+        if setting["refine_factor"]:
+            query = query.refine_factor(setting["refine_factor"])
+        return query.to_arrow()["id"].to_numpy()
+
+    def batch(table, setting, q):  # lancedb answers one vector per search: a loop
+        return [one(table, setting, v) for v in q]
+
+    settings = [{"nprobe": int(x), "refine_factor": a.refine_factor} for x in a.nprobe.split(",")]
+    head = {"system": "lancedb", "num_partitions": lance_partitions(a), "num_sub_vectors": a.pq_bytes,
+            "lancedb_version": lancedb.__version__}
+    serve_sweep(a, head, path, settings, open_index, one, batch)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder written by growth_data.py")
@@ -146,16 +353,36 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=200)
     ap.add_argument("--threads", default="1")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--system", choices=("faiss-ivf-disk", "diskann", "lancedb"), default="faiss-ivf-disk")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter of the build/serve children (diskann: a venv with diskannpy)")
+    ap.add_argument("--timeout-s", type=float, default=None, help="kill a child that runs longer than this")
+    g = ap.add_argument_group("diskann")
+    g.add_argument("--graph-degree", type=int, default=64, help="Vamana R")
+    g.add_argument("--build-complexity", type=int, default=100, help="Vamana build list size L")
+    g.add_argument("--build-memory-gib", type=float, default=8.0)
+    g.add_argument("--complexity", default="20,30,50,80", help="search list sizes L (>= 10)")
+    g.add_argument("--beam-width", type=int, default=4)
+    g.add_argument("--cache-nodes", type=int, default=10000, help="nodes cached in RAM at open")
+    g.add_argument("--cache-mechanism", type=int, default=2,
+                   help="1: the nodes sample queries visit (runs them at open), 2: BFS levels from the medoid")
+    g = ap.add_argument_group("diskann and lancedb")
+    g.add_argument("--pq-bytes", type=int, default=96, help="PQ bytes (8-bit sub-vectors) per row in the index")
+    g = ap.add_argument_group("lancedb")
+    g.add_argument("--refine-factor", type=int, default=10, help="0: no refine")
     ap.add_argument("--child", choices=("build", "serve"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.child == "build":
-        return child_build(a)
-    if a.child == "serve":
-        return child_serve(a)
+    children = {("faiss-ivf-disk", "build"): child_build, ("faiss-ivf-disk", "serve"): child_serve,
+                ("diskann", "build"): child_build_diskann, ("diskann", "serve"): child_serve_diskann,
+                ("lancedb", "build"): child_build_lancedb, ("lancedb", "serve"): child_serve_lancedb}
+    if a.child:
+        return children[a.system, a.child](a)
     for child in (["build"] if not index_path(a).exists() else []) + ["serve"]:
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", child], check=True)
-        if child == "serve":
-            remove_memory_cap(CAP_GROUP)
+        try:
+            subprocess.run([a.python, __file__, *sys.argv[1:], "--child", child], check=True, timeout=a.timeout_s)
+        finally:
+            if child == "serve":
+                remove_memory_cap(CAP_GROUP)
 
 
 if __name__ == "__main__":
