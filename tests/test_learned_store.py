@@ -818,6 +818,28 @@ def test_nan_in_a_training_first_ingest_changes_nothing(tmp_path, disk_snapshot,
         assert store.router.kind == "sign"
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["ingest", "training-ingest"])
+def test_a_value_past_float16_range_names_its_row_and_changes_nothing(tmp_path, disk_snapshot, monkeypatch,
+                                                                       training) -> None:
+    """A float16 store refuses a value it cannot hold, naming the input row, whether the row
+    is met when the batch is hashed or first in the training sample of a first ingest."""
+    from asteria_store.model import fit
+
+    monkeypatch.setattr(fit, "TRAIN_SAMPLE_ROWS", 500)  # a sample smaller than the batch
+    n = MIN_TRAIN_ROWS + 200 if training else 300
+    bad = int(fit.sample_indices(n, 500, 0)[250]) if training else 217  # sampled, not sample row 250's number
+    x = data(n)
+    x[bad, 5] = 1e6  # metric "ip": rows are stored as given, and float16 stops at 65504
+    with asteria_store.create(tmp_path / "store", dim=DIM, dtype="float16", metric="ip") as store:
+        before = disk_snapshot(store.path)
+        with pytest.raises(InvalidInputError) as exc:
+            store.ingest(x)
+        assert str(exc.value) == ("Expected values within float16 range (|v| <= 65504) for a float16 store, "
+                                  f"got a larger one in row {bad}. Rescale the vectors or use a float32 store.")
+        assert disk_snapshot(store.path) == before
+        assert len(store) == 0
+
+
 def test_nan_in_a_train_sample_changes_nothing(populated, disk_snapshot) -> None:
     before = disk_snapshot(populated.path)
     sample = data(500, seed=5)

@@ -74,7 +74,8 @@ class SegmentPipeline:
         """A seeded uniform sample of at most ``size`` rows, in stored form."""
         if isinstance(source, StoredRows):
             return source.take(sample_indices(source.n, size, seed))
-        return self.as_stored(training_sample(source, size, seed, self.config.metric), in_place=True)
+        return self.as_stored(training_sample(source, size, seed, self.config.metric), in_place=True,
+                              rows=sample_indices(source.n, size, seed))
 
     def save_model(self, router: Router) -> dict[str, str]:
         """Write ``router`` under model/<kind>-g<generation it will be published at>
@@ -123,11 +124,13 @@ class SegmentPipeline:
             bar.close()
         return keys
 
-    def as_stored(self, x: np.ndarray, *, offset: int = 0, in_place: bool = False) -> np.ndarray:
+    def as_stored(self, x: np.ndarray, *, offset: int = 0, in_place: bool = False,
+                  rows: np.ndarray | None = None) -> np.ndarray:
         """``x`` as the segment will hold it (float16 storage rounds), so keys computed from
-        it are the keys of the stored rows; refuses values the storage dtype cannot hold.
-        Works in blocks (a training sample is hundreds of MB); ``in_place``: rounds ``x``
-        itself, which the caller owns."""
+        it are the keys of the stored rows; refuses values the storage dtype cannot hold,
+        naming the input row (``offset`` + the row of ``x``, or ``rows[row]``). Works in
+        blocks (a training sample is hundreds of MB); ``in_place``: rounds ``x`` itself,
+        which the caller owns."""
         if self.config.dtype != "float16":
             return x
         out = x if in_place else np.empty_like(x, dtype=np.float32)
@@ -135,7 +138,8 @@ class SegmentPipeline:
             block = x[s : s + _HASH_BLOCK_ROWS]
             too_big = np.abs(block) > np.finfo(np.float16).max
             if too_big.any():
-                bad = offset + s + int(np.argwhere(too_big)[0][0])
+                bad = s + int(np.argwhere(too_big)[0][0])
+                bad = int(rows[bad]) if rows is not None else offset + bad
                 raise InvalidInputError(
                     f"Expected values within float16 range (|v| <= 65504) for a float16 store, got "
                     f"a larger one in row {bad}. Rescale the vectors or use a float32 store."
