@@ -7,7 +7,9 @@ An ingest, a re-bucketing and a merge all write their rows the same way:
   the row as the segment will hold it, block by block;
 * **pass 2** (:meth:`SegmentPipeline.write_segment`): write the rows sorted by bucket key,
   in chunk-aligned windows, with their LRSQ codes (copied when the source already holds
-  codes of this model, as in a merge, else encoded), then fsync.
+  codes of this model, as in a merge, else encoded), then fsync. When the stored form of
+  every row fits ``_KEEP_STORED_BYTES``, pass 1 keeps it (:class:`PreparedRows`) and pass
+  2 writes from it: the input is read, validated and rounded once.
 
 What publishing needs comes back as :class:`Written`; commit.py publishes it. Around
 each write, :meth:`SegmentPipeline.attempt` removes the debris of a write that was not
@@ -43,6 +45,9 @@ MODEL_DIR = "model"
 #: Rows hashed per block in pass 1, and bytes of rows written per window in pass 2.
 _HASH_BLOCK_ROWS = 16384
 _WRITE_WINDOW_BYTES = 16 * 1024 * 1024
+
+#: Stored-form rows pass 1 keeps for pass 2, at most (bytes).
+_KEEP_STORED_BYTES = 256 * 1024 * 1024
 
 
 class Written(NamedTuple):
@@ -98,7 +103,8 @@ class SegmentPipeline:
         """Hash ``rows`` with ``router`` (or take their ``keys``), sort them by bucket and
         write them as segment ``seg`` (not yet published): what publishing it needs."""
         if keys is None:
-            keys = self.hash_rows(rows, progress, router)
+            keys, prepared = self.hash_rows(rows, progress, router)
+            rows = prepared or rows
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         del keys
@@ -108,9 +114,14 @@ class SegmentPipeline:
         lrsq, sums = self.write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, digest)
         return Written(sorted_keys, seg_ids, chunk_rows, lrsq, sums)
 
-    def hash_rows(self, source: VectorSource | StoredRows, progress: ProgressLike, router: Router) -> np.ndarray:
-        """Pass 1: validate every row (finite, non-zero for cosine) and compute its bucket key."""
+    def hash_rows(self, source: VectorSource | StoredRows, progress: ProgressLike,
+                  router: Router) -> tuple[np.ndarray, PreparedRows | None]:
+        """Pass 1: validate every row (finite, non-zero for cosine) and compute its bucket
+        key; and, when they fit ``_KEEP_STORED_BYTES``, the rows in stored form."""
         keys = np.empty(source.n, dtype=np.uint64)
+        dtype = np.dtype(self.config.dtype)
+        keep = not isinstance(source, StoredRows) and source.n * source.dim * dtype.itemsize <= _KEEP_STORED_BYTES
+        kept = np.empty((source.n, source.dim), dtype=dtype) if keep else None
         bar = make_progress(progress, total=source.n, desc="hashing")
         try:
             for start, block in source.blocks(_HASH_BLOCK_ROWS):
@@ -119,10 +130,12 @@ class SegmentPipeline:
                     x = normalise_rows(block, self.config.metric, what="vectors", offset=start)
                     x = self.as_stored(x, offset=start)
                 keys[start : start + len(block)] = router.keys(x)
+                if kept is not None:
+                    kept[start : start + len(block)] = x  # exact: x is rounded to the storage dtype
                 bar.update(len(block))
         finally:
             bar.close()
-        return keys
+        return keys, None if kept is None else PreparedRows(kept)
 
     def as_stored(self, x: np.ndarray, *, offset: int = 0, in_place: bool = False,
                   rows: np.ndarray | None = None) -> np.ndarray:
@@ -147,7 +160,7 @@ class SegmentPipeline:
             out[s : s + len(block)] = block.astype(np.float16)
         return out
 
-    def write_segment(self, seg: int, source: VectorSource | StoredRows, order: np.ndarray,
+    def write_segment(self, seg: int, source: VectorSource | StoredRows | PreparedRows, order: np.ndarray,
                       seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
                       router: Router, model_digest: str) -> tuple[dict | None, dict[str, np.ndarray]]:
         """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync.
@@ -162,6 +175,7 @@ class SegmentPipeline:
         lrsq = None if quantizer is None else {"rank": quantizer.rank, "aux": quantizer.aux_width,
                                                "block": quantizer.block, "model": model_digest}
         copy_codes = quantizer is not None and isinstance(source, StoredRows) and source.has_codes(model_digest)
+        stored_form = isinstance(source, (StoredRows, PreparedRows))
         writer = seglib.SegmentWriter(self.segments_root, segment_name(seg), n=n, dim=dim,
                                       dtype=self.config.dtype, chunk_rows=chunk_rows,
                                       lrsq_widths=None if lrsq is None else (lrsq["rank"], lrsq["aux"]))
@@ -173,7 +187,7 @@ class SegmentPipeline:
                 ascending = rows[inv]  # ascending reads, then back to key order
                 block = np.empty((len(rows), dim), dtype=np.float32)
                 block[inv] = source.take(ascending)
-                if not isinstance(source, StoredRows):
+                if not stored_form:
                     block = normalise_rows(block, self.config.metric, what="vectors")
                 codes = None
                 if copy_codes:
@@ -181,7 +195,7 @@ class SegmentPipeline:
                     codes = (np.empty_like(c), np.empty_like(a))
                     codes[0][inv], codes[1][inv] = c, a
                 elif quantizer is not None:  # bounds must hold for the rows as stored
-                    codes = quantizer.encode(router.rotate(self.as_stored(block)))
+                    codes = quantizer.encode(router.rotate(block if stored_form else self.as_stored(block)))
                 writer.write(start, block, seg_ids[start : start + len(rows)], codes)
                 bar.update(len(rows))
             sums = writer.finish()
@@ -246,6 +260,18 @@ class Attempt:
         self.published = False
 
 
+class PreparedRows:
+    """Rows already in stored form (validated, normalised, rounded to the storage dtype),
+    kept by pass 1 for pass 2: ``take`` of row numbers, like VectorSource."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+        self.n, self.dim = rows.shape
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.rows[rows].astype(np.float32, copy=False)
+
+
 class StoredRows:
     """The live rows of a view's segments (all, or ``segs``) as one ``(n, d)`` source:
     ``blocks`` in storage order and ``take`` of ascending row numbers, like VectorSource."""
@@ -304,4 +330,4 @@ class StoredRows:
             if self.parts else np.empty(0, dtype=np.uint64)
 
 
-__all__ = ["MODEL_DIR", "Attempt", "SegmentPipeline", "StoredRows", "Written"]
+__all__ = ["MODEL_DIR", "Attempt", "PreparedRows", "SegmentPipeline", "StoredRows", "Written"]
