@@ -28,6 +28,7 @@ from .errors import (
     StoreLockedError,
     StoreNotFoundError,
     UnsupportedFormatError,
+    UpkeepDeferredWarning,
 )
 from .model.fit import train_model
 from .store import (
@@ -70,6 +71,7 @@ __all__ = [
     "StoreNotFoundError",
     "TrainResult",
     "UnsupportedFormatError",
+    "UpkeepDeferredWarning",
     "VerifyReport",
     "create",
     "create_collection",

@@ -73,6 +73,11 @@ class DiskFullError(StorageError):
     """No space left on the device (or quota exceeded) while writing; nothing was committed."""
 
 
+class UpkeepDeferredWarning(UserWarning):
+    """An ingest was committed, but the upkeep after it (a re-fit, splits or merges) stopped
+    early because the device filled up; it runs again after a later ingest."""
+
+
 class ModelFileError(AsteriaError, ValueError):
     """A standalone model file is missing, unreadable, or not an asteria-store model."""
 

@@ -33,6 +33,9 @@ class IngestResult:
     split_rows: int = 0
     #: Seconds of that upkeep (training, re-fit, splits or merges), included in ``seconds``.
     upkeep_seconds: float = 0.0
+    #: Why upkeep stopped before it was done (the device filled up; the ingest itself was
+    #: committed, and the rest of the upkeep runs after a later ingest), or None.
+    upkeep_deferred: str | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
     UnsupportedFormatError,
+    UpkeepDeferredWarning,
 )
 from .io import ArrayLike
 from .model.persist import load_model_file, load_router, save_router
@@ -400,12 +402,19 @@ class Store:
         store is left exactly as it was.
 
         Then the index looks after itself (write/upkeep.py): a learned store trains once it holds
-        enough vectors, re-fits its model as it outgrows it, and merges segments (tiered)
-        so that the extents per bucket stay few. Each of these is its own atomic commit;
-        another writer waits for them (readers never do).
+        enough vectors, re-fits its model as it outgrows it, splits full buckets, and merges
+        segments (tiered) so that the extents per bucket stay few. Each of these is its own
+        atomic commit; another writer waits for them (readers never do). If the device
+        fills up during them, the ingest stays committed, the upkeep stops where it is
+        (``result.upkeep_deferred`` says why, with an :class:`UpkeepDeferredWarning`) and
+        resumes after a later ingest.
         """
         self._check_writable()
-        return self._writes.ingest(vectors, ids, on_conflict=on_conflict, progress=progress)
+        result = self._writes.ingest(vectors, ids, on_conflict=on_conflict, progress=progress)
+        if result.upkeep_deferred:
+            warnings.warn(f"The ingest was committed; upkeep was deferred: {result.upkeep_deferred}",
+                          UpkeepDeferredWarning, stacklevel=3)
+        return result
 
     @boundary
     def upsert(self, vectors: ArrayLike, ids: ArrayLike, *, progress: ProgressLike = None) -> IngestResult:

@@ -10,6 +10,7 @@ usage errors exit with 2.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, get_args
 
@@ -139,16 +140,22 @@ def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, worker
     if workers:
         raise click.UsageError("--workers is for collections; a store ingests in one process.")
     with asteria_store.open(path) as store:
-        result = store.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)
-        routing = store.router.config()
+        with warnings.catch_warnings():  # said below, in one line
+            warnings.simplefilter("ignore", asteria_store.UpkeepDeferredWarning)
+            result = store.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)
+        router = store.router
         if result.trained:
+            rank = f", LRSQ rank {router.lrsq.rank}" if router.lrsq is not None else ""
             click.echo(f"{'Re-fitted' if result.refitted else 'Trained'} the store's model on a sample of its "
-                       f"vectors in {result.train_seconds:.1f} s: {2 ** routing['bits']:,} buckets, LRSQ rank "
-                       f"{routing['lrsq']['rank']}.")
+                       f"vectors in {result.train_seconds:.1f} s: {router.n_buckets:,} buckets{rank}.")
         elif result.refitted:
-            click.echo(f"Re-sized the index to {2 ** routing['bits']:,} buckets as the store grew.")
+            click.echo(f"Re-sized the index to {router.n_buckets:,} buckets as the store grew.")
+        if result.split_rows:
+            click.echo(f"Split full buckets: {result.split_rows:,} rows moved, {router.n_buckets:,} buckets now.")
         if result.merged_segments:
             click.echo(f"Merged {result.merged_segments} segments into fewer ({result.upkeep_seconds:.1f} s).")
+        if result.upkeep_deferred:
+            click.echo(f"Warning: the vectors were added; upkeep was deferred: {result.upkeep_deferred}", err=True)
     replaced = f", replacing {result.replaced:,}" if result.replaced else ""
     click.echo(f"Added {result.rows:,} vectors{replaced} as segment {result.segment} in {result.seconds:.2f} s "
                f"({result.rows / result.seconds:,.0f} vectors/s).")

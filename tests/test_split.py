@@ -147,3 +147,61 @@ def test_a_growing_store_splits_its_full_buckets_and_keeps_its_results(tmp_path,
         probed = store.search(queries, 10, probes=16)[0]
         assert recall_at_k(probed, truth_ids, 10) >= 0.8
     reader.close()
+
+
+def test_a_disk_that_fills_during_a_split_defers_it_and_loses_nothing(tmp_path, wordnet, small_tree_sizing,
+                                                                       monkeypatch) -> None:
+    import errno
+
+    from asteria_store.storage import segments as seglib
+    from asteria_store.testing.faults import fail_on_call
+
+    torch.set_num_threads(1)
+    base = np.asarray(wordnet.base, dtype=np.float32)
+    with asteria_store.create(tmp_path / "s", dim=base.shape[1]) as store:
+        store.ingest(base[:1500])
+        splits = store.info()["internals"]["maintenance"].get("splits", 0)
+        # the ingest's own segment is write 1; the first split's segment is write 2
+        fail_on_call(monkeypatch, seglib.SegmentWriter, "write", 2, OSError(errno.ENOSPC, "No space left"))
+        with pytest.warns(asteria_store.UpkeepDeferredWarning, match="upkeep was deferred: No space left"):
+            result = store.ingest(base[1500:2200])
+        assert result.split_rows == 0 and "No space left" in result.upkeep_deferred
+        assert len(store) == 2200
+        assert store.info()["internals"]["maintenance"].get("splits", 0) == splits
+        report = store.verify()
+        assert report.ok and report.orphans == []
+        np.testing.assert_allclose(store.get(np.arange(1500, 2200)),
+                                   base[1500:2200] / np.linalg.norm(base[1500:2200], axis=1, keepdims=True),
+                                   atol=1e-6)
+        later = store.ingest(base[2200:])  # space again: the deferred splits run
+        assert later.split_rows > 0 and later.upkeep_deferred is None
+        assert store.verify().ok
+
+
+def test_cli_ingest_into_a_tree_store_reports_its_buckets_and_splits(tmp_path, wordnet, small_tree_sizing) -> None:
+    import re
+
+    from click.testing import CliRunner
+
+    from asteria_store_cli.main import cli
+
+    torch.set_num_threads(1)
+    base = np.asarray(wordnet.base, dtype=np.float32)
+    path = tmp_path / "s"
+    np.save(tmp_path / "a.npy", base[:1500])
+    np.save(tmp_path / "b.npy", base[1500:])
+    assert CliRunner().invoke(cli, ["create", str(path), "--dim", "384"]).exit_code == 0
+    first = CliRunner().invoke(cli, ["ingest", str(path), str(tmp_path / "a.npy"), "-q"])
+    assert first.exit_code == 0, first.output
+    with asteria_store.open(path, readonly=True) as store:
+        trained = store.router.trained_buckets
+        rank = store.router.lrsq.rank
+    assert re.search(rf"Trained the store's model on a sample of its vectors in \d+\.\d s: [\d,]+ buckets, "
+                     rf"LRSQ rank {rank}\.", first.stdout), first.stdout
+    second = CliRunner().invoke(cli, ["ingest", str(path), str(tmp_path / "b.npy"), "-q"])
+    assert second.exit_code == 0, second.output
+    with asteria_store.open(path, readonly=True) as store:
+        buckets = store.router.n_buckets
+    assert buckets > trained
+    assert re.search(rf"Split full buckets: [\d,]+ rows moved, {buckets:,} buckets now\.", second.stdout), \
+        second.stdout

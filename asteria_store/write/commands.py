@@ -116,7 +116,8 @@ class WriteSide:
         return IngestResult(rows=n, segment=seg, ids=id_arr, seconds=time.perf_counter() - started,
                             trained=trained, train_seconds=train_s + upkeep.train_seconds,
                             replaced=replaced, refitted=upkeep.refitted, merged_segments=upkeep.merged,
-                            split_rows=upkeep.split_rows, upkeep_seconds=upkeep.seconds)
+                            split_rows=upkeep.split_rows, upkeep_seconds=upkeep.seconds,
+                            upkeep_deferred=upkeep.deferred)
 
     def _check_ids(self, txn, ids: np.ndarray, *, new: bool) -> None:
         uniq, counts = np.unique(ids, return_counts=True)

@@ -35,6 +35,7 @@ import lmdb
 
 import numpy as np
 
+from ..errors import DiskFullError
 from ..model import fit
 from ..model.fit import TRAIN_SAMPLE_ROWS, BucketPlan, plan_buckets, sample_rows_for
 from ..model.router import SignHasher, bits_for_size
@@ -105,6 +106,8 @@ class UpkeepDone(NamedTuple):
     merged: int = 0
     train_seconds: float = 0.0
     seconds: float = 0.0
+    #: Why upkeep stopped early (the device filled up), or None.
+    deferred: str | None = None
 
 
 class Upkeep:
@@ -116,8 +119,17 @@ class Upkeep:
         self.garbage = garbage
 
     def run(self, progress: ProgressLike) -> UpkeepDone:
-        """First training, growth re-fit, or tiered merges."""
+        """First training, growth re-fit, or splits and tiered merges. A step that runs out
+        of disk space stops the upkeep there: the steps committed before it stay, that step
+        changed nothing, and the rest waits for the next ingest (``deferred`` says why)."""
         started = time.perf_counter()
+        done = {"split_rows": 0, "merged": 0}
+        try:
+            return self._steps(progress, started, done)
+        except DiskFullError as exc:
+            return UpkeepDone(**done, seconds=time.perf_counter() - started, deferred=str(exc))
+
+    def _steps(self, progress: ProgressLike, started: float, done: dict[str, int]) -> UpkeepDone:
         view = self.reads.current_view()
         cat = self.reads.catalog
         with cat.read() as txn:
@@ -147,16 +159,14 @@ class Upkeep:
             self.garbage.collect()
             return UpkeepDone(trained=True, refitted=True, train_seconds=result.seconds,
                               seconds=time.perf_counter() - started)
-        split_rows = 0
         leaves, overfull = self.split_plan(self.reads.current_view())
         for _ in range(2 + overfull // SPLIT_STEP_ROWS):  # bounded: halves are not split again
             moved = self.rewrites.split(leaves, progress) if leaves else 0
             if not moved:
                 break
-            split_rows += moved
+            done["split_rows"] += moved
             self.garbage.collect()
             leaves, _ = self.split_plan(self.reads.current_view())
-        merged = 0
         while True:
             view = self.reads.current_view()
             damaged = {s for s in view.segments if view.segments[s].quarantined}
@@ -165,10 +175,9 @@ class Upkeep:
             if not plan:
                 break
             self.rewrites.merge(plan, progress)
-            merged += len(plan)
+            done["merged"] += len(plan)
             self.garbage.collect()
-        return UpkeepDone(split_rows=split_rows, merged=merged,
-                          seconds=time.perf_counter() - started if merged or split_rows else 0.0)
+        return UpkeepDone(**done, seconds=time.perf_counter() - started if any(done.values()) else 0.0)
 
     def split_plan(self, view) -> tuple[list[int], int]:
         """The buckets of a tree router to split next: those holding more than
