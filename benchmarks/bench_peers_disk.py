@@ -41,7 +41,7 @@ Prints and appends one JSON line per phase and setting to ``--out``.
   ``--pq-bytes`` sub-vectors of 8 bits), served from a fresh connection and ``Session`` (its
   caches) per setting. The sweep is ``--nprobe`` with ``--refine-factor`` (re-ranks ``refine x
   k`` rows read from the table). ``LANCE_CPU_THREADS`` is set to ``--threads``; its I/O threads
-  keep their default (with ``LANCE_IO_THREADS=1`` an index build of 20k rows took > 3x longer),
+  keep their default (with ``LANCE_IO_THREADS=1`` a 20k-row index build ran > 2.5x longer),
   pinned with the rest.
 
 Rows of the new peers carry ``threads``. ``--timeout-s`` kills a child that runs too long.
