@@ -56,6 +56,26 @@ def codes_digest(router_rec: dict[str, str]) -> str:
     return router_rec.get("codes") or router_rec["digest"]
 
 
+def _gaps(cat: Catalog, txn, rows: dict[int, int]) -> dict[int, np.ndarray]:
+    """Row ranges ``[start, end)`` of each segment that no bucket extent covers (rows a
+    split moved out), from one pass over the extents; only segments that have any."""
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for _, seg, first, n in cat.iter_extents(txn):
+        covered.setdefault(seg, []).append((first, first + n))
+    out = {}
+    for seg, n in rows.items():
+        pos, gaps = 0, []
+        for start, end in sorted(covered.get(seg, [])):
+            if start > pos:
+                gaps.append((pos, start))
+            pos = max(pos, end)
+        if pos < n:
+            gaps.append((pos, n))
+        if gaps:
+            out[seg] = np.array(gaps, dtype=np.int64)
+    return out
+
+
 def _no_lookup(bucket: int) -> list[tuple[int, int, int]]:
     raise RuntimeError("a cached View is only searched through a snapshot")
 
@@ -152,7 +172,8 @@ class ReadSide:
         for seg in [s for s in self.readers if s not in segs]:  # retired since the last view
             self.readers.pop(seg).close()
         view = View(generation=generation, count=count, segments=readers, deleted=deleted,
-                    lookup_extents=_no_lookup, codes_digest=self.codes_digest)
+                    lookup_extents=_no_lookup, gaps=_gaps(cat, txn, {s: rec["rows"] for s, rec in segs.items()}),
+                    codes_digest=self.codes_digest)
         self.view = view
         return view
 

@@ -75,7 +75,7 @@ def verify_snapshot(store, txn, report: VerifyReport, quick: bool, progress: Pro
                 seg, rec, extents.get(seg, []), id_locs.get(seg, []), tomb.get(seg),
                 None if quick else cat.checksums(txn, seg), report))
             report.checked_rows += rec["rows"]
-            live_total += rec["rows"] - len(tomb.get(seg, []))
+            live_total += _live_rows(extents.get(seg, []), tomb.get(seg))
             bar.update(rec["rows"])
     finally:
         bar.close()
@@ -87,6 +87,16 @@ def verify_snapshot(store, txn, report: VerifyReport, quick: bool, progress: Pro
     retired = retired_dirs(cat.retired(txn))[0]
     report.orphans = [d for d in seglib.list_segment_dirs(store._segments_root)
                       if d not in live and d not in retired]
+
+
+def _live_rows(extents: list[tuple[int, int, int]], dead: np.ndarray | None) -> int:
+    """Rows the extents cover, less the deleted ones among them."""
+    live = 0
+    for first, cnt, _ in extents:
+        live += cnt
+        if dead is not None and len(dead):
+            live -= int(np.searchsorted(dead, first + cnt) - np.searchsorted(dead, first))
+    return live
 
 
 def _verify_segment(store, seg, rec, extents, id_locs, dead, sums: dict[str, np.ndarray] | None,
@@ -118,20 +128,17 @@ def _verify_segment(store, seg, rec, extents, id_locs, dead, sums: dict[str, np.
     reader = seglib.SegmentReader(store._segments_root, name, n=n, dim=store.config.dim,
                                   dtype=store.config.dtype, chunk_rows=cr)
     try:
+        # Rows the extents cover are the segment's (live or deleted); rows a split moved
+        # out have no extent and no id pointing at them.
         extents.sort()
-        dead_rows = np.asarray(dead if dead is not None else [], dtype=np.int64)
-
-        def all_dead(lo: int, hi: int) -> bool:  # rows a split moved out have no extent
-            return int(np.searchsorted(dead_rows, hi) - np.searchsorted(dead_rows, lo)) == hi - lo
-
+        covered = np.zeros(n, dtype=bool)
         pos = 0
         for first, cnt, bucket in extents:
-            if first < pos or not all_dead(pos, first):
-                problems.append(f"{name}: bucket extents leave a gap or overlap at row {pos}")
+            if first < pos or first + cnt > n:
+                problems.append(f"{name}: bucket extents overlap or pass the end at row {first}")
                 break
+            covered[first : first + cnt] = True
             pos = first + cnt
-        if not all_dead(pos, n) and not problems:
-            problems.append(f"{name}: bucket extents cover {pos} of {n} rows")
         # Spot-check that rows hash to the bucket that holds them.
         rng = np.random.default_rng(seg)
         for first, cnt, bucket in (extents[i] for i in rng.choice(len(extents), min(32, len(extents)), replace=False)) if extents else ():
@@ -142,12 +149,17 @@ def _verify_segment(store, seg, rec, extents, id_locs, dead, sums: dict[str, np.
                 problems.append(f"{name}: rows {first}.. do not hash to their bucket {bucket}")
                 break
         stored_ids = np.asarray(reader.ids(0, n))
-        dead_set = set(dead.tolist()) if dead is not None else set()
-        if len(id_locs) + len(dead_set) != n:
-            problems.append(f"{name}: {len(id_locs)} live ids + {len(dead_set)} deleted != {n} rows")
+        # a deleted row that a split's dropped extent held is simply gone
+        dead_set = {r for r in dead.tolist() if r < n and covered[r]} if dead is not None else set()
+        if len(id_locs) + len(dead_set) != int(covered.sum()):
+            problems.append(f"{name}: {len(id_locs)} live ids + {len(dead_set)} deleted != "
+                            f"{int(covered.sum())} rows in buckets")
         for row, i in id_locs:
             if row >= n or int(stored_ids[row]) != i:
                 problems.append(f"{name}: id {i} maps to row {row}, which holds another id")
+                break
+            if not covered[row] or row in dead_set:
+                problems.append(f"{name}: id {i} maps to row {row}, which no bucket holds live")
                 break
     finally:
         reader.close()

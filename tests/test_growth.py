@@ -154,6 +154,14 @@ def test_merge_plan_tiers() -> None:
     assert plan == [2, 3, 4, 5]
 
 
+def test_merge_plan_rewrites_a_mostly_dead_segment_alone() -> None:
+    live, stored = {1: 400, 2: 90, 3: 1000}, {1: 1000, 2: 100, 3: 1000}
+    assert merge_plan(live, stored=stored, factor=4, min_rows=100) == [1]  # 600 of 1,000 rows dead
+    assert merge_plan({**live, 1: 600}, stored=stored, factor=4, min_rows=100) == []  # 400 of 1,000
+    assert merge_plan({1: 40, 2: 90}, stored={1: 99, 2: 100}, factor=4, min_rows=100) == []  # too few dead
+    assert merge_plan(live, factor=4, min_rows=100) == []  # without stored sizes: tiers only
+
+
 def test_tiered_merges_keep_segments_few_and_results_equal_one_ingest(tmp_path, monkeypatch) -> None:
     """60 small ingests with pinned bits: merges keep O(F log N) segments, and every search
     returns exactly what a store filled in one ingest returns (same buckets, same rows)."""

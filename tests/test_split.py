@@ -205,3 +205,28 @@ def test_cli_ingest_into_a_tree_store_reports_its_buckets_and_splits(tmp_path, w
     assert buckets > trained
     assert re.search(rf"Split full buckets: [\d,]+ rows moved, {buckets:,} buckets now\.", second.stdout), \
         second.stdout
+
+
+def test_a_split_that_cannot_fit_is_deferred_before_it_writes(tmp_path, wordnet, small_tree_sizing,
+                                                              monkeypatch) -> None:
+    """The up-front space check of a split (not an OS error mid-write) defers it too."""
+    import shutil
+    from collections import namedtuple
+
+    torch.set_num_threads(1)
+    base = np.asarray(wordnet.base, dtype=np.float32)
+    with asteria_store.create(tmp_path / "s", dim=base.shape[1]) as store:
+        store.ingest(base[:1500])
+        real = shutil.disk_usage
+        calls = [0]
+
+        def disk_usage(path):  # room for the ingest (first check), none for the split after it
+            calls[0] += 1
+            usage = real(path)
+            return usage if calls[0] == 1 else namedtuple("usage", "total used free")(usage.total, usage.used, 0)
+
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+        with pytest.warns(asteria_store.UpkeepDeferredWarning, match="Not enough space on the device"):
+            result = store.ingest(base[1500:2200])
+        assert result.split_rows == 0 and len(store) == 2200
+        assert store.verify().ok

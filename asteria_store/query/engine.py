@@ -52,6 +52,9 @@ class View:
     lookup_extents: Callable[[int], list[tuple[int, int, int]]]
     #: What the LRSQ codes of this state's router are labelled with (codes_digest of the
     #: catalog's router record): codes labelled so are usable.
+    #: Row ranges ``[start, end)`` (k, 2) of each segment that no bucket extent covers:
+    #: rows a split moved to another segment, not live (like deleted rows).
+    gaps: dict[int, np.ndarray] = field(default_factory=dict)
     codes_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     _range_cache: dict[int, _BucketRanges] = field(default_factory=dict)
@@ -79,15 +82,23 @@ class View:
         return r
 
     def live_mask(self, seg: int, first: int, n: int) -> np.ndarray | None:
-        """Boolean mask of live rows in ``[first, first + n)`` of ``seg``; None if all live."""
+        """Boolean mask of live rows in ``[first, first + n)`` of ``seg`` (not deleted, not
+        in a gap); None if all live."""
+        mask = None
         dead = self.deleted.get(seg)
-        if dead is None or len(dead) == 0:
-            return None
-        lo, hi = np.searchsorted(dead, [first, first + n])
-        if lo == hi:
-            return None
-        mask = np.ones(n, dtype=bool)
-        mask[dead[lo:hi] - first] = False
+        if dead is not None and len(dead):
+            lo, hi = np.searchsorted(dead, [first, first + n])
+            if lo < hi:
+                mask = np.ones(n, dtype=bool)
+                mask[dead[lo:hi] - first] = False
+        gaps = self.gaps.get(seg)
+        if gaps is not None and len(gaps):
+            lo = int(np.searchsorted(gaps[:, 1], first, side="right"))
+            hi = int(np.searchsorted(gaps[:, 0], first + n, side="left"))
+            for start, end in gaps[lo:hi].tolist():
+                if mask is None:
+                    mask = np.ones(n, dtype=bool)
+                mask[max(start, first) - first : min(end, first + n) - first] = False
         return mask
 
 

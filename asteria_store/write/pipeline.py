@@ -234,6 +234,8 @@ class SegmentPipeline:
         attempt = Attempt()
         try:
             yield attempt
+        except AsteriaError:  # already one line (a DiskFullError is an OSError too)
+            raise
         except OSError as exc:
             raise self.write_error(exc, n) from None
         finally:
@@ -272,20 +274,25 @@ class PreparedRows:
         return self.rows[rows].astype(np.float32, copy=False)
 
 
-class StoredRows:
-    """The live rows of a view's segments (all, or ``segs``) as one ``(n, d)`` source:
-    ``blocks`` in storage order and ``take`` of ascending row numbers, like VectorSource."""
+def live_rows(view: View, segs: list[int] | None = None) -> dict[int, np.ndarray]:
+    """The live rows of each segment of ``view`` (all, or ``segs``), ascending: neither
+    deleted nor in a gap (rows a split moved out have no extent and no tombstone)."""
+    out = {}
+    for seg in sorted(view.segments) if segs is None else segs:
+        n = view.segments[seg].n
+        mask = view.live_mask(seg, 0, n)
+        out[seg] = np.arange(n) if mask is None else np.flatnonzero(mask)
+    return out
 
-    def __init__(self, view: View, segs: list[int] | None = None, *, rows: dict[int, np.ndarray] | None = None):
-        """``rows``: instead of whole segments, these live rows (ascending) of each."""
-        self.parts = []
-        if rows is not None:
-            self.parts = [(view.segments[seg], np.asarray(r, dtype=np.int64)) for seg, r in sorted(rows.items())]
-        else:
-            for seg in sorted(view.segments) if segs is None else segs:
-                reader = view.segments[seg]
-                mask = view.live_mask(seg, 0, reader.n)
-                self.parts.append((reader, np.arange(reader.n) if mask is None else np.flatnonzero(mask)))
+
+class StoredRows:
+    """Live rows of a view's segments (:func:`live_rows`, or some of them) as one ``(n,
+    d)`` source: ``blocks`` in storage order and ``take`` of ascending row numbers, like
+    VectorSource."""
+
+    def __init__(self, view: View, rows: dict[int, np.ndarray]):
+        """``rows``: the rows (ascending) of each segment, in segment order."""
+        self.parts = [(view.segments[seg], np.asarray(r, dtype=np.int64)) for seg, r in sorted(rows.items())]
         self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
         self.n = int(self.offsets[-1])
         self.dim = self.parts[0][0].dim if self.parts else 0
@@ -330,4 +337,4 @@ class StoredRows:
             if self.parts else np.empty(0, dtype=np.uint64)
 
 
-__all__ = ["MODEL_DIR", "Attempt", "PreparedRows", "SegmentPipeline", "StoredRows", "Written"]
+__all__ = ["MODEL_DIR", "Attempt", "PreparedRows", "SegmentPipeline", "StoredRows", "Written", "live_rows"]

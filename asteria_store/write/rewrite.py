@@ -31,7 +31,7 @@ from ..results import TrainResult
 from ..storage.catalog import Catalog
 from .commit import Commits, record_segment
 from .gc import forget_damage
-from .pipeline import SegmentPipeline, StoredRows
+from .pipeline import SegmentPipeline, StoredRows, live_rows
 from .upkeep import count_upkeep, set_growth
 
 
@@ -52,7 +52,7 @@ class Rewrites:
         choice; a growth re-fit's own target is not pinned)."""
         started = time.perf_counter()
         view = self.reads.current_view()
-        stored = StoredRows(view)
+        stored = StoredRows(view, live_rows(view))
         size = sample_rows_for(stored.n, bits=settings.get("bits"))
         x = self.pipeline.sample_rows(src if src is not None else stored, size, settings.get("seed", 0))
         router, history = self.fit(check_sample_size(x), settings, expected=max(stored.n, len(x)), init=init,
@@ -114,8 +114,8 @@ class Rewrites:
         with cat.read() as txn:
             seg = int(cat.get_meta(txn, "next_segment"))
             keys, buckets = _segment_keys(cat, txn, segs, view)
-        rows = StoredRows(view, segs)
-        row_keys = np.concatenate([keys[s][live] for s, (_, live) in zip(segs, rows.parts)]) \
+        rows = StoredRows(view, live_rows(view, segs))
+        row_keys = np.concatenate([keys[s][live] for s, (_, live) in zip(sorted(segs), rows.parts)]) \
             if rows.n else np.empty(0, dtype=np.uint64)
         with self.pipeline.attempt(seg, rows.n) as attempt:
             self.pipeline.check_disk_space(rows.n)
@@ -140,9 +140,10 @@ class Rewrites:
         """Split each of ``leaves`` (buckets of a tree router) in two (model/tree.py
         ``TreeRouter.split``): their live rows move to ONE new segment under their new keys,
         with their LRSQ codes copied (the quantizer does not change), and ONE commit
-        publishes it with the new model, deletes the rows' old places and renumbers every
-        other bucket's extents. Returns the rows moved (0: no leaf separated, nothing
-        written)."""
+        publishes it with the new model, points the rows' ids at it and renumbers every
+        other bucket's extents. Their old places keep no extent: they are no longer part
+        of the store (:func:`live_rows`), and need no tombstone. Returns the rows moved
+        (0: no leaf separated, nothing written)."""
         started = time.perf_counter()
         view = self.reads.current_view()
         router = self.reads.router
@@ -161,7 +162,7 @@ class Rewrites:
         segs = sorted(picked)
         rows = {s: np.concatenate(picked[s]) for s in segs}
         leaf = np.concatenate([np.concatenate(leaf_of[s]) for s in segs]) if segs else np.empty(0, dtype=np.int64)
-        x = StoredRows(view, rows=rows).take(np.arange(len(leaf)))  # StoredRows order: by segment
+        x = StoredRows(view, rows).take(np.arange(len(leaf)))  # StoredRows order: by segment
         tree, renumber = router.split({b: x[leaf == b] for b in sorted(leaves)})
         split_leaves = np.flatnonzero(np.diff(np.append(renumber, tree.n_buckets)) == 2)
         moving = np.isin(leaf, split_leaves)
@@ -172,10 +173,8 @@ class Rewrites:
         bounds = np.cumsum([0] + [len(rows[s]) for s in segs])
         keep = {s: rows[s][moving[a:b]] for s, a, b in zip(segs, bounds[:-1], bounds[1:])}
         keep = {s: r for s, r in keep.items() if len(r)}
-        moved = StoredRows(view, rows=keep)
+        moved = StoredRows(view, keep)
         ids = moved.ids()
-        old_segs = np.concatenate([np.full(len(keep[s]), s) for s in sorted(keep)])
-        old_rows = np.concatenate([keep[s] for s in sorted(keep)])
         with self.pipeline.attempt(seg, moved.n) as attempt:
             self.pipeline.check_disk_space(moved.n)
             attempt.model = model_rec = {**self.pipeline.save_model(tree), "codes": self.reads.codes_digest}
@@ -184,7 +183,7 @@ class Rewrites:
             seconds = time.perf_counter() - started
 
             def changes(txn, generation: int) -> None:
-                cat.delete_ids(txn, ids, old_segs, old_rows)
+                # the rows' old places lose their extents (no tombstones: the ids move)
                 cat.renumber_buckets(txn, renumber, drop=split_leaves)
                 record_segment(cat, txn, seg, written, overwrite_ids=True)
                 count_upkeep(cat, txn, "splits", moved.n, seconds)

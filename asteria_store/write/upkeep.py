@@ -43,7 +43,7 @@ from ..progress import ProgressLike
 from ..reads import ReadSide
 from ..storage.catalog import Catalog
 from .gc import Garbage
-from .pipeline import StoredRows
+from .pipeline import StoredRows, live_rows
 
 if TYPE_CHECKING:
     from .rewrite import Rewrites
@@ -66,7 +66,11 @@ SPLIT_STEP_ROWS = 131_072
 
 #: A tree re-fits when the data calls for this many times the buckets it was trained with;
 #: in between, splits keep its buckets at their size.
-TREE_REFIT_FACTOR = 8
+TREE_REFIT_FACTOR = 4
+
+#: A segment more than this fraction of whose rows are dead (deleted, or moved out by
+#: splits) is rewritten alone: the store's bytes stay under ~2x its live rows'.
+DEAD_MAX_FRACTION = 0.5
 
 #: Tiered merging: segments under MERGE_MIN_ROWS live rows form tier 0, then tier t holds
 #: [MERGE_MIN_ROWS * F**(t-1), MERGE_MIN_ROWS * F**t); a tier with F segments is merged.
@@ -80,20 +84,26 @@ def learned_plan(count: int, *, pinned: int | None = None) -> BucketPlan:
     return plan_buckets(count, min(count, sample_rows_for(count, bits=pinned)), bits=pinned)
 
 
-def merge_plan(live_rows: dict[int, int], *, factor: int | None = None,
+def merge_plan(live: dict[int, int], *, stored: dict[int, int] | None = None, factor: int | None = None,
                min_rows: int | None = None) -> list[int]:
-    """The segments to merge next (the lowest tier holding ``factor`` of them), or [].
-    ``factor`` and ``min_rows`` default to MERGE_FACTOR and MERGE_MIN_ROWS as they are at
-    the call (tests and tools may change them)."""
+    """The segments to merge next: the lowest tier holding ``factor`` of them (by ``live``
+    rows), else the segment with the most dead rows (``stored`` - ``live``: deleted, or
+    moved out by splits) if they are over DEAD_MAX_FRACTION of it and at least
+    ``min_rows``, alone; or []. ``factor`` and ``min_rows`` default to MERGE_FACTOR and
+    MERGE_MIN_ROWS as they are at the call (tests and tools may change them)."""
     factor = factor or MERGE_FACTOR
     min_rows = min_rows or MERGE_MIN_ROWS
     tiers: dict[int, list[int]] = {}
-    for seg, rows in live_rows.items():
+    for seg, rows in live.items():
         tier = 0 if rows < min_rows else 1 + int(math.log(rows / min_rows, factor) + 1e-9)
         tiers.setdefault(tier, []).append(seg)
     for tier in sorted(tiers):
         if len(tiers[tier]) >= factor:
             return sorted(tiers[tier])
+    dead = {s: stored[s] - rows for s, rows in live.items()} if stored is not None else {}
+    worst = max(dead, key=lambda s: (dead[s], -s), default=None)
+    if worst is not None and dead[worst] >= max(min_rows, DEAD_MAX_FRACTION * stored[worst]):
+        return [worst]
     return []
 
 
@@ -149,7 +159,7 @@ class Upkeep:
             router = self.reads.router
             if router.kind == "sign":
                 fresh = SignHasher.random(self.reads.config.dim, target, seed=growth.get("seed", 0))
-                self.rewrites.rebucket(fresh, view, StoredRows(view), progress, started=started,
+                self.rewrites.rebucket(fresh, view, StoredRows(view, live_rows(view)), progress, started=started,
                                        pinned_bits=growth.get("bits"), upkeep=True)
                 self.garbage.collect()
                 return UpkeepDone(refitted=True, seconds=time.perf_counter() - started)
@@ -169,9 +179,9 @@ class Upkeep:
             leaves, _ = self.split_plan(self.reads.current_view())
         while True:
             view = self.reads.current_view()
-            damaged = {s for s in view.segments if view.segments[s].quarantined}
-            plan = merge_plan({s: r.n - len(view.deleted.get(s, ())) for s, r in view.segments.items()
-                               if s not in damaged})
+            damaged = [s for s in view.segments if view.segments[s].quarantined]
+            live = {s: len(rows) for s, rows in live_rows(view).items() if s not in damaged}
+            plan = merge_plan(live, stored={s: view.segments[s].n for s in live})
             if not plan:
                 break
             self.rewrites.merge(plan, progress)
@@ -242,6 +252,6 @@ def count_upkeep(cat: Catalog, txn: lmdb.Transaction, what: str, rows: int, seco
     cat.put_meta(txn, "maintenance", stats)
 
 
-__all__ = ["GROWTH_FACTOR", "MERGE_FACTOR", "MERGE_MIN_ROWS", "MIN_TRAIN_ROWS", "SPLIT_FACTOR", "SPLIT_STEP_ROWS",
+__all__ = ["DEAD_MAX_FRACTION", "GROWTH_FACTOR", "MERGE_FACTOR", "MERGE_MIN_ROWS", "MIN_TRAIN_ROWS", "SPLIT_FACTOR", "SPLIT_STEP_ROWS",
            "TREE_REFIT_FACTOR", "Upkeep", "UpkeepDone",
            "count_upkeep", "learned_plan", "merge_plan", "set_growth"]
