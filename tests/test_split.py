@@ -230,3 +230,18 @@ def test_a_split_that_cannot_fit_is_deferred_before_it_writes(tmp_path, wordnet,
             result = store.ingest(base[1500:2200])
         assert result.split_rows == 0 and len(store) == 2200
         assert store.verify().ok
+
+
+def test_a_model_file_store_never_splits(tmp_path, wordnet, small_tree_sizing) -> None:
+    """A store made from a model file keeps that model (a collection's shards share one),
+    however full its buckets get."""
+    torch.set_num_threads(1)
+    base = np.asarray(wordnet.base, dtype=np.float32)
+    asteria_store.train_model(base[:1500], save=tmp_path / "m.pt", dim=base.shape[1], seed=0)
+    with asteria_store.create(tmp_path / "s", dim=base.shape[1], model=tmp_path / "m.pt") as store:
+        buckets = store.info()["buckets"]
+        assert store.router.kind == "tree"
+        result = store.ingest(base)  # 2x the rows the model was sized for: full buckets
+        assert result.split_rows == 0
+        assert store.info()["buckets"] == buckets
+        assert store.info()["internals"]["maintenance"].get("splits", 0) == 0

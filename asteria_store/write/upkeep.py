@@ -169,7 +169,8 @@ class Upkeep:
             self.garbage.collect()
             return UpkeepDone(trained=True, refitted=True, train_seconds=result.seconds,
                               seconds=time.perf_counter() - started)
-        leaves, overfull = self.split_plan(self.reads.current_view())
+        # A store that does not grow (a model file's: collections share one) keeps its buckets.
+        leaves, overfull = self.split_plan(self.reads.current_view()) if growth.get("grow") else ([], 0)
         for _ in range(2 + overfull // SPLIT_STEP_ROWS):  # bounded: halves are not split again
             moved = self.rewrites.split(leaves, progress) if leaves else 0
             if not moved:
