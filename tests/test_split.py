@@ -149,9 +149,14 @@ def test_a_growing_store_splits_its_full_buckets_and_keeps_its_results(tmp_path,
     reader.close()
 
 
+@pytest.mark.parametrize("fault", ["mid-write", "up-front"])
 def test_a_disk_that_fills_during_a_split_defers_it_and_loses_nothing(tmp_path, wordnet, small_tree_sizing,
-                                                                       monkeypatch) -> None:
+                                                                       monkeypatch, fault) -> None:
+    """An OS error while the split's segment is written, or the split's up-front space
+    check: either way the ingest stands and the split waits for the next one."""
     import errno
+    import shutil
+    from collections import namedtuple
 
     from asteria_store.storage import segments as seglib
     from asteria_store.testing.faults import fail_on_call
@@ -161,11 +166,22 @@ def test_a_disk_that_fills_during_a_split_defers_it_and_loses_nothing(tmp_path, 
     with asteria_store.create(tmp_path / "s", dim=base.shape[1]) as store:
         store.ingest(base[:1500])
         splits = store.info()["internals"]["maintenance"].get("splits", 0)
-        # the ingest's own segment is write 1; the first split's segment is write 2
-        fail_on_call(monkeypatch, seglib.SegmentWriter, "write", 2, OSError(errno.ENOSPC, "No space left"))
-        with pytest.warns(asteria_store.UpkeepDeferredWarning, match="upkeep was deferred: No space left"):
+        if fault == "mid-write":  # the ingest's own segment is write 1, the first split's write 2
+            fail_on_call(monkeypatch, seglib.SegmentWriter, "write", 2, OSError(errno.ENOSPC, "No space left"))
+            message = "No space left"
+        else:  # room for the ingest (the first check), none for the split after it
+            real, calls = shutil.disk_usage, [0]
+
+            def disk_usage(path):
+                calls[0] += 1
+                usage = real(path)
+                return usage if calls[0] == 1 else namedtuple("usage", "total used free")(usage.total, usage.used, 0)
+
+            monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+            message = "Not enough space on the device"
+        with pytest.warns(asteria_store.UpkeepDeferredWarning, match=f"upkeep was deferred: {message}"):
             result = store.ingest(base[1500:2200])
-        assert result.split_rows == 0 and "No space left" in result.upkeep_deferred
+        assert result.split_rows == 0 and message in result.upkeep_deferred
         assert len(store) == 2200
         assert store.info()["internals"]["maintenance"].get("splits", 0) == splits
         report = store.verify()
@@ -173,7 +189,9 @@ def test_a_disk_that_fills_during_a_split_defers_it_and_loses_nothing(tmp_path, 
         np.testing.assert_allclose(store.get(np.arange(1500, 2200)),
                                    base[1500:2200] / np.linalg.norm(base[1500:2200], axis=1, keepdims=True),
                                    atol=1e-6)
-        later = store.ingest(base[2200:])  # space again: the deferred splits run
+        if fault == "up-front":  # space again (the mid-write fault fails one call only)
+            monkeypatch.setattr(shutil, "disk_usage", real)
+        later = store.ingest(base[2200:])  # the deferred splits run
         assert later.split_rows > 0 and later.upkeep_deferred is None
         assert store.verify().ok
 
@@ -205,31 +223,6 @@ def test_cli_ingest_into_a_tree_store_reports_its_buckets_and_splits(tmp_path, w
     assert buckets > trained
     assert re.search(rf"Split full buckets: [\d,]+ rows moved, {buckets:,} buckets now\.", second.stdout), \
         second.stdout
-
-
-def test_a_split_that_cannot_fit_is_deferred_before_it_writes(tmp_path, wordnet, small_tree_sizing,
-                                                              monkeypatch) -> None:
-    """The up-front space check of a split (not an OS error mid-write) defers it too."""
-    import shutil
-    from collections import namedtuple
-
-    torch.set_num_threads(1)
-    base = np.asarray(wordnet.base, dtype=np.float32)
-    with asteria_store.create(tmp_path / "s", dim=base.shape[1]) as store:
-        store.ingest(base[:1500])
-        real = shutil.disk_usage
-        calls = [0]
-
-        def disk_usage(path):  # room for the ingest (first check), none for the split after it
-            calls[0] += 1
-            usage = real(path)
-            return usage if calls[0] == 1 else namedtuple("usage", "total used free")(usage.total, usage.used, 0)
-
-        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
-        with pytest.warns(asteria_store.UpkeepDeferredWarning, match="Not enough space on the device"):
-            result = store.ingest(base[1500:2200])
-        assert result.split_rows == 0 and len(store) == 2200
-        assert store.verify().ok
 
 
 def test_a_model_file_store_never_splits(tmp_path, wordnet, small_tree_sizing) -> None:
