@@ -291,7 +291,7 @@ def parent(a: argparse.Namespace) -> None:
     for n in checkpoints:
         if not (data / f"gt_{n}_ids.npy").exists():
             sys.exit(f"no ground truth {data}/gt_{n}_ids.npy: run growth_data.py with --gt-at {a.checkpoints}")
-    oneshot = set(ints(a.oneshot_at) if a.oneshot_at else [total])
+    oneshot = set(ints(a.oneshot_at)) if a.oneshot_at is not None else {total}  # "": none
     ends = plan(total, a.batches, a.first, checkpoints)
     store = Path(a.store)
     if (store / "grown").exists():
@@ -418,7 +418,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100, help="ingests of the grown store (>= this many)")
     ap.add_argument("--first", type=int, default=10_000, help="rows of the first ingest")
     ap.add_argument("--checkpoints", default=None, help="comma-separated N to measure at (default: all rows)")
-    ap.add_argument("--oneshot-at", default=None, help="checkpoints with a one-shot store too (default: the last)")
+    ap.add_argument("--oneshot-at", default=None, help="checkpoints with a one-shot store too (default: the last; '' for none)")
     ap.add_argument("--probes", default="8,16,32,64")
     ap.add_argument("--single", type=int, default=200, help="queries timed one by one")
     ap.add_argument("--cold", type=int, default=20, help="queries timed one by one after evicting the store")
