@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import select
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import numpy as np
 import asteria_store
 from asteria_store.storage import catalog
 
-path, queries, out, ready, stop, k, n_buckets, map_size = sys.argv[1:9]
+path, queries, out, stop, k, n_buckets, map_size = sys.argv[1:8]
 k, n_buckets = int(k), int(n_buckets)
 catalog.INITIAL_MAP_SIZE = int(map_size)
 store = asteria_store.open(path, readonly=True)
@@ -56,11 +58,11 @@ def observe():
 
 observations = [observe()]
 problems = []
-Path(ready).touch()
+print(len(observations), flush=True)  # progress the writer waits on (stdout)
 deadline = time.monotonic() + 600  # a guard only: the stop file ends it
 while not os.path.exists(stop) and time.monotonic() < deadline:
     observations.append(observe())
-    Path(ready).write_text(str(len(observations)))  # progress the writer can wait on
+    print(len(observations), flush=True)
     if len(observations) % 4 == 0:  # a read-only verify must not block on, or trip over, the writer
         problems.extend(store.verify().problems)
 observations.append(observe())  # after the stop file: the final state
@@ -91,20 +93,41 @@ def digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(ids.astype(np.int64)).tobytes()).hexdigest()
 
 
-def wait_for(done, procs, *, timeout: float = 60.0, what: str = "a reader's state") -> None:
-    """Poll ``done()`` until true, failing at the deadline or if a child exits first."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        for p in procs:
-            assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, f"{what} never came"
-        time.sleep(0.01)
+class Progress:
+    """A reader's progress: the count of searches it prints on stdout, one per line,
+    waited on with ``select`` (blocking until a line comes), with a deadline."""
 
+    def __init__(self, proc):
+        self.proc = proc
+        self.searches = 0
+        self._partial = b""
 
-def searches(ready: Path) -> int:
-    """Searches a reader has finished (0 before its first progress note)."""
-    text = ready.read_text() if ready.exists() else ""
-    return int(text) if text else 0
+    def now(self) -> int:
+        """The searches it has finished by now (every line already written is read)."""
+        while self._read(0):
+            pass
+        return self.searches
+
+    def wait(self, n: int, *, timeout: float = 60.0) -> None:
+        """Block until the reader has finished ``n`` searches; fail at the deadline or if it
+        exits first."""
+        deadline = time.monotonic() + timeout
+        while self.searches < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the reader never finished {n} searches (it did {self.searches})"
+            self._read(left)
+
+    def _read(self, timeout: float) -> bool:
+        """Read what the reader wrote, waiting up to ``timeout`` s for it; whether any came."""
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], timeout)[0]:
+            return False
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the reader exited: {self.proc.communicate()}"
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        if lines:
+            self.searches = int(lines[-1])
+        return True
 
 
 def test_readers_see_whole_commits_only(tmp_path, python_child, monkeypatch):
@@ -125,12 +148,11 @@ def test_readers_see_whole_commits_only(tmp_path, python_child, monkeypatch):
     stop = tmp_path / "stop"
     readers = []
     for r in range(2):
-        out, ready = tmp_path / f"reader{r}.json", tmp_path / f"reader{r}.ready"
-        proc = python_child(READER, path, queries, out, ready, stop, K, 2**BITS, SMALL_MAP)
-        readers.append((proc, out, ready))
-    procs = [p for p, _, _ in readers]
-    for _, _, ready in readers:
-        wait_for(ready.exists, procs, what=f"{ready}")
+        out = tmp_path / f"reader{r}.json"
+        proc = python_child(READER, path, queries, out, stop, K, 2**BITS, SMALL_MAP)
+        readers.append((proc, out, Progress(proc)))
+    for _, _, progress in readers:
+        progress.wait(1)
 
     # Commits while the readers search: four ingests and a delete, with pauses so that
     # the readers also catch the states in between.
@@ -147,9 +169,8 @@ def test_readers_see_whole_commits_only(tmp_path, python_child, monkeypatch):
             live = np.concatenate([live, new])
         states.append(digest(live))
         # each reader finishes a search begun after this commit before the next one
-        after = [searches(ready) + 2 for _, _, ready in readers]
-        for (_, _, ready), n in zip(readers, after):
-            wait_for(lambda: searches(ready) >= n, procs)
+        for _, _, progress in readers:
+            progress.wait(progress.now() + 2)
     assert len(store) == len(live) < K
     assert store._catalog.env.info()["map_size"] >= 4 * SMALL_MAP
     stop.touch()
