@@ -50,11 +50,11 @@ class View:
     segments: dict[int, SegmentReader]
     deleted: dict[int, np.ndarray]
     lookup_extents: Callable[[int], list[tuple[int, int, int]]]
-    #: What the LRSQ codes of this state's router are labelled with (codes_digest of the
-    #: catalog's router record): codes labelled so are usable.
     #: Row ranges ``[start, end)`` (k, 2) of each segment that no bucket extent covers:
     #: rows a split moved to another segment, not live (like deleted rows).
     gaps: dict[int, np.ndarray] = field(default_factory=dict)
+    #: What the LRSQ codes of this state's router are labelled with (codes_digest of the
+    #: catalog's router record): codes labelled so are usable.
     codes_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     _range_cache: dict[int, _BucketRanges] = field(default_factory=dict)

@@ -98,10 +98,11 @@ class SegmentPipeline:
         seglib.fsync_dir(model_dir.parent)
         return {"dir": f"{MODEL_DIR}/{name}", "digest": digest}
 
-    def write_bucketed(self, seg: int, rows, ids: np.ndarray, router: Router, digest: str,
+    def write_bucketed(self, seg: int, rows, ids: np.ndarray, router: Router, codes: str,
                        progress: ProgressLike, *, keys: np.ndarray | None = None) -> Written:
         """Hash ``rows`` with ``router`` (or take their ``keys``), sort them by bucket and
-        write them as segment ``seg`` (not yet published): what publishing it needs."""
+        write them as segment ``seg`` (not yet published), LRSQ codes labelled ``codes`` (a
+        router record's codes_digest): what publishing it needs."""
         if keys is None:
             keys, prepared = self.hash_rows(rows, progress, router)
             rows = prepared or rows
@@ -111,7 +112,7 @@ class SegmentPipeline:
         seg_ids = ids[order]
         # Small segments get small chunks: Zarr pads the edge chunk to full size.
         chunk_rows = min(self.config.chunk_rows, max(256, 1 << (len(ids) - 1).bit_length()))
-        lrsq, sums = self.write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, digest)
+        lrsq, sums = self.write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, codes)
         return Written(sorted_keys, seg_ids, chunk_rows, lrsq, sums)
 
     def hash_rows(self, source: VectorSource | StoredRows, progress: ProgressLike,
@@ -162,7 +163,7 @@ class SegmentPipeline:
 
     def write_segment(self, seg: int, source: VectorSource | StoredRows | PreparedRows, order: np.ndarray,
                       seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
-                      router: Router, model_digest: str) -> tuple[dict | None, dict[str, np.ndarray]]:
+                      router: Router, codes: str) -> tuple[dict | None, dict[str, np.ndarray]]:
         """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync.
 
         With a learned router, every row's LRSQ codes (of its stored form) are written too:
@@ -173,8 +174,8 @@ class SegmentPipeline:
         window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
         quantizer = router.lrsq
         lrsq = None if quantizer is None else {"rank": quantizer.rank, "aux": quantizer.aux_width,
-                                               "block": quantizer.block, "model": model_digest}
-        copy_codes = quantizer is not None and isinstance(source, StoredRows) and source.has_codes(model_digest)
+                                               "block": quantizer.block, "model": codes}
+        copy_codes = quantizer is not None and isinstance(source, StoredRows) and source.has_codes(codes)
         stored_form = isinstance(source, (StoredRows, PreparedRows))
         writer = seglib.SegmentWriter(self.segments_root, segment_name(seg), n=n, dim=dim,
                                       dtype=self.config.dtype, chunk_rows=chunk_rows,
@@ -312,9 +313,9 @@ class StoredRows:
             out[sel] = values
         return out
 
-    def has_codes(self, digest: str) -> bool:
-        """Whether every part holds LRSQ codes encoded by the model of ``digest``."""
-        return all(r.lrsq_meta is not None and r.lrsq_meta.get("model") == digest for r, _ in self.parts)
+    def has_codes(self, codes: str) -> bool:
+        """Whether every part holds LRSQ codes labelled ``codes``."""
+        return all(r.lrsq_meta is not None and r.lrsq_meta.get("model") == codes for r, _ in self.parts)
 
     def take_codes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The stored LRSQ codes and aux values of ascending ``rows``."""

@@ -135,7 +135,6 @@ class Rewrites:
             self.commits.commit(changes, what="a merge", expect={"generation": view.generation}, retire=segs)
             attempt.published = True
 
-
     def split(self, leaves: list[int], progress: ProgressLike) -> int:
         """Split each of ``leaves`` (buckets of a tree router) in two (model/tree.py
         ``TreeRouter.split``): their live rows move to ONE new segment under their new keys,

@@ -1,6 +1,8 @@
-"""Upkeep policy: when the index re-fits itself and which segments it merges.
+"""Upkeep policy: when the index re-fits itself, which buckets it splits and which
+segments it merges.
 
-After each ingest, under the same writer lock, one step at most (each its own commit):
+After each ingest, under the same writer lock, the first training or a growth re-fit if
+one is due, else splits and then merges (each step its own commit):
 
 * **First training** of a learned store, once it holds ``MIN_TRAIN_ROWS`` vectors.
 * **Growth re-fit**: once the data calls for more buckets than the model has (the bucket
@@ -32,7 +34,6 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 import lmdb
-
 import numpy as np
 
 from ..errors import DiskFullError
@@ -214,8 +215,9 @@ class Upkeep:
     def growth_target(self, count: int, growth: dict) -> int | None:
         """The bits a growth re-fit would pass to training now (``growth``: the catalog's
         record; 0: let the sizing rule choose a tree's buckets), or None when none is due:
-        when the data calls for GROWTH_FACTOR times the buckets the model has (what one
-        ingest of all of it would get), or, for a flat learned model, when the store has
+        when the data calls for GROWTH_FACTOR times the buckets the model has (a tree:
+        TREE_REFIT_FACTOR times the buckets it was trained with; what one ingest of all of
+        it would get), or, for a flat learned model, when the store has
         grown GROWTH_FACTOR-fold since the fit and the training sample could be twice as
         big."""
         if not growth.get("grow"):
