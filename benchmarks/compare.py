@@ -14,8 +14,8 @@ WordNet (MiniLM, 106,697 x 384), example-sentence queries and held-out queries:
         --gt .../gt_heldout_ids.npy --out benchmarks/results/compare_wordnet_heldout.jsonl \\
         --plot docs/img/compare_wordnet_heldout.png   (other flags as above)
 
-Peers need the ``peers`` extra (faiss-cpu, hnswlib, lancedb); one that is not installed is
-reported as skipped. Without ``--gt`` the exact top-k (inner product of L2-normalised float32
+Peers need the ``peers`` extra (faiss-cpu, hnswlib, lancedb, scann); one that is not installed
+is reported as skipped. Without ``--gt`` the exact top-k (inner product of L2-normalised float32
 vectors, numpy) is computed here and saved in ``--workdir``. ``--threads 1,2`` runs every
 system at each thread count.
 
@@ -39,6 +39,14 @@ indexes (faiss, lancedb) get ``--nlist`` lists, by default the asteria store's b
 ``kib_read_per_query`` for RAM indexes counts vectors/codes touched x their size (centroids,
 graph links not counted); lancedb does not expose it. lancedb's batch is one multi-vector
 query (rows tagged ``query_index``); its sample_rate is lowered so it trains all nlist lists.
+
+Two 4-bit quantised peers (not in the runs above; add them to ``--systems``): ``faiss-ivfpqfs``
+(faiss ``IVF{nlist},PQ{d/2}x4fs`` fast-scan codes in ``IndexRefineFlat``; sweeps
+``--ivfpqfs-nprobe`` x ``--ivfpqfs-kfactor``) and ``scann`` (ScaNN's k-means tree of
+``--scann-leaves`` leaves, anisotropic 4-bit AH, exact reorder; sweeps ``--scann-search``
+leaves x ``--scann-reorder`` pre-reorder neighbours). Their rows carry both knobs in
+``params``; the plot joins each system's points in recall order. See their classes for how
+KiB/query is counted and how ScaNN's threads are set.
 """
 
 from __future__ import annotations
@@ -97,6 +105,10 @@ class System:
     def after(self, q: np.ndarray) -> dict:
         """Extra row fields measured after the timed runs (untimed)."""
         return {}
+
+    def describe(self, p) -> str:
+        """The row's ``params`` for sweep value ``p``."""
+        return f"{self.params}={p}"
 
 
 class Asteria(System):
@@ -206,10 +218,50 @@ class FaissIVFPQ(FaissIVF):
         super().set(p)
         self.index.k_factor = self.a.refine
 
+    def describe(self, p):
+        return f"{self.params}={p},refine={self.a.refine}"
+
     def stats(self, q, k):
         s = float(self.scanned(q).mean())
         return {"scanned_per_query": s,
                 "kib_read_per_query": (s * (self.m + 8) + k * self.a.refine * self.a.dim * 4) / 1024}
+
+
+class FaissIVFPQFastScan(FaissIVF):
+    """``IVF{nlist},PQ{d/2}x4fs`` (4-bit PQ codes of 2 dims each, scanned 32 rows at a time from
+    SIMD registers) in an ``IndexRefineFlat`` that reranks ``k_factor x k`` candidates exactly.
+    Sweeps nprobe (``--ivfpqfs-nprobe``) for each k_factor (``--ivfpqfs-kfactor``); trained on
+    the whole base like the other faiss IVF indexes (faiss samples 256 rows per centroid)."""
+    label, params = "faiss IVF-PQ4fs+refine (RAM)", "nprobe"
+
+    def __init__(self, a):
+        super().__init__(a)
+        self.sweep = [(nprobe, kf) for kf in ints(a.ivfpqfs_kfactor) for nprobe in ints(a.ivfpqfs_nprobe)]
+
+    def make(self, d):
+        self.code_bytes = d // 4  # d/2 sub-quantizers of 4 bits
+        index = self.faiss.index_factory(d, f"IVF{self.a.nlist},PQ{d // 2}x4fs,RFlat", self.faiss.METRIC_INNER_PRODUCT)
+        self.quant = self.faiss.extract_index_ivf(index).quantizer
+        return index
+
+    def set(self, p):
+        super().set(p[0])
+        self.p, self.index.k_factor = p, p[1]
+
+    def describe(self, p):
+        return f"nprobe={p[0]},k_factor={p[1]}"
+
+    def scanned(self, q):
+        return self.sizes[self.quant.search(q, self.p[0])[1]].sum(axis=1)
+
+    def stats(self, q, k):
+        """Bytes touched per query: the d/4-byte codes of every row in the probed lists
+        (exact, from the list sizes; the padding of each list to 32-row blocks and the ids,
+        read only for rows that enter the result heap, not counted) plus the k_factor x k
+        float32 rows of the exact rerank."""
+        s = float(self.scanned(q).mean())
+        return {"scanned_per_query": s,
+                "kib_read_per_query": (s * self.code_bytes + k * self.p[1] * self.a.dim * 4) / 1024}
 
 
 class FaissHNSW(Faiss):
@@ -248,6 +300,61 @@ class FaissHNSW(Faiss):
         ids = self.index.search(q, k)[1]
         s = self.faiss.cvar.hnsw_stats.ndis / len(q)  # distance computations per query
         return ids, {"scanned_per_query": s, "kib_read_per_query": s * self.a.dim * 4 / 1024}
+
+
+class Scann(System):
+    """ScaNN (pip ``scann``, its pybind API, no TensorFlow): a k-means tree of ``--scann-leaves``
+    leaves (default 2 sqrt(n)), anisotropic 4-bit AH codes (2 dims per 16-centre codebook,
+    threshold 0.2) scored with LUT16, and an exact float32 reorder of the best
+    ``pre_reorder_num_neighbors``. Sweeps leaves_to_search (``--scann-search``) for each
+    pre-reorder count (``--scann-reorder``, raised to k where smaller). The tree and AH train on
+    ScaNN's default samples of 100,000 rows, with ``--threads`` training threads.
+
+    Threads: one thread runs ``search_batched`` (ScaNN's serial batch) and ``search``; with t > 1
+    threads the batch is ``search_batched_parallel`` after ``set_num_threads(t - 1)``: ScaNN's
+    pool of N threads works alongside the calling thread, so N + 1 threads in all (counted from
+    /proc in ScaNN 1.4.2; ``set_num_threads(0)`` crashes it). Its mini-batches are nq / t queries
+    (at most 256) so that every thread gets work. One-query ``search`` is single-threaded.
+
+    ``kib_read_per_query`` is an estimate: leaves_to_search / num_leaves x n rows of d/4 bytes of
+    AH codes (ScaNN does not expose its leaf sizes; on WordNet held-out queries the exact count,
+    read once from a serialized searcher, was 3-4% above this), plus the float32 rows reordered."""
+    label, params = "ScaNN AH4+reorder (RAM)", "leaves"
+
+    def __init__(self, a):
+        super().__init__(a)
+        import scann
+        self.scann, self.version = scann.scann_ops_pybind, f"scann {metadata.version('scann')}"
+        self.leaves = a.scann_leaves or max(1, round(2 * math.sqrt(a.n)))
+        self.sweep = [(leaves, r) for r in ints(a.scann_reorder) for leaves in ints(a.scann_search)]
+
+    def build(self):
+        base = load_unit(self.a.base)
+        self.searcher = (self.scann.builder(base, self.a.k, "dot_product")
+                         .tree(num_leaves=self.leaves, num_leaves_to_search=self.sweep[0][0])
+                         .score_ah(2, anisotropic_quantization_threshold=0.2)
+                         .reorder(max(max(r for _, r in self.sweep), self.a.k))
+                         .set_n_training_threads(self.a.threads_n).build())
+        if self.a.threads_n > 1:
+            self.searcher.set_num_threads(self.a.threads_n - 1)
+
+    def describe(self, p):
+        return f"leaves={p[0]}/{self.leaves},reorder={p[1]}"
+
+    def batch(self, q, k):
+        leaves, r = self.p
+        r = max(r, k)
+        if self.a.threads_n > 1:
+            ids = self.searcher.search_batched_parallel(
+                q, k, r, leaves, batch_size=min(256, -(-len(q) // self.a.threads_n)))[0]
+        else:
+            ids = self.searcher.search_batched(q, k, r, leaves)[0]
+        s = leaves / self.leaves * self.a.n
+        return np.asarray(ids, np.int64), {"scanned_per_query": s,
+                                           "kib_read_per_query": (s * self.a.dim / 4 + r * self.a.dim * 4) / 1024}
+
+    def one(self, v):
+        self.searcher.search(v, 10, max(self.p[1], 10), self.p[0])
 
 
 class HnswLib(System):
@@ -325,9 +432,13 @@ class Lance(System):
     def one(self, v):
         self.search(v, 10)
 
+    def describe(self, p):
+        return f"{self.params}={p},refine={self.a.refine}"
+
 
 SYSTEMS = {"asteria": Asteria, "faiss-flat": Faiss, "faiss-ivf": FaissIVF, "faiss-ivfpq": FaissIVFPQ,
-           "faiss-hnsw": FaissHNSW, "hnswlib": HnswLib, "lancedb": Lance}
+           "faiss-ivfpqfs": FaissIVFPQFastScan, "faiss-hnsw": FaissHNSW, "hnswlib": HnswLib,
+           "scann": Scann, "lancedb": Lance}
 
 
 # ----------------------------------------------------------------------------- child
@@ -369,8 +480,7 @@ def child(a: argparse.Namespace) -> None:
             lat.append(time.perf_counter() - t)
         lat = np.array(lat) * 1000
         extra.update(s.after(q))
-        params = "exact" if p == "-" else f"{s.params}={p}" + (
-            f",refine={a.refine}" if isinstance(s, (FaissIVFPQ, Lance)) else "")
+        params = "exact" if p == "-" else s.describe(p)
         row = {**head, "params": params, "batch_qps": len(q) / batch_s, "single_qps": 1000 / lat.mean(),
                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                "single_n": len(lat), "recall@1": recall(ids, truth, 1), "recall@10": recall(ids, truth, 10)}
@@ -599,7 +709,12 @@ def main() -> None:
     ap.add_argument("--asteria-probes", default="16,32,48,64,96")
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default: asteria buckets or 4 sqrt(n))")
     ap.add_argument("--ivf-nprobe", default="16,32,64,128")
-    ap.add_argument("--refine", type=int, default=4, help="k_factor / refine_factor of the PQ indexes")
+    ap.add_argument("--refine", type=int, default=4, help="k_factor / refine_factor of faiss-ivfpq and lancedb")
+    ap.add_argument("--ivfpqfs-nprobe", default="16,32,64,128", help="faiss-ivfpqfs nprobe sweep")
+    ap.add_argument("--ivfpqfs-kfactor", default="2,4", help="faiss-ivfpqfs refine k_factor sweep")
+    ap.add_argument("--scann-leaves", type=int, default=None, help="ScaNN tree leaves (default 2 sqrt(n))")
+    ap.add_argument("--scann-search", default="16,32,64,128", help="ScaNN leaves_to_search sweep")
+    ap.add_argument("--scann-reorder", default="40,100", help="ScaNN pre_reorder_num_neighbors sweep")
     ap.add_argument("--ef", default="16,32,64,128", help="HNSW efSearch sweep")
     ap.add_argument("--lance-nprobe", default="16,32,64")
     ap.add_argument("--lance-nq", type=int, default=300, help="cap on lancedb queries timed one by one")
