@@ -99,35 +99,42 @@ def test_compiled_one_query_bounds_are_certified(store, wordnet) -> None:
     """The compiled bound pass over the mapped codes (one query's path) brackets every
     exact score and matches the numpy estimate of model/lrsq.py."""
     from asteria_store.query import native
-    from asteria_store.query.engine import _Ranges
 
     if store.router.kind != "ecvh":
         pytest.skip("LRSQ codes come with the learned router")
     _, queries = wordnet
     view, router = store._current_view(), store.router
-    rows = _Ranges(view, list(range(2 ** router.bits)))  # every bucket: every stored row
-    assert rows.usable and rows.n == 3000 and len(rows.parts) >= 1
+    keys = np.arange(router.n_buckets)  # every bucket: every stored row
+    table = view.table(router.lrsq, keys)
     q = queries[:20] / np.linalg.norm(queries[:20], axis=1, keepdims=True)
-    vecs = rows.vectors(np.arange(rows.n))
     for v in q:
-        lo, hi = native.bounds(rows.parts, router.rotate(v[None, :])[0], router.lrsq, rows.n)
+        qy = router.rotate(v[None, :])
+        lo, hi, ids = native.intervals(table, keys, router.lrsq.query_terms(qy[0]))
+        np.testing.assert_array_equal(np.sort(ids), store.ids().astype(np.int64))  # the live rows
+        vecs = store.get(ids)
         exact = vecs.astype(np.float64) @ v.astype(np.float64)
         assert (lo <= exact).all() and (exact <= hi).all()
         assert np.median(hi - lo) < 0.5  # not vacuous (scores span [-1, 1])
-        codes = np.concatenate([p[0][a:b] for p in rows.parts for a, b in zip(p[2], p[3])])
-        aux = np.concatenate([p[1][a:b] for p in rows.parts for a, b in zip(p[2], p[3])])
-        order = np.concatenate([np.arange(at, at + b - a) for p in rows.parts for a, b, at in zip(p[2], p[3], p[4])])
-        _, lo_np, hi_np = router.lrsq.estimate(router.rotate(v[None, :]), codes, aux)
-        np.testing.assert_allclose(lo[order], lo_np[0], atol=2e-5)
-        np.testing.assert_allclose(hi[order], hi_np[0], atol=2e-5)
+        codes, aux = _codes_of(view, ids)
+        _, lo_np, hi_np = router.lrsq.estimate(qy, codes, aux)
+        np.testing.assert_allclose(lo, lo_np[0], atol=2e-5)
+        np.testing.assert_allclose(hi, hi_np[0], atol=2e-5)
+
+
+def _codes_of(view, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored LRSQ codes and aux of ``ids`` (live ids: each stored once)."""
+    found = {}
+    for reader in view.segments.values():
+        stored = reader.ids(0, reader.n).astype(np.int64)
+        for row in np.flatnonzero(np.isin(stored, ids)).tolist():
+            found[int(stored[row])] = (reader.read("lrsq", row, row + 1)[0], reader.read("lrsq_aux", row, row + 1)[0])
+    return np.array([found[i][0] for i in ids.tolist()]), np.array([found[i][1] for i in ids.tolist()])
 
 
 def test_one_query_reads_buckets_that_span_chunks(tmp_path, wordnet) -> None:
     """With 64-row chunks every bucket spans several chunks (and two segments): the one-query
     path's row ranges, split per chunk, give the unpruned batch path's results."""
     import torch
-
-    from asteria_store.query.engine import _Ranges
 
     base, queries = wordnet
     before = torch.get_num_threads()
@@ -140,9 +147,9 @@ def test_one_query_reads_buckets_that_span_chunks(tmp_path, wordnet) -> None:
         torch.set_num_threads(before)
     with s:
         view = s._current_view()
-        rows = _Ranges(view, list(range(2**s.router.bits)))
-        assert rows.n == 3000 and len(rows.parts) > 3000 // 64  # ranges split at chunk edges
-        np.testing.assert_array_equal(np.sort(rows.ids), np.arange(3000))
+        table = view.table(s.router.lrsq, np.arange(2**s.router.bits))
+        assert table.n_ranges > 3000 // 64  # ranges split at chunk edges
+        assert (table.length[: table.n_ranges] <= 64).all()
         q = queries[:40]
         ref_i, ref_s = s.search(q, K, probes=3, prune=False)
         for j, v in enumerate(q):

@@ -27,6 +27,7 @@ import numpy as np
 from .codes import HadamardCode
 from .lrsq import LRSQ
 from .router import (
+    LinearRouting,
     bits_to_keys,
     lazy_probe_order,
     sign_consistent,
@@ -79,6 +80,7 @@ class ECVHRouter:
             self._centroid_bias = -(self.offsets @ h)
         else:
             self._centroids = None
+        self._linear: LinearRouting | None = None
 
     @property
     def n_buckets(self) -> int:
@@ -102,6 +104,23 @@ class ECVHRouter:
 
     def rotate(self, x: np.ndarray) -> np.ndarray:
         return x @ self.rotation
+
+    def linear_routing(self) -> LinearRouting | None:
+        """:meth:`probe_order` as products (router.LinearRouting): by probe centroid with
+        the own bucket (the full code's best centroid) first, or by the full code's
+        centroids alone; None for sign bits or a shortened code."""
+        if self._centroids is None:
+            return None
+        if self._linear is None:
+            rows = np.ascontiguousarray(self.rotation.T)
+            code = np.ascontiguousarray(self._centroids.T), self._centroid_bias.astype(np.float32)
+            nobias = np.zeros(self.n_buckets, dtype=np.float32)
+            if self.probe_centroids is not None:
+                self._linear = LinearRouting(rows, self.probe_centroids, nobias, *code)
+            else:
+                self._linear = LinearRouting(rows, *code, np.zeros((0, self.dim), np.float32),
+                                             np.zeros(0, np.float32))
+        return self._linear
 
     def margins(self, x: np.ndarray) -> np.ndarray:
         return x @ self._w + self.offsets

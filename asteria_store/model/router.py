@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from itertools import islice
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
@@ -69,9 +69,27 @@ class Router(Protocol):
     #: The quantizer whose codes the segments hold (None: no codes, no pruning).
     lrsq: LRSQ | None
 
+    def linear_routing(self) -> LinearRouting | None:
+        """The rotation and probe order as plain products, for compiled one-query search
+        (query/native.py); None where the probe order is not one product."""
+        ...
+
     def config(self) -> dict: ...
 
     def arrays(self) -> dict[str, np.ndarray]: ...
+
+
+class LinearRouting(NamedTuple):
+    """A router whose probe order is one product: a query ``x``'s buckets by descending
+    ``probe @ x + probe_bias`` (equal scores by key), except that the bucket of highest
+    ``home @ x + home_bias`` (the first of equals), where given, comes first.
+    ``rotation``: the rows of the model's rotation, ``rotate(x) = rotation @ x``."""
+
+    rotation: np.ndarray  # (D, d) float32, C order
+    probe: np.ndarray  # (n_buckets, d) float32, C order
+    probe_bias: np.ndarray  # (n_buckets,) float32
+    home: np.ndarray  # (n_buckets, d) float32, C order; (0, d) where there is none
+    home_bias: np.ndarray  # (n_buckets,) float32; (0,) where there is none
 
 
 def bits_to_keys(bits: np.ndarray) -> np.ndarray:
@@ -221,6 +239,10 @@ class SignHasher:
     def probe_keys(self, margins: np.ndarray) -> Iterator[int]:
         """Bucket keys of one query in probe order: home bucket, then cheapest bit flips."""
         return sign_probe_keys(margins)
+
+    def linear_routing(self) -> None:
+        """Not one product (router.LinearRouting)."""
+        return None
 
     def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
         return lazy_probe_order(self, queries, probes)

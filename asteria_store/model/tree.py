@@ -359,6 +359,10 @@ class TreeRouter:
         scores[keys == own[:, None]] = np.inf
         return scores, keys
 
+    def linear_routing(self) -> None:
+        """Not one product (router.LinearRouting)."""
+        return None
+
     def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
         """The first ``probes`` bucket keys (Q, P) of each query: its own bucket, then the
         children of its :meth:`cells_for` best cells by ``q . child``, across cells."""

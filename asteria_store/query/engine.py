@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import numpy as np
 
 from ..storage.segments import SegmentReader
 from . import native
+from .table import BucketTable
 from .kernels import error_scale, one_blas_thread, score_into
 
 Probes = Union[int, Literal["all"]]
@@ -39,6 +41,9 @@ DEFAULT_PROBES = 32
 
 #: Queries scored together against one window of rows in exact (probes="all") mode.
 _QUERY_BLOCK = 256
+
+#: Held while a view's bucket table is made (once per view).
+_TABLE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -57,7 +62,8 @@ class View:
     #: catalog's router record): codes labelled so are usable.
     codes_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
-    _range_cache: dict[int, _BucketRanges] = field(default_factory=dict)
+    #: The flat bucket table of one-query searches, made on first use (shared by bound copies).
+    _tables: dict[tuple[int, int], BucketTable] = field(default_factory=dict)
 
     def bound(self, lookup_extents: Callable[[int], list[tuple[int, int, int]]]) -> View:
         """This view reading extents through ``lookup_extents`` (one read transaction),
@@ -73,13 +79,17 @@ class View:
             ext = self._extent_cache[bucket] = self.lookup_extents(bucket)
         return ext
 
-    def ranges(self, bucket: int) -> _BucketRanges:
-        """The bucket's stored rows as row ranges within single chunks (cached: a view
-        never changes)."""
-        r = self._range_cache.get(bucket)
-        if r is None:
-            r = self._range_cache[bucket] = _BucketRanges.of(self, self.extents(bucket))
-        return r
+    def table(self, lrsq, keys: np.ndarray) -> BucketTable:
+        """The view's flat bucket table for codes of ``lrsq``, holding the buckets ``keys``
+        (made on first use; a view never changes)."""
+        shape = (lrsq.rank, lrsq.aux_width)
+        table = self._tables.get(shape)
+        if table is None:
+            with _TABLE_LOCK:
+                table = self._tables.get(shape)
+                if table is None:
+                    table = self._tables[shape] = BucketTable(self, *shape)
+        return table.ready(self, keys)
 
     def live_mask(self, seg: int, first: int, n: int) -> np.ndarray | None:
         """Boolean mask of live rows in ``[first, first + n)`` of ``seg`` (not deleted, not
@@ -358,6 +368,11 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
         from .device import search_batch_device
 
         return search_batch_device(view, router, queries, k, probes, candidates, device, explain=explain)
+    lrsq = router.lrsq if prune else None
+    if len(queries) == 1 and lrsq is not None and router.linear_routing() is not None:
+        fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)  # no BLAS
+        if fast is not None:
+            return fast if explain else fast[:2]
     with one_blas_thread():
         return _search_batch(view, router, queries, k, probes, candidates, explain, prune, threads, kernel)
 
@@ -366,11 +381,10 @@ def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, 
                   explain: bool, prune: bool | str, threads: int, kernel: str):
     nq = len(queries)
     lrsq = router.lrsq if prune else None
-    if nq == 1 and lrsq is not None:
+    if nq == 1 and lrsq is not None and router.linear_routing() is None:
         fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)
         if fast is not None:
-            ids, scores, stats = fast
-            return (ids, scores, stats) if explain else (ids, scores)
+            return fast if explain else fast[:2]
     group_max = nq if prune is True else PRUNE_GROUP_MAX
     stats = SearchStats.zeros(nq)
     best_i = np.empty((nq, k), dtype=np.int64)
@@ -647,124 +661,34 @@ def _descending(s: np.ndarray) -> np.ndarray:
 
 def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, probes: int,
                        candidates: int | None):
-    """One query with LRSQ pruning over ALL its probed rows at once: the bounds of every
-    probed row in one compiled pass over the mapped chunks (native.py), one threshold
-    (the k-th best lower bound), one exact rescoring of the survivors. Same result as the
-    batch path (both lossless). None when a probed segment has no usable codes (the
-    caller falls back)."""
-    keys = probe_order(router, query[None, :], probes)
-    keys = keys[_visits(view, keys, candidates)].tolist()
-    rows = _Ranges(view, keys)
-    if not rows.usable:
+    """One query with LRSQ pruning over ALL its probed rows at once, in one compiled call
+    (native.py): bounds of every probed row from its codes, one threshold (the k-th best
+    lower bound), exact rescoring of the survivors and the top k. Same result as the batch
+    path (both lossless). None when a probed segment has no usable codes (the caller falls
+    back)."""
+    routing = router.linear_routing()
+    if routing is not None:
+        keys, qy = native.route(routing, query, probes)
+    else:
+        keys = np.ascontiguousarray(probe_order(router, query[None, :], probes)[0])
+        qy = router.rotate(query[None, :])[0]
+    table = view.table(lrsq, keys)
+    terms = lrsq.query_terms(qy)
+    ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
+    if st[native.UNREADABLE]:
+        seg, ch = table.chunk_of(int(st[native.UNREADABLE]) - 1)
+        for name in ("ids", "vectors", "lrsq", "lrsq_aux"):
+            view.segments[seg].chunk(name, ch)  # raises the chunk's own error
+    if st[native.UNUSABLE]:
         return None
-    best_s, best_i = _empty(1, k)
-    n = rows.n
-    if n == 0:
-        stats = SearchStats(np.array([len(keys)]), np.array([0]), np.array([0]), 0, np.array([0]))
-        return best_i, best_s, stats
-    lo, hi = native.bounds(rows.parts, router.rotate(query[None, :])[0], lrsq, n)
-    live = rows.live()
-    m = n if live is None else int(live.sum())
-    if live is not None:
-        lo[~live] = -np.inf  # deleted rows set no threshold
-    thr = np.partition(lo, n - k)[n - k] if m >= k else -np.inf
-    keep = np.flatnonzero(hi >= thr)
-    if live is not None:
-        keep = keep[live[keep]]
-    s, i = rows.vectors(keep) @ query, rows.ids[keep]
-    top = np.lexsort((i, -s))[:k]  # a few dozen survivors: sort them all
-    best_s[0, : len(top)], best_i[0, : len(top)] = s[top], i[top]
-    nbytes = rows.id_bytes + rows.code_bytes + len(keep) * rows.row_bytes
-    stats = SearchStats(np.array([len(keys)]), np.array([m]), np.array([nbytes]), nbytes,
-                        np.array([m - len(keep)]))
-    return best_i, best_s, stats
+    m, kept = int(st[native.ROWS]), int(st[native.KEPT])
+    nbytes = m * (8 + lrsq.bytes_per_vector) + (kept * _row_bytes(view) if kept else 0)
+    stats = SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
+                        np.array([m - kept]))
+    return ids[None, :], scores[None, :], stats
 
 
-@dataclass
-class _BucketRanges:
-    """A bucket's stored rows as ranges that each lie in one chunk, as tuples ``(segment,
-    first row, length, chunk, first row in the chunk)``, and each range's ids (slices of
-    the mapped id chunks). Plain Python: one query handles a few dozen ranges, and numpy's
-    per-call cost would dominate."""
-
-    rows: list[tuple[int, int, int, int, int]]
-    ids: list[np.ndarray]
-
-    @classmethod
-    def of(cls, view: View, extents: list[tuple[int, int, int]]) -> _BucketRanges:
-        rows = []
-        for seg, first, n in extents:
-            c = view.segments[seg].chunk_rows
-            for ch in range(first // c, (first + n - 1) // c + 1):  # one piece per chunk
-                lo, hi = max(first, ch * c), min(first + n, (ch + 1) * c)
-                rows.append((seg, lo, hi - lo, ch, lo - ch * c))
-        for seg, _, m, ch, a in rows:
-            view.segments[seg].will_need("ids", ch, a, a + m)
-        ids = [view.segments[seg].chunk("ids", ch)[a : a + m] for seg, _, m, ch, a in rows]
-        return cls(rows, ids)
-
-
-class _Ranges:
-    """The stored rows of some buckets, in probe order, as row ranges of mapped chunks:
-    what one query reads. :attr:`parts` groups the ranges by chunk for native.bounds."""
-
-    def __init__(self, view: View, keys: list[int]):
-        self.view = view
-        br = [view.ranges(key) for key in keys]
-        self._rows = [r for b in br for r in b.rows]
-        ids = [i for b in br for i in b.ids]
-        self.ids = np.concatenate(ids).view(np.int64) if ids else _NONE_Q
-        at = list(itertools.accumulate((r[2] for r in self._rows), initial=0))
-        self.n, self._at = at[-1], at[:-1]
-        self.segs = sorted({r[0] for r in self._rows})
-        self.readers = [view.segments[s] for s in self.segs]
-        self.usable = all(r.lrsq_meta is not None and r.lrsq_meta["model"] == view.codes_digest
-                          for r in self.readers)
-        self.parts = []
-        if self.usable:
-            by_chunk: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
-            for (seg, _, m, ch, a), o in zip(self._rows, self._at):
-                by_chunk.setdefault((seg, ch), []).append((a, a + m, o))
-            for (seg, ch), ranges in sorted(by_chunk.items()):
-                reader = view.segments[seg]
-                for a, z, _ in ranges:  # the codes the bounds read, asked for in one go
-                    reader.will_need("lrsq", ch, a, z)
-                    reader.will_need("lrsq_aux", ch, a, z)
-                starts, stops, out = np.array(list(zip(*ranges)), dtype=np.int64)
-                self.parts.append((reader.chunk("lrsq", ch), reader.chunk("lrsq_aux", ch), starts, stops, out))
-
-    @property
-    def id_bytes(self) -> int:
-        return self.n * 8
-
-    @property
-    def code_bytes(self) -> int:
-        """LRSQ codes and side data of every row (what the bounds read)."""
-        meta = {s: self.view.segments[s].lrsq_meta for s in self.segs}
-        return sum(m * (meta[s]["rank"] + 2 * meta[s]["aux"]) for s, _, m, _, _ in self._rows)
-
-    @property
-    def row_bytes(self) -> int:
-        r = self.readers[0]
-        return r.dim * r.dtype.itemsize
-
-    def live(self) -> np.ndarray | None:
-        """Which rows are live (None: all)."""
-        if not any(len(self.view.deleted.get(s, ())) for s in self.segs):
-            return None
-        masks = [self.view.live_mask(s, f, m) for s, f, m, _, _ in self._rows]
-        return np.concatenate([np.ones(r[2], dtype=bool) if mk is None else mk for mk, r in zip(masks, self._rows)])
-
-    def vectors(self, pos: np.ndarray) -> np.ndarray:
-        """float32 vectors of the rows at positions ``pos``."""
-        at = np.array(self._at, dtype=np.int64)
-        r = np.searchsorted(at, pos, side="right") - 1
-        segs, first = np.array([x[:2] for x in self._rows], dtype=np.int64).reshape(-1, 2)[r].T
-        rows = first + pos - at[r]
-        if len(self.readers) == 1:
-            return self.readers[0].take_vectors(rows)
-        out = np.empty((len(pos), self.readers[0].dim), dtype=np.float32)
-        for s in np.unique(segs).tolist():
-            mine = segs == s
-            out[mine] = self.view.segments[s].take_vectors(rows[mine])
-        return out
+def _row_bytes(view: View) -> int:
+    """Bytes of one stored vector."""
+    r = next(iter(view.segments.values()))
+    return r.dim * r.dtype.itemsize

@@ -1,11 +1,20 @@
-"""Compiled loops (numba) for one query's LRSQ bounds, read in place from the memory maps.
+"""One query's search in one compiled call (numba), read in place from the memory maps.
 
-A query alone is too little work for a matrix product: its cost is numpy's per-call
-overhead and the passes that widen the 8-bit codes and float16 side data to float32 and
-gather them from every probed bucket. :func:`bounds` does it in one pass over the mapped
-chunks, with no copy: per row, the estimate ``sum_b scale_b <c_b, q_b> + lo_b sum(q_b)``
-and the certified half-width ``|aux| @ w`` of :meth:`LRSQ.estimate` (model/lrsq.py),
-accumulated in float32 like that product (its slack allows for the rounding).
+A query alone is too little work for a matrix product: its cost is the per-call overhead of
+numpy and Python across its stages. :func:`search_one` runs them all in one compiled
+function over the flat bucket table of the view (table.py):
+
+1. the probed buckets in probe order, cut by the ``candidates`` budget;
+2. each probed row's LRSQ interval from its 8-bit codes, read where they are mapped: the
+   estimate ``sum_b scale_b <c_b, q_b> + lo_b sum(q_b)`` and the certified half-width
+   ``|aux| @ w`` of :meth:`LRSQ.estimate` (model/lrsq.py), accumulated in float32 like that
+   product (its slack allows for the rounding);
+3. the threshold: the k-th best lower bound (k rows score at least that);
+4. exact float32 scores of the rows whose upper bound reaches it, from their full vectors,
+   into a top k ordered by score, equal scores by id.
+
+The result is that of exact scoring of every probed row: a row left out has an upper
+bound below k rows' exact scores.
 
 numba is imported when the first query needs it; the compiled code is cached on disk
 next to this module where that is writable (else compiled once per process).
@@ -17,58 +26,234 @@ import functools
 
 import numpy as np
 
-#: float32 value of every float16 bit pattern: the side data are decoded by lookup.
-_HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+#: Fields of the ``stats`` array :func:`search_one` fills.
+VISITED, ROWS, KEPT, UNUSABLE, UNREADABLE = range(5)
 
 
 @functools.cache
 def _kernel():
     import numba
+    from numba import types
+    from numba.extending import overload
 
-    @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def bounds(codes, aux, starts, stops, at, qh, qsum, w, width0, half, lo, hi):
+    def _row_dot(vecs, row, q, v32):  # pragma: no cover - compiled from the overload below
+        raise NotImplementedError
+
+    @overload(_row_dot)
+    def _row_dot_impl(vecs, row, q, v32):
+        """``vecs[row] @ q`` in float32: float16 rows (uint16 bit patterns) decoded first."""
+        if vecs.dtype == types.uint16:
+            def f16(vecs, row, q, v32):
+                halves(vecs[row], v32)
+                return dot(v32, q)
+            return f16
+        return lambda vecs, row, q, v32: dot(vecs[row], q)
+
+    fast = {"reassoc", "contract"}
+
+    @numba.njit(cache=True, nogil=True, fastmath=fast)
+    def halves(src, out):
+        """float16 bit patterns ``src`` (uint16, contiguous) as float32 into ``out`` (same
+        shape, contiguous). Exact for every finite value, subnormals included: the bits
+        shifted into a float32's place, then scaled by 2**112 (the exponent biases'
+        difference). Arithmetic over one flat run, which vectorises; a lookup table
+        (256 KiB) misses the cache, ~5x slower."""
+        s = src.reshape(-1)
+        o = out.reshape(-1)
+        bits = o.view(np.uint32)
+        for i in range(s.shape[0]):
+            h = np.uint32(s[i])
+            bits[i] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
+        for i in range(s.shape[0]):
+            o[i] *= np.float32(2.0**112)
+
+    @numba.njit(cache=True, nogil=True, fastmath=fast)
+    def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, acc, scratch):
+        """Intervals of rows ``r0 .. r0 + n`` of one chunk into ``lo``/``hi`` from ``o``.
+        A row's blocks are summed lane by lane into ``acc`` (one block wide), each block's
+        products scaled as they are added: no per-block reduction, which would keep the
+        compiler from vectorising the loop (~5x slower here). ``scratch``: room for the
+        rows' aux as float32 (at least ``n`` rows)."""
         rank = codes.shape[1]
         nb = qsum.shape[0]
         bl = rank // nb
         na = aux.shape[1]
-        for t in range(starts.shape[0]):
-            o = at[t]
-            for r in range(starts[t], stops[t]):
-                est = np.float32(0.0)
-                for b in range(nb):
-                    base = b * bl
-                    d = np.float32(0.0)
-                    # this loop form vectorises best: 1.1-1.3x faster than row slices, 4x faster than
-                    # range(base, base + bl)
-                    for j in range(bl):
-                        d += np.float32(codes[r, base + j]) * qh[base + j]
-                    est += half[aux[r, nb + b]] * d + half[aux[r, b]] * qsum[b]
-                width = width0
-                for a in range(na):
-                    width += abs(half[aux[r, a]]) * w[a]
-                lo[o] = est - width
-                hi[o] = est + width
-                o += 1
+        a32 = scratch[:n]
+        halves(aux[r0 : r0 + n], a32)
+        for i in range(n):
+            r = r0 + i
+            for j in range(bl):
+                acc[j] = 0.0
+            est = np.float32(0.0)
+            for b in range(nb):
+                sc = a32[i, nb + b]
+                est += a32[i, b] * qsum[b]
+                base = b * bl
+                for j in range(bl):
+                    acc[j] += sc * (np.float32(codes[r, base + j]) * qh[base + j])
+            for j in range(bl):
+                est += acc[j]
+            width = width0
+            for a in range(na):
+                width += abs(a32[i, a]) * w[a]
+            lo[o] = est - width
+            hi[o] = est + width
+            o += 1
 
-    return bounds
+    @numba.njit(cache=True, nogil=True, fastmath=fast)
+    def dot(x, q):
+        s = np.float32(0.0)
+        for j in range(q.shape[0]):
+            s += x[j] * q[j]
+        return s
+
+    @numba.njit(cache=True, nogil=True)
+    def search_one(keys, candidates, start, stop, stored, slot, first, length, usable, readable,
+                   ids, vecs, codes, aux, qh, qsum, w, width0, q, out_i, out_s, stats):
+        k = out_i.shape[0]
+        out_i[:] = -1
+        out_s[:] = -np.inf
+        gathered, visited, n, longest = 0, 0, 0, 0
+        for p in range(keys.shape[0]):
+            if candidates >= 0 and gathered >= candidates:
+                break
+            b = keys[p]
+            gathered += stored[b]
+            visited += 1
+            for r in range(start[b], stop[b]):
+                if not readable[slot[r]]:
+                    stats[UNREADABLE] = slot[r] + 1
+                    return
+                if not usable[slot[r]]:
+                    stats[UNUSABLE] = 1
+                    return
+                n += length[r]
+                longest = max(longest, length[r])
+        stats[VISITED], stats[ROWS] = visited, n
+        lo = np.empty(n, dtype=np.float32)
+        hi = np.empty(n, dtype=np.float32)
+        acc = np.empty(qh.shape[0] // qsum.shape[0], dtype=np.float32)
+        scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
+        o = 0
+        for p in range(visited):
+            b = keys[p]
+            for r in range(start[b], stop[b]):
+                c = slot[r]
+                bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, acc, scratch)
+                o += length[r]
+        thr = -np.inf
+        if n >= k:
+            thr = np.partition(lo, n - k)[n - k]
+        kept = 0
+        v32 = np.empty(q.shape[0], dtype=np.float32)
+        o = 0
+        for p in range(visited):
+            b = keys[p]
+            for r in range(start[b], stop[b]):
+                c = slot[r]
+                v, idc = vecs[c], ids[c]
+                for row in range(first[r], first[r] + length[r]):
+                    if hi[o] >= thr:
+                        kept += 1
+                        s = _row_dot(v, row, q, v32)
+                        i = idc[row]
+                        if s > out_s[k - 1] or (s == out_s[k - 1] and (out_i[k - 1] < 0 or i < out_i[k - 1])):
+                            at = k - 1  # insert: score descending, equal scores by id
+                            while at > 0 and (out_s[at - 1] < s or (out_s[at - 1] == s and out_i[at - 1] > i)):
+                                out_s[at], out_i[at] = out_s[at - 1], out_i[at - 1]
+                                at -= 1
+                            out_s[at], out_i[at] = s, i
+                    o += 1
+        stats[KEPT] = kept
+
+    @numba.njit(cache=True, nogil=True, fastmath=fast)
+    def gemv(m, x, bias, out):
+        for i in range(m.shape[0]):
+            s = np.float32(0.0)
+            for j in range(x.shape[0]):
+                s += m[i, j] * x[j]
+            out[i] = s + bias[i] if bias.shape[0] else s
+
+    @numba.njit(cache=True, nogil=True)
+    def route(x, rotation, probe, probe_bias, home, home_bias, keys, qy):
+        gemv(rotation, x, probe_bias[:0], qy)
+        s = np.empty(probe.shape[0], dtype=np.float32)
+        gemv(probe, x, probe_bias, s)
+        if home.shape[0]:
+            hs = np.empty(home.shape[0], dtype=np.float32)
+            gemv(home, x, home_bias, hs)
+            s[np.argmax(hs)] = np.inf
+        p = keys.shape[0]
+        top = np.empty(p, dtype=np.float32)
+        filled = 0
+        for i in range(s.shape[0]):  # the p best, descending, equal scores by key
+            v = s[i]
+            if filled == p and not v > top[p - 1]:
+                continue
+            at = filled if filled < p else p - 1
+            while at > 0 and top[at - 1] < v:
+                top[at], keys[at] = top[at - 1], keys[at - 1]
+                at -= 1
+            top[at], keys[at] = v, i
+            if filled < p:
+                filled += 1
+
+    @numba.njit(cache=True, nogil=True)
+    def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum, w, width0):
+        n, longest = 0, 0
+        for b in keys:
+            for r in range(start[b], stop[b]):
+                n += length[r]
+                longest = max(longest, length[r])
+        lo = np.empty(n, dtype=np.float32)
+        hi = np.empty(n, dtype=np.float32)
+        out_i = np.empty(n, dtype=np.int64)
+        acc = np.empty(qh.shape[0] // qsum.shape[0], dtype=np.float32)
+        scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
+        o = 0
+        for b in keys:
+            for r in range(start[b], stop[b]):
+                c = slot[r]
+                bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, acc, scratch)
+                out_i[o : o + length[r]] = ids[c][first[r] : first[r] + length[r]]
+                o += length[r]
+        return lo, hi, out_i
+
+    return search_one, intervals, route
 
 
-def bounds(parts, qy: np.ndarray, lrsq, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """LRSQ lower and upper score bounds (n,) float32 of one rotated query ``qy`` (D,)
-    against the rows of ``parts``: ``(codes chunk, aux chunk, starts, stops, at)``, the
-    codes (uint8) and aux (float16) chunks as mapped, row ranges in them and where each
-    range's bounds go in the output."""
-    from ..model.lrsq import _SLACK_ABS
+def route(routing, query: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One query's first ``probes`` bucket keys and its rotation, by a router's
+    :class:`~asteria_store.model.router.LinearRouting`: ``(keys (P,) int64, rotated (D,))``."""
+    keys = np.empty(min(probes, len(routing.probe)), dtype=np.int64)
+    qy = np.empty(len(routing.rotation), dtype=np.float32)
+    _kernel()[2](query, routing.rotation, routing.probe, routing.probe_bias, routing.home, routing.home_bias,
+                 keys, qy)
+    return keys, qy
 
-    kernel = _kernel()
-    qy = np.ascontiguousarray(qy, dtype=np.float32)
-    qh = qy[: lrsq.rank]
-    qsum = qh.reshape(lrsq.n_blocks, lrsq.block).sum(axis=1)
-    w = lrsq._width_weights(qy[None, :])[0]
-    lo, hi = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
-    for codes, aux, starts, stops, at in parts:
-        kernel(codes, aux.view(np.uint16), starts, stops, at, qh, qsum, w, np.float32(_SLACK_ABS), _HALF, lo, hi)
-    return lo, hi
+
+def intervals(table, keys: np.ndarray, terms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LRSQ lower and upper bounds, and ids, of every live row of the buckets ``keys`` of
+    ``table`` (its codes all usable), as :func:`search_one` computes them."""
+    return _kernel()[1](keys, table.start, table.stop, table.slot, table.first, table.length, table.ids,
+                        table.codes, table.aux, terms.head, terms.block_sums, terms.width_weights, terms.slack)
+
+
+def search_one(table, keys: np.ndarray, candidates: int | None, terms, query: np.ndarray, k: int):
+    """One query's top k over the buckets ``keys`` (its probe order) of ``table`` (a
+    :class:`~asteria_store.query.table.BucketTable` holding them): ``(ids (k,), scores (k,),
+    stats)``, padded with -1 / -inf; ``stats[UNUSABLE]`` set where a probed chunk has no
+    usable codes (nothing else is then filled), ``stats[UNREADABLE]`` to 1 + the slot of a
+    probed chunk that cannot be read. ``terms``: the rotated query's
+    :meth:`LRSQ.query_terms`."""
+    out_i = np.empty(k, dtype=np.int64)
+    out_s = np.empty(k, dtype=np.float32)
+    stats = np.zeros(5, dtype=np.int64)
+    _kernel()[0](keys, -1 if candidates is None else int(candidates), table.start, table.stop, table.stored,
+              table.slot, table.first, table.length, table.usable, table.readable, table.ids, table.vectors,
+              table.codes, table.aux, terms.head, terms.block_sums, terms.width_weights, terms.slack,
+              query, out_i, out_s, stats)
+    return out_i, out_s, stats
 
 
 def warm() -> None:

@@ -1,0 +1,152 @@
+"""A view's probed buckets as flat arrays, for the compiled one-query search (native.py).
+
+One query visits a few dozen buckets, each a few row ranges of memory-mapped chunks. Built
+per query in Python, those ranges cost more than scoring their rows. :class:`BucketTable`
+builds each bucket's ranges once per view, the first time a query probes it, into flat
+arrays that the compiled search reads directly:
+
+* per bucket ``b``: its ranges are ``start[b]:stop[b]`` of the range arrays, and ``stored[b]``
+  its stored rows (deleted ones included: what the ``candidates`` budget counts);
+* per range: the chunk slot it lies in, its first row in that chunk and its length. A range
+  holds live rows only (deleted rows split the extents), and never crosses a chunk edge;
+* per chunk slot: the mapped chunks of ids, vectors, LRSQ codes and aux (numba typed lists,
+  indexed by slot), and whether its codes are usable (encoded by the view's router).
+
+Every chunk of every segment of the view is mapped when the table is made, so the lists
+never change afterwards: queries on other threads may read them while a bucket is added.
+A chunk that cannot be read (quarantined, missing) gets an empty slot marked unreadable;
+a query that probes it reads it through the segment reader, which raises its error.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..errors import CorruptStoreError
+
+_ARRAYS = ("ids", "vectors", "lrsq", "lrsq_aux")
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+class BucketTable:
+    """The flat range table of one view (see the module docstring)."""
+
+    def __init__(self, view, rank: int, aux_width: int):
+        from numba.typed import List
+
+        self._lock = threading.Lock()
+        self.slot_of: dict[tuple[int, int], int] = {}
+        dim = next(iter(view.segments.values())).dim if view.segments else 1
+        vec_dtype = _vector_view_dtype(next(iter(view.segments.values())).dtype) if view.segments else np.float32
+        empty = {"ids": _readonly(np.zeros(0, np.int64)), "vectors": _readonly(np.zeros((0, dim), vec_dtype)),
+                 "lrsq": _readonly(np.zeros((0, rank), np.uint8)),
+                 "lrsq_aux": _readonly(np.zeros((0, aux_width), np.uint16))}
+        lists = {name: List() for name in _ARRAYS}
+        usable, readable = [], []
+        for seg, reader in sorted(view.segments.items()):
+            meta = reader.lrsq_meta
+            codes = (meta is not None and meta["model"] == view.codes_digest and meta["rank"] == rank
+                     and meta["aux"] == aux_width)
+            for ch in range(-(-reader.n // reader.chunk_rows)):
+                self.slot_of[(seg, ch)] = len(usable)
+                ok = True
+                for name in _ARRAYS:
+                    if name.startswith("lrsq") and not codes:
+                        lists[name].append(empty[name])
+                        continue
+                    try:
+                        lists[name].append(_as_kernel_array(reader.chunk(name, ch)))
+                    except CorruptStoreError:
+                        lists[name].append(empty[name])
+                        ok = False
+                usable.append(codes)
+                readable.append(ok)
+        self.ids, self.vectors, self.codes, self.aux = (lists[name] for name in _ARRAYS)
+        self.usable = np.array(usable, dtype=np.bool_)
+        self.readable = np.array(readable, dtype=np.bool_)
+        n_buckets = 1
+        self.start = np.full(n_buckets, -1, dtype=np.int64)
+        self.stop = np.full(n_buckets, -1, dtype=np.int64)
+        self.stored = np.zeros(n_buckets, dtype=np.int64)
+        self.slot = np.empty(64, dtype=np.int64)
+        self.first = np.empty(64, dtype=np.int64)
+        self.length = np.empty(64, dtype=np.int64)
+        self.n_ranges = 0
+
+    def chunk_of(self, slot: int) -> tuple[int, int]:
+        """The (segment, chunk) of a slot."""
+        return next(key for key, s in self.slot_of.items() if s == slot)
+
+    def ready(self, view, keys: np.ndarray) -> BucketTable:
+        """Make sure every bucket of ``keys`` is in the table (``view``: bound to a read
+        transaction, to look up extents); returns the table."""
+        top = int(keys.max(initial=-1))
+        if top < len(self.start) and (self.start[keys] >= 0).all():
+            return self
+        with self._lock:
+            if top >= len(self.start):
+                self._grow_buckets(top + 1)
+            for key in np.unique(keys[self.start[keys] < 0]).tolist():
+                self._add(view, key)
+        return self
+
+    def _grow_buckets(self, n: int) -> None:
+        n = max(n, 2 * len(self.start))
+        start, stop, stored = (np.full(n, -1, dtype=np.int64) for _ in range(3))
+        stored[:] = 0
+        m = len(self.start)
+        start[:m], stop[:m], stored[:m] = self.start, self.stop, self.stored
+        self.stored, self.stop, self.start = stored, stop, start  # start last: it marks a bucket added
+
+    def _add(self, view, key: int) -> None:
+        ranges, stored = [], 0
+        for seg, first, n in view.extents(key):
+            stored += n
+            reader = view.segments[seg]
+            live = view.live_mask(seg, first, n)
+            runs = [(first, first + n)] if live is None else _runs(live, first)
+            c = reader.chunk_rows
+            for lo, hi in runs:
+                for ch in range(lo // c, (hi - 1) // c + 1):  # one range per chunk
+                    a, z = max(lo, ch * c), min(hi, (ch + 1) * c)
+                    ranges.append((self.slot_of[(seg, ch)], a - ch * c, z - a))
+        at = self.n_ranges
+        if at + len(ranges) > len(self.slot):
+            size = max(2 * len(self.slot), at + len(ranges))
+            self.slot, self.first, self.length = (np.resize(a, size) for a in (self.slot, self.first, self.length))
+        if ranges:
+            self.slot[at : at + len(ranges)], self.first[at : at + len(ranges)], \
+                self.length[at : at + len(ranges)] = np.array(ranges, dtype=np.int64).T
+        self.n_ranges = at + len(ranges)
+        self.stored[key] = stored
+        self.stop[key] = self.n_ranges
+        self.start[key] = at
+
+
+def _runs(live: np.ndarray, first: int) -> list[tuple[int, int]]:
+    """Runs ``[lo, hi)`` of True in ``live``, as rows offset by ``first``."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], live, [False]]).astype(np.int8)))
+    return [(first + int(a), first + int(b)) for a, b in edges.reshape(-1, 2)]
+
+
+def _vector_view_dtype(dtype: np.dtype) -> np.dtype:
+    """How the kernel reads stored vectors: float32 as such, float16 as its bit patterns
+    (uint16, decoded by table: numba has no float16 arithmetic)."""
+    return np.dtype(np.uint16) if dtype.itemsize == 2 else np.dtype(np.float32)
+
+
+def _as_kernel_array(chunk: np.ndarray) -> np.ndarray:
+    """A mapped chunk in the kernel's types: ids as int64, float16 as uint16 (no copy)."""
+    if chunk.dtype.kind == "u" and chunk.dtype.itemsize == 8:
+        return chunk.view(np.int64)
+    if chunk.dtype.kind == "f" and chunk.dtype.itemsize == 2:
+        return chunk.view(np.uint16)
+    if chunk.dtype.kind == "f" and chunk.dtype.byteorder not in "=|":
+        return chunk.view(chunk.dtype.newbyteorder("="))
+    return chunk
