@@ -306,8 +306,10 @@ class ReadSide:
         bucket is probed); their rows of ``out`` are replaced in place. A query's result is
         then exactly the search at the probe count that filled it."""
         want = min(k, view.count)
-        n_buckets = self.router.n_buckets
         ids, scores = out[0], out[1]
+        if want == 0 or ids[:, want - 1].min() >= 0:  # every query filled (the usual case)
+            return
+        n_buckets = self.router.n_buckets
         stats = out[2] if len(out) == 3 else None
         short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
         while len(short) and probes < n_buckets:

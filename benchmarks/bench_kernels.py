@@ -12,11 +12,13 @@ Then one query's scan, compiled (numba), over 3,500 rows (32 probes of the wordn
 in rows scored per microsecond, each loop form as written in numba:
 
 * ``f32 rows``: full float32 vectors (384-d), one dot product per row;
-* ``f16 rows``: full float16 vectors decoded by table lookup (numba has no float16);
+* ``f16 rows by lookup``: full float16 vectors decoded through a 65,536-entry table;
 * ``lrsq 8-bit``: the LRSQ codes (rank 288, blocks of 32, a scale per block) in the
   query/native.py form (block products added lane by lane), and in the plain form (one
   reduction per block, which the compiler does not vectorise);
 * ``int8 x int16``: the same codes against an int16 query, int32 sums per block;
+* ``one block of 384``: LRSQ's default since issue 20, every dimension under one scale: one
+  dot product per row, as float32 and as int16 x 8-bit with int32 sums;
 * ``4-bit LUT``: 192 4-bit codes per row (two per byte), each looked up in a 16-entry
   table per sub-space (product quantization's asymmetric distance, as FAISS and ScaNN
   score; they run it with in-register shuffles, which numba cannot express).
@@ -118,6 +120,22 @@ def scan_kernels():
             out[r] = s
 
     @numba.njit(fastmath=fast)
+    def u8_rows(c, q, out):
+        for r in range(c.shape[0]):
+            s = np.float32(0)
+            for j in range(c.shape[1]):
+                s += np.float32(c[r, j]) * q[j]
+            out[r] = s
+
+    @numba.njit(fastmath=fast)
+    def u8_i16_rows(c, q, out):
+        for r in range(c.shape[0]):
+            s = np.int32(0)
+            for j in range(c.shape[1]):
+                s += np.int32(c[r, j]) * np.int32(q[j])
+            out[r] = s
+
+    @numba.njit(fastmath=fast)
     def f16_rows(v, q, half, out):
         for r in range(v.shape[0]):
             s = np.float32(0)
@@ -180,14 +198,13 @@ def scan_kernels():
                 s += lut[2 * j, c & 15] + lut[2 * j + 1, c >> 4]
             out[r] = s
 
-    return f32_rows, f16_rows, lrsq_lanes, lrsq_blocks, int8_int16, lut4
+    return f32_rows, f16_rows, lrsq_lanes, lrsq_blocks, int8_int16, lut4, u8_rows, u8_i16_rows
 
 
 def scan_rates(n: int = 3500) -> dict[str, float]:
     """Rows per microsecond of each one-query scan (best of 3 medians of 200 calls)."""
-    from asteria_store.query.native import HALF
-
-    f32_rows, f16_rows, lanes, blocks, i8, lut4 = scan_kernels()
+    half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    f32_rows, f16_rows, lanes, blocks, i8, lut4, u8_rows, u8_i16 = scan_kernels()
     rng = np.random.default_rng(0)
     v = rng.standard_normal((n, 384)).astype(np.float32)
     q = rng.standard_normal(384).astype(np.float32)
@@ -197,14 +214,18 @@ def scan_rates(n: int = 3500) -> dict[str, float]:
     c4 = rng.integers(0, 256, (n, 96), dtype=np.uint8)
     lut = rng.standard_normal((192, 16)).astype(np.float32)
     out = np.empty(n, dtype=np.float32)
+    out32 = np.empty(n, dtype=np.int32)
+    c384 = rng.integers(0, 256, (n, 384), dtype=np.uint8)
+    q16 = np.round(q / np.abs(q).max() * 32767).astype(np.int16)
+    f16 = v.astype(np.float16).view(np.uint16)
     cases = {"f32 rows (384 x 4 B)": lambda: f32_rows(v, q, out),
-             "f16 rows (384 x 2 B)": lambda: f16_rows(v.astype(np.float16).view(np.uint16), q, HALF, out),
+             "f16 rows by lookup (384 x 2 B)": lambda: f16_rows(f16, q, half, out),
              "lrsq 8-bit, lanes (288 B)": lambda: lanes(codes, q[:288], scale, out),
              "lrsq 8-bit, per-block sums (288 B)": lambda: blocks(codes, q[:288], scale, out),
              "int8 x int16 (288 B)": lambda: i8(codes, qi, scale, out),
-             "4-bit LUT (96 B)": lambda: lut4(c4, lut, out)}
-    f16 = v.astype(np.float16).view(np.uint16)
-    cases["f16 rows (384 x 2 B)"] = lambda: f16_rows(f16, q, HALF, out)
+             "4-bit LUT (96 B)": lambda: lut4(c4, lut, out),
+             "lrsq 8-bit, one block of 384 (384 B)": lambda: u8_rows(c384, q, out),
+             "8-bit x int16, one block of 384 (384 B)": lambda: u8_i16(c384, q16, out32)}
     rates = {}
     for name, fn in cases.items():
         fn()

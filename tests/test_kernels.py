@@ -105,7 +105,7 @@ def test_compiled_one_query_bounds_are_certified(store, wordnet) -> None:
     _, queries = wordnet
     view, router = store._current_view(), store.router
     keys = np.arange(router.n_buckets)  # every bucket: every stored row
-    table = view.table(router.lrsq, keys)
+    table = view.table(router.lrsq, router.n_buckets).ready(view, keys)
     q = queries[:20] / np.linalg.norm(queries[:20], axis=1, keepdims=True)
     for v in q:
         qy = router.rotate(v[None, :])
@@ -147,7 +147,7 @@ def test_one_query_reads_buckets_that_span_chunks(tmp_path, wordnet) -> None:
         torch.set_num_threads(before)
     with s:
         view = s._current_view()
-        table = view.table(s.router.lrsq, np.arange(2**s.router.bits))
+        table = view.table(s.router.lrsq, s.router.n_buckets).ready(view, np.arange(2**s.router.bits))
         assert table.n_ranges > 3000 // 64  # ranges split at chunk edges
         assert (table.length[: table.n_ranges] <= 64).all()
         q = queries[:40]
@@ -209,3 +209,47 @@ def test_bf16_products_run_on_few_shapes() -> None:
     assert shapes, "no bf16 product was recorded"
     assert len(shapes) <= 9 * 8 < len(set(sizes))
     assert {(a[0], b[1]) for a, b in shapes} <= set().union(*(kernels.bf16_shapes(nq, n) for nq, n in sizes))
+
+
+def test_blockwise_codes_of_older_models_still_prune_losslessly(tmp_path, wordnet) -> None:
+    """A model trained with LRSQ blocks of 32 (the default before one block): the compiled
+    one-query path's bounds of several blocks are certified and give the unpruned batch
+    path's results."""
+    import torch
+
+    from asteria_store.model.persist import save_model_file
+    from asteria_store.model.train import TrainConfig, train
+    from asteria_store.query import native
+
+    base, queries = wordnet
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+        router, _ = train(unit[:2000], TrainConfig(bits=4, block=32, energy=0.97, device="cpu"))
+        save_model_file(router, tmp_path / "model.pt")
+        s = asteria_store.create(tmp_path / "s", dim=384, model=tmp_path / "model.pt")
+        s.ingest(base)
+    finally:
+        torch.set_num_threads(before)
+    with s:
+        lrsq = s.router.lrsq
+        assert lrsq.block == 32 and lrsq.n_blocks > 1
+        view = s._current_view()
+        keys = np.arange(s.router.n_buckets)
+        table = view.table(lrsq, s.router.n_buckets).ready(view, keys)
+        q = queries[:40] / np.linalg.norm(queries[:40], axis=1, keepdims=True)
+        for v in q[:10]:
+            qy = s.router.rotate(v[None, :])
+            lo, hi, ids = native.intervals(table, keys, lrsq.query_terms(qy[0]))
+            exact = s.get(ids).astype(np.float64) @ v.astype(np.float64)
+            assert (lo <= exact).all() and (exact <= hi).all()
+            assert np.median(hi - lo) < 0.5
+            _, lo_np, hi_np = lrsq.estimate(qy, *_codes_of(view, ids))  # the numpy interval
+            np.testing.assert_allclose(lo, lo_np[0], atol=2e-5)
+            np.testing.assert_allclose(hi, hi_np[0], atol=2e-5)
+        ref_i, ref_s = s.search(q, K, probes=4, prune=False)
+        for j, v in enumerate(q):
+            ids, scores, info = s.query(v, K, probes=4, explain=True)
+            assert info["pruned"] > 0
+            assert_same_up_to_rounding(ids[None], scores[None], ref_i[j : j + 1], ref_s[j : j + 1])

@@ -73,9 +73,14 @@ class TrainConfig:
             sign hashing (routes worse; needs epochs to learn anything beyond PCA + ITQ).
         code_length: m, vantages/code length with ecc. None: 2**bits (the full code, most
             expressive). Smaller: cheaper margins, constrained buckets.
-        rank: LRSQ rank. None: smallest multiple of ``block`` keeping ``energy`` of the
-            sample's energy. Higher: tighter bounds (more pruning), more bytes per vector.
-        block: LRSQ block size (coordinates sharing one 8-bit affine map).
+        rank: LRSQ rank. None: every input dimension when ``energy`` is 1 (the default),
+            else the smallest multiple of ``block`` keeping ``energy`` of the sample's
+            energy. Higher: tighter bounds (more pruning), more bytes per vector.
+        block: LRSQ block size (coordinates sharing one 8-bit affine map). None (default):
+            one block, the whole rank. A row's estimate is then one dot product of its codes
+            with the query, which a compiled loop vectorises; blocks of 32 need a per-block
+            scale inside it and ran ~4x slower per row, for bounds of about the same width
+            at the same bytes (docs/model.md).
         energy: energy fraction kept by the automatic rank.
         epochs: Adam epochs after the k-means start. 0 (default): none, the k-means routing
             is kept (measured: no epoch improved it on wordnet-minilm, and 5 epochs cost
@@ -118,8 +123,8 @@ class TrainConfig:
     ecc: bool = True
     code_length: int | None = None
     rank: int | None = None
-    block: int = 32
-    energy: float = 0.97
+    block: int | None = None
+    energy: float = 1.0
     epochs: int = 0
     batch_size: int = 1024
     lr: float = 1e-3
@@ -568,9 +573,14 @@ def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> t
     pca = torch.zeros(d, size, dtype=torch.float32, device=device)
     pca[:, :d] = evecs[:, order].float()
     energy = (evals[order] / evals.sum()).cumsum(0).cpu().numpy()
-    block = min(config.block, size)  # tiny dimensions: one block
-    rank = config.rank or int(min(d, block * math.ceil((np.searchsorted(energy, config.energy) + 1) / block)))
-    rank = min(max(block, rank - rank % block), size)
+    if config.block is None:  # one block: the rank
+        rank = min(config.rank or (d if config.energy >= 1 else int(np.searchsorted(energy, config.energy)) + 1),
+                   size)
+        block = rank
+    else:
+        block = min(config.block, size)  # tiny dimensions: one block
+        rank = config.rank or int(min(d, block * math.ceil((np.searchsorted(energy, config.energy) + 1) / block)))
+        rank = min(max(block, rank - rank % block), size)
     lrsq = LRSQ(rank=rank, block=block)
 
     warm = None

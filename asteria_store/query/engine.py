@@ -79,9 +79,10 @@ class View:
             ext = self._extent_cache[bucket] = self.lookup_extents(bucket)
         return ext
 
-    def table(self, lrsq, keys: np.ndarray) -> BucketTable:
-        """The view's flat bucket table for codes of ``lrsq``, holding the buckets ``keys``
-        (made on first use; a view never changes)."""
+    def table(self, lrsq, n_buckets: int) -> BucketTable:
+        """The view's flat bucket table for codes of ``lrsq`` and keys below ``n_buckets``
+        (made on first use, its buckets added as queries probe them: a view never
+        changes)."""
         shape = (lrsq.rank, lrsq.aux_width)
         table = self._tables.get(shape)
         if table is None:
@@ -89,7 +90,7 @@ class View:
                 table = self._tables.get(shape)
                 if table is None:
                     table = self._tables[shape] = BucketTable(self, *shape)
-        return table.ready(self, keys)
+        return table.sized(n_buckets)
 
     def live_mask(self, seg: int, first: int, n: int) -> np.ndarray | None:
         """Boolean mask of live rows in ``[first, first + n)`` of ``seg`` (not deleted, not
@@ -672,9 +673,12 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
     else:
         keys = np.ascontiguousarray(probe_order(router, query[None, :], probes)[0])
         qy = router.rotate(query[None, :])[0]
-    table = view.table(lrsq, keys)
+    table = view.table(lrsq, router.n_buckets)
     terms = lrsq.query_terms(qy)
     ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
+    if st[native.MISSING]:  # buckets this view has not probed before
+        table.ready(view, keys)
+        ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
     if st[native.UNREADABLE]:
         seg, ch = table.chunk_of(int(st[native.UNREADABLE]) - 1)
         for name in ("ids", "vectors", "lrsq", "lrsq_aux"):

@@ -27,7 +27,7 @@ import functools
 import numpy as np
 
 #: Fields of the ``stats`` array :func:`search_one` fills.
-VISITED, ROWS, KEPT, UNUSABLE, UNREADABLE = range(5)
+VISITED, ROWS, KEPT, UNUSABLE, UNREADABLE, MISSING = range(6)
 
 
 @functools.cache
@@ -70,10 +70,8 @@ def _kernel():
     @numba.njit(cache=True, nogil=True, fastmath=fast)
     def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, acc, scratch):
         """Intervals of rows ``r0 .. r0 + n`` of one chunk into ``lo``/``hi`` from ``o``.
-        A row's blocks are summed lane by lane into ``acc`` (one block wide), each block's
-        products scaled as they are added: no per-block reduction, which would keep the
-        compiler from vectorising the loop (~5x slower here). ``scratch``: room for the
-        rows' aux as float32 (at least ``n`` rows)."""
+        One block: a dot product per row. Several: see :func:`blocks`. ``acc``: room for
+        one block; ``scratch``: for the rows' aux as float32 (at least ``n`` rows)."""
         rank = codes.shape[1]
         nb = qsum.shape[0]
         bl = rank // nb
@@ -82,23 +80,41 @@ def _kernel():
         halves(aux[r0 : r0 + n], a32)
         for i in range(n):
             r = r0 + i
-            for j in range(bl):
-                acc[j] = 0.0
             est = np.float32(0.0)
-            for b in range(nb):
-                sc = a32[i, nb + b]
-                est += a32[i, b] * qsum[b]
-                base = b * bl
-                for j in range(bl):
-                    acc[j] += sc * (np.float32(codes[r, base + j]) * qh[base + j])
-            for j in range(bl):
-                est += acc[j]
+            if nb == 1:  # one block (the default): one dot product
+                d = np.float32(0.0)
+                for j in range(rank):
+                    d += np.float32(codes[r, j]) * qh[j]
+                est = a32[i, 0] * qsum[0] + a32[i, 1] * d
+            else:
+                est = blocks(codes, r, qh, qsum, a32[i], acc)
             width = width0
             for a in range(na):
                 width += abs(a32[i, a]) * w[a]
             lo[o] = est - width
             hi[o] = est + width
             o += 1
+
+    @numba.njit(cache=True, nogil=True, fastmath=fast)
+    def blocks(codes, r, qh, qsum, a32, acc):
+        """Row ``r``'s estimate over several blocks (``a32``: its aux as float32). The
+        blocks are summed lane by lane into ``acc`` (one block wide), each block's products
+        scaled as they are added: no per-block reduction, which would keep the compiler
+        from vectorising the loop (~5x slower here)."""
+        nb = qsum.shape[0]
+        bl = codes.shape[1] // nb
+        for j in range(bl):
+            acc[j] = 0.0
+        est = np.float32(0.0)
+        for b in range(nb):
+            sc = a32[nb + b]
+            est += a32[b] * qsum[b]
+            base = b * bl
+            for j in range(bl):
+                acc[j] += sc * (np.float32(codes[r, base + j]) * qh[base + j])
+        for j in range(bl):
+            est += acc[j]
+        return est
 
     @numba.njit(cache=True, nogil=True, fastmath=fast)
     def dot(x, q):
@@ -118,6 +134,9 @@ def _kernel():
             if candidates >= 0 and gathered >= candidates:
                 break
             b = keys[p]
+            if start[b] < 0:  # not in the table yet
+                stats[MISSING] = 1
+                return
             gathered += stored[b]
             visited += 1
             for r in range(start[b], stop[b]):
@@ -244,11 +263,12 @@ def search_one(table, keys: np.ndarray, candidates: int | None, terms, query: np
     :class:`~asteria_store.query.table.BucketTable` holding them): ``(ids (k,), scores (k,),
     stats)``, padded with -1 / -inf; ``stats[UNUSABLE]`` set where a probed chunk has no
     usable codes (nothing else is then filled), ``stats[UNREADABLE]`` to 1 + the slot of a
-    probed chunk that cannot be read. ``terms``: the rotated query's
+    probed chunk that cannot be read, ``stats[MISSING]`` where a probed bucket is not in
+    the table yet (add it, :meth:`BucketTable.ready`, and call again). ``terms``: the rotated query's
     :meth:`LRSQ.query_terms`."""
     out_i = np.empty(k, dtype=np.int64)
     out_s = np.empty(k, dtype=np.float32)
-    stats = np.zeros(5, dtype=np.int64)
+    stats = np.zeros(6, dtype=np.int64)
     _kernel()[0](keys, -1 if candidates is None else int(candidates), table.start, table.stop, table.stored,
               table.slot, table.first, table.length, table.usable, table.readable, table.ids, table.vectors,
               table.codes, table.aux, terms.head, terms.block_sums, terms.width_weights, terms.slack,

@@ -83,15 +83,22 @@ class BucketTable:
         """The (segment, chunk) of a slot."""
         return next(key for key, s in self.slot_of.items() if s == slot)
 
+    def sized(self, n_buckets: int) -> BucketTable:
+        """The table, with room for keys below ``n_buckets`` (the compiled search indexes
+        the bucket arrays by key unchecked)."""
+        if n_buckets > len(self.start):
+            with self._lock:
+                if n_buckets > len(self.start):
+                    self._grow_buckets(n_buckets)
+        return self
+
     def ready(self, view, keys: np.ndarray) -> BucketTable:
         """Make sure every bucket of ``keys`` is in the table (``view``: bound to a read
         transaction, to look up extents); returns the table."""
-        top = int(keys.max(initial=-1))
-        if top < len(self.start) and (self.start[keys] >= 0).all():
+        self.sized(int(keys.max(initial=-1)) + 1)
+        if (self.start[keys] >= 0).all():
             return self
         with self._lock:
-            if top >= len(self.start):
-                self._grow_buckets(top + 1)
             for key in np.unique(keys[self.start[keys] < 0]).tolist():
                 self._add(view, key)
         return self
