@@ -55,7 +55,7 @@ def main() -> None:
     timed(engine, "probe_order_chunked", "probe order")
     for name, label in STAGES.items():
         timed(engine._Block, name, label)
-    timed(engine, "_top_per_query", "final top k")
+    timed(engine, "top_per_query", "final top k")
     q = np.load(args.queries)[: args.nq].astype(np.float32)
     store = asteria_store.open(args.store, readonly=True)
     labels = ["probe order", *STAGES.values(), "final top k"]

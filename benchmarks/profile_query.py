@@ -3,11 +3,13 @@
     python benchmarks/profile_query.py --store /tmp/asteria-bench/wordnet-store \\
         --queries ../shared/datasets/wordnet-minilm/queries_examples.f16.npy --probes 64
 
-Runs the stages of ``asteria_store.query.engine``'s one-query pruned path by hand on a built
-learned store: probe order, the probed buckets' row ranges and ids, rotating the query, the
-compiled bound pass over the mapped LRSQ codes (query/native.py), the threshold, reading the
-survivors' full vectors, exact scores and the top k. Also times ``Store.query`` end to end (the difference is the store
-layer: input checks, normalisation, catalog generation check).
+Runs the stages of ``asteria_store.query.engine``'s one-query path by hand on a built
+learned store: the routing (for a router whose probe order is one product, the compiled
+rotation and probe order of query/native.py; else numpy's probe order and rotation), the
+view's bucket table (query/table.py), the query's LRSQ terms, and the compiled search
+(bounds from the codes, threshold, exact rescoring of the survivors, top k). Also times
+``Store.query`` end to end (the difference is the store layer: input checks,
+normalisation, the read snapshot).
 """
 
 from __future__ import annotations
@@ -35,45 +37,36 @@ def main() -> None:
     torch.set_num_threads(1)
     import asteria_store
     from asteria_store.query import native
-    from asteria_store.query.engine import (
-        _Ranges,
-        _select,
-        _sorted,
-        _visits,
-        probe_order,
-    )
+    from asteria_store.query.engine import probe_order
 
     q = np.load(args.queries)[: args.nq].astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     store = asteria_store.open(args.store, readonly=True)
     view, router = store._current_view(), store.router
     lrsq, k = router.lrsq, args.k
-    stages = ["probe order", "row ranges and ids", "rotate", "bounds (compiled)", "threshold",
-              "survivor vectors", "exact scores and top k"]
+    routing = router.linear_routing()
+    stages = ["routing (compiled)" if routing is not None else "probe order and rotation (numpy)",
+              "bucket table", "LRSQ query terms", "search (compiled)"]
     times, rows_n, kept = [], [], []
-    for rep in range(2):  # the first pass warms the page cache, the extent cache and the kernel
+    for rep in range(2):  # the first pass warms the page cache, the bucket table and the kernel
         times.clear()
         for v in q:
             t = [time.perf_counter()]
-            keys = probe_order(router, v[None, :], args.probes)
-            keys = keys[_visits(view, keys, None)].tolist()
+            if routing is not None:
+                keys, qy = native.route(routing, v, args.probes)
+            else:
+                keys = np.ascontiguousarray(probe_order(router, v[None, :], args.probes)[0])
+                qy = router.rotate(v[None, :])[0]
             t.append(time.perf_counter())
-            rows = _Ranges(view, keys)
+            table = view.table(lrsq, router.n_buckets).ready(view, keys)
             t.append(time.perf_counter())
-            qy = router.rotate(v[None, :])[0]
+            terms = lrsq.query_terms(qy)
             t.append(time.perf_counter())
-            lo, hi = native.bounds(rows.parts, qy, lrsq, rows.n)
-            t.append(time.perf_counter())
-            m = rows.n
-            keep = np.flatnonzero(hi >= np.partition(lo, m - k)[m - k])
-            t.append(time.perf_counter())
-            vecs = rows.vectors(keep)
-            t.append(time.perf_counter())
-            _sorted(*_select((vecs @ v)[None, :], rows.ids[keep], k))
+            _, _, st = native.search_one(table, keys, None, terms, v, k)
             t.append(time.perf_counter())
             times.append(np.diff(t) * 1000)
-            rows_n.append(m)
-            kept.append(len(keep))
+            rows_n.append(st[native.ROWS])
+            kept.append(st[native.KEPT])
     med = np.median(np.array(times), axis=0)
     lat = []
     for v in q:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
-from .engine import SearchStats, _groups, _Rows, _visits, probe_order_chunked
+from .engine import BucketRows, SearchStats, group_by_bucket, probe_order_chunked, top_per_query, visits
 
 #: Rows of probed buckets gathered on the host and sent to the device at once
 #: (float32 at dimension 384: 384 MiB).
@@ -87,15 +87,15 @@ def _block(view, router, queries: np.ndarray, k: int, probes: int, candidates: i
            group_rows: int, stats, q0: int):
     nq = len(queries)
     keys = probe_order_chunked(router, queries, probes)
-    visit = _visits(view, keys, candidates)
+    visit = visits(view, keys, candidates)
     stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
-    groups = _groups(keys, visit)
+    groups = group_by_bucket(keys, visit)
     qd = _to(queries, np.float32, device)
     found_q, found_s, found_i = [], [], []
     scanned = np.zeros(nq, dtype=np.int64)
     read = np.zeros(nq, dtype=np.int64)
     for batch in _by_rows(view, groups, group_rows):
-        rows = [_Rows.gather(view, [bucket]) for bucket, _, _ in batch]
+        rows = [BucketRows.gather(view, [bucket]) for bucket, _, _ in batch]
         m = [len(r.ids) for r in rows]
         order = [np.argsort(r.ids, kind="stable") for r in rows]  # each bucket's rows by id
         vecs = np.concatenate([r.vectors()[o] for r, o in zip(rows, order)])
@@ -120,7 +120,7 @@ def _block(view, router, queries: np.ndarray, k: int, probes: int, candidates: i
     stats.bytes_read[q0 : q0 + nq] += read
     if not found_q:
         return np.full((nq, k), -1, dtype=np.int64), np.full((nq, k), -np.inf, dtype=np.float32)
-    return _top_per_query(torch.cat(found_q), torch.cat(found_s), torch.cat(found_i), nq, k)
+    return top_per_query(*(torch.cat(f).cpu().numpy() for f in (found_q, found_s, found_i)), nq, k)
 
 
 def _to(a: np.ndarray, dtype, device):
@@ -142,19 +142,3 @@ def _by_rows(view, groups: list, group_rows: int):
         rows += n
     if run:
         yield run
-
-
-def _top_per_query(q, s, i, nq: int, k: int):
-    """The k best (score desc, id asc) of each query's candidates, best first, on the
-    device: (nq, k) ids and scores as numpy, padded with -1 / -inf."""
-    o = torch.argsort(i, stable=True)
-    o = o[torch.argsort(s[o], descending=True, stable=True)]
-    o = o[torch.argsort(q[o], stable=True)]
-    q, s, i = q[o], s[o], i[o]
-    rank = torch.arange(len(q), device=q.device) - torch.searchsorted(q, q)
-    keep = rank < k
-    out_s = torch.full((nq, k), -float("inf"), dtype=torch.float32, device=q.device)
-    out_i = torch.full((nq, k), -1, dtype=torch.int64, device=q.device)
-    out_s[q[keep], rank[keep]] = s[keep]
-    out_i[q[keep], rank[keep]] = i[keep]
-    return out_i.cpu().numpy(), out_s.cpu().numpy()

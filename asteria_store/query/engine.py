@@ -210,7 +210,7 @@ def _serial(fn, items: list) -> list:
     return [fn(it) for it in items]
 
 
-def _visits(view: View, keys: np.ndarray, candidates: int | None) -> np.ndarray:
+def visits(view: View, keys: np.ndarray, candidates: int | None) -> np.ndarray:
     """Which of each query's probe keys (Q, P) are visited under the ``candidates`` budget:
     a bucket is visited while fewer than ``candidates`` rows (stored, deleted ones
     included) have been gathered before it."""
@@ -238,7 +238,7 @@ _PROBE_CHUNK = 512
 
 
 @dataclass
-class _Rows:
+class BucketRows:
     """The live rows of one or more probed buckets, as slices of memory-mapped chunks."""
 
     parts: list[tuple[SegmentReader, int, int, np.ndarray | None]]  # reader, first, n, live rows
@@ -246,7 +246,7 @@ class _Rows:
     stored_bytes: int  # ids of every stored row (deleted ones too): read to find the live ones
 
     @classmethod
-    def gather(cls, view: View, keys) -> _Rows:
+    def gather(cls, view: View, keys) -> BucketRows:
         parts, ids, nbytes = [], [], 0
         for key in keys:
             for seg, first, n in view.extents(key):
@@ -415,7 +415,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="asteria-search")
 
 
-def _groups(keys: np.ndarray, visit: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+def group_by_bucket(keys: np.ndarray, visit: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """The visited (query, probe) pairs of ``keys`` (Q, P) grouped by bucket:
     ``(bucket, queries probing it, whether it is their home bucket)``, by bucket key."""
     qi, pos = np.nonzero(visit)
@@ -431,7 +431,7 @@ def _groups(keys: np.ndarray, visit: np.ndarray) -> list[tuple[int, np.ndarray, 
 class _Bucket:
     """One probed bucket of a block: its live rows and the queries probing it."""
 
-    rows: _Rows
+    rows: BucketRows
     qs: np.ndarray
     home: np.ndarray  # bool per query of qs: this is its home bucket (first probe)
     pruned: bool  # the queries probing it later are pruned with LRSQ bounds, not scored
@@ -481,9 +481,9 @@ class _Block:
     def search(self, probes: int, candidates: int | None, stats: SearchStats, q0: int):
         nq, k = len(self.queries), self.k
         keys = probe_order_chunked(self.router, self.queries, probes, self._map)
-        visit = _visits(self.view, keys, candidates)
+        visit = visits(self.view, keys, candidates)
         stats.buckets[q0 : q0 + nq] = visit.sum(axis=1)
-        buckets = [self._bucket(*g) for g in _groups(keys, visit)]
+        buckets = [self._bucket(*g) for g in group_by_bucket(keys, visit)]
         scores, err = self._score(buckets)
         pairs = _Pairs(buckets)
         thr = self._thresholds(pairs, scores, err)
@@ -491,7 +491,7 @@ class _Block:
         found += self._map(lambda b: self._prune(b, thr), [b for b in buckets if b.pruned and b.m])
         self._count(buckets, stats, q0)
         q, s, i = (np.concatenate([f[n] for f in found]) for n in range(3))
-        return _top_per_query(q, s, i, nq, k)
+        return top_per_query(q, s, i, nq, k)
 
     def _map(self, fn, items: list) -> list:
         """``fn`` of every item, in order; on the pool's threads in chunks."""
@@ -505,7 +505,7 @@ class _Block:
         return out
 
     def _bucket(self, bucket: int, qs: np.ndarray, home: np.ndarray) -> _Bucket:
-        rows = _Rows.gather(self.view, [bucket])
+        rows = BucketRows.gather(self.view, [bucket])
         pruned = (self.lrsq is not None and len(qs) <= self.group_max and len(rows.ids) > 0
                   and rows.usable_codes(self.view.codes_digest))
         scored = qs[home] if pruned else qs if len(rows.ids) else qs[:0]
@@ -636,7 +636,7 @@ _NONE_Q = np.empty(0, dtype=np.int64)
 _NONE_S = np.empty(0, dtype=np.float32)
 
 
-def _top_per_query(q: np.ndarray, s: np.ndarray, i: np.ndarray, nq: int, k: int):
+def top_per_query(q: np.ndarray, s: np.ndarray, i: np.ndarray, nq: int, k: int):
     """The k best (score desc, id asc) of each query's candidates ``(q, s, i)``, best
     first: (nq, k) ids and scores, padded with -1 / -inf."""
     key = (q.astype(np.uint64) << np.uint64(32)) | _descending(s).astype(np.uint64)
