@@ -9,6 +9,7 @@ little-endian ``.npy`` arrays (never pickle) in the store's ``model/`` directory
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Iterator
 from itertools import islice
@@ -108,28 +109,46 @@ def lazy_probe_order(router: Router, queries: np.ndarray, probes: int) -> np.nda
 
 def top_order(scores: np.ndarray, p: int) -> np.ndarray:
     """Column indices (Q, p) of the p highest scores of each row, highest first, equal
-    scores by index: the first p of a stable descending argsort, without sorting it all."""
+    scores by index: the first p of a stable descending argsort, without sorting it all
+    (one compiled pass per row, :func:`top_into`)."""
     n = scores.shape[1]
     p = min(p, n)
-    if p >= n // 2:
-        return np.argsort(-scores, axis=1, kind="stable")[:, :p]
-    if len(scores) == 1:  # one query: 1-d calls, half the time of the batched ones
-        row = scores[0]
-        part = np.argpartition(-row, p - 1)[:p]
-        vals = row[part]
-        if np.count_nonzero(row >= vals.min()) > p:  # a tie at the p-th score
-            part = np.argsort(-row, kind="stable")[:p]
-        else:
-            part = part[np.lexsort((part, -vals))]
-        return part[None, :].astype(np.int64, copy=False)
-    part = np.argpartition(-scores, p - 1, axis=1)[:, :p]
-    vals = np.take_along_axis(scores, part, axis=1)
-    out = np.take_along_axis(part, np.lexsort((part, -vals), axis=-1), axis=1)
-    # a tie at the p-th score: argpartition may have kept a higher index than the argsort
-    kth = vals.min(axis=1)
-    for r in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > p).tolist():
-        out[r] = np.argsort(-scores[r], kind="stable")[:p]
-    return out.astype(np.int64, copy=False)
+    if 4 * p >= n:  # insertion costs up to p per column: sort instead
+        return np.argsort(-scores, axis=1, kind="stable")[:, :p].astype(np.int64, copy=False)
+    out = np.empty((len(scores), p), dtype=np.int64)
+    compiled_top()(np.ascontiguousarray(scores, dtype=np.float32), out)
+    return out
+
+
+def top_into(scores, out):
+    """The p = ``out.shape[1]`` best columns of each row of ``scores`` into ``out``,
+    highest first, equal scores by column: each row is read once, a column entering the
+    kept list by insertion (p is a few dozen). Plain loops, compiled by numba
+    (:func:`compiled_top`); the one-query search calls it too (query/native.py)."""
+    p = out.shape[1]
+    top = np.empty(p, dtype=np.float32)
+    for r in range(scores.shape[0]):
+        row = scores[r]
+        keys = out[r]
+        filled = 0
+        for i in range(row.shape[0]):
+            v = row[i]
+            if filled == p and not v > top[p - 1]:
+                continue
+            at = filled if filled < p else p - 1
+            while at > 0 and top[at - 1] < v:
+                top[at], keys[at] = top[at - 1], keys[at - 1]
+                at -= 1
+            top[at], keys[at] = v, i
+            if filled < p:
+                filled += 1
+
+
+@functools.cache
+def compiled_top():
+    import numba
+
+    return numba.njit(cache=True, nogil=True)(top_into)
 
 
 def flip_sets(cost: np.ndarray) -> Iterator[tuple[float, tuple[int, ...]]]:

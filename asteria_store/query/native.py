@@ -36,6 +36,10 @@ def _kernel():
     from numba import types
     from numba.extending import overload
 
+    from ..model.router import compiled_top
+
+    top = compiled_top()
+
     def _row_dot(vecs, row, q, v32):  # pragma: no cover - compiled from the overload below
         raise NotImplementedError
 
@@ -202,20 +206,7 @@ def _kernel():
             hs = np.empty(home.shape[0], dtype=np.float32)
             gemv(home, x, home_bias, hs)
             s[np.argmax(hs)] = np.inf
-        p = keys.shape[0]
-        top = np.empty(p, dtype=np.float32)
-        filled = 0
-        for i in range(s.shape[0]):  # the p best, descending, equal scores by key
-            v = s[i]
-            if filled == p and not v > top[p - 1]:
-                continue
-            at = filled if filled < p else p - 1
-            while at > 0 and top[at - 1] < v:
-                top[at], keys[at] = top[at - 1], keys[at - 1]
-                at -= 1
-            top[at], keys[at] = v, i
-            if filled < p:
-                filled += 1
+        top(s.reshape(1, -1), keys.reshape(1, -1))
 
     @numba.njit(cache=True, nogil=True)
     def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum, w, width0):
