@@ -44,7 +44,7 @@ def main() -> None:
     store = asteria_store.open(args.store, readonly=True)
     view, router = store._current_view(), store.router
     lrsq, k = router.lrsq, args.k
-    routing = router.linear_routing()
+    routing = router.compiled_routing()
     stages = ["routing (compiled)" if routing is not None else "probe order and rotation (numpy)",
               "bucket table", "LRSQ query terms", "search (compiled)"]
     times, rows_n, kept = [], [], []

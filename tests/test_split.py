@@ -238,3 +238,31 @@ def test_a_model_file_store_never_splits(tmp_path, wordnet, small_tree_sizing) -
         assert result.split_rows == 0
         assert store.info()["buckets"] == buckets
         assert store.info()["internals"]["maintenance"].get("splits", 0) == 0
+
+
+@pytest.mark.parametrize("probes", [1, 7, 40])
+def test_compiled_tree_routing_probes_as_probe_order(tree, tree_data, probes) -> None:
+    """The one-query path's compiled routing (query/native.py) gives the tree's probe order
+    and rotation, unsplit and split (leaves under split trees)."""
+    from asteria_store.query import native
+
+    keys = tree.keys(tree_data).astype(np.int64)
+    big = fullest(keys, tree.n_buckets, 12)
+    split, _ = tree.split({b: tree_data[keys == b] for b in big})
+    # rows of the split leaves (they go down split trees), rows whose own leaf is not the
+    # leaf they score best with (it must be probed first all the same), and others
+    for router in (tree, split):
+        own = router.keys(tree_data).astype(np.int64)
+        other = np.flatnonzero((tree_data @ router.leaves.T).argmax(axis=1) != own)
+        assert len(other) > 0 or router is tree  # unsplit: the own leaf is the best-scoring one
+        q = np.concatenate([tree_data[np.isin(keys, big)][::2], tree_data[other[:40]], tree_data[3::13]])
+        routing = router.compiled_routing()
+        assert routing is not None
+        want = router.probe_order(q, probes)
+        same = 0
+        for v, ref in zip(q, want):
+            got, qy = native.route(routing, v, probes)
+            assert got[0] == ref[0]  # the own leaf
+            same += np.array_equal(got, ref)
+            np.testing.assert_allclose(qy, router.rotate(v[None, :])[0], atol=1e-5)
+        assert same >= len(q) - 2  # the rest: equal scores rounded apart (BLAS sums in another order)

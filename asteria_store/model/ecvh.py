@@ -81,6 +81,7 @@ class ECVHRouter:
         else:
             self._centroids = None
         self._linear: LinearRouting | None = None
+        self._score_rows: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_buckets(self) -> int:
@@ -105,15 +106,24 @@ class ECVHRouter:
     def rotate(self, x: np.ndarray) -> np.ndarray:
         return x @ self.rotation
 
-    def linear_routing(self) -> LinearRouting | None:
+    def score_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`scores` as a product: ``(rows (2**bits, d), bias)`` with ``scores(x) =
+        rows @ x + bias``; None without the full code (scores are then decoded)."""
+        if self._centroids is None:
+            return None
+        if self._score_rows is None:
+            self._score_rows = np.ascontiguousarray(self._centroids.T), self._centroid_bias.astype(np.float32)
+        return self._score_rows
+
+    def compiled_routing(self) -> LinearRouting | None:
         """:meth:`probe_order` as products (router.LinearRouting): by probe centroid with
         the own bucket (the full code's best centroid) first, or by the full code's
         centroids alone; None for sign bits or a shortened code."""
-        if self._centroids is None:
+        code = self.score_rows()
+        if code is None:
             return None
         if self._linear is None:
             rows = np.ascontiguousarray(self.rotation.T)
-            code = np.ascontiguousarray(self._centroids.T), self._centroid_bias.astype(np.float32)
             nobias = np.zeros(self.n_buckets, dtype=np.float32)
             if self.probe_centroids is not None:
                 self._linear = LinearRouting(rows, self.probe_centroids, nobias, *code)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -70,9 +70,9 @@ class Router(Protocol):
     #: The quantizer whose codes the segments hold (None: no codes, no pruning).
     lrsq: LRSQ | None
 
-    def linear_routing(self) -> LinearRouting | None:
-        """The rotation and probe order as plain products, for compiled one-query search
-        (query/native.py); None where the probe order is not one product."""
+    def compiled_routing(self) -> LinearRouting | TreeRouting | None:
+        """The rotation and probe order as arrays that compiled one-query search routes
+        with (query/native.py); None where it cannot."""
         ...
 
     def config(self) -> dict: ...
@@ -91,6 +91,27 @@ class LinearRouting(NamedTuple):
     probe_bias: np.ndarray  # (n_buckets,) float32
     home: np.ndarray  # (n_buckets, d) float32, C order; (0, d) where there is none
     home_bias: np.ndarray  # (n_buckets,) float32; (0,) where there is none
+
+
+class TreeRouting(NamedTuple):
+    """A routing tree (model/tree.py) for compiled one-query routing. A query's cells rank
+    by ``cell @ x + cell_bias``; its own bucket is the leaf reached down the split tree
+    (``node_root``, ``split_w``, ``split_next``) of its best node among its ``assign`` best
+    cells' nodes; it probes that leaf, then the leaves of its ``cells_for(probes)`` best
+    cells by ``leaf @ x``, in cell order, then leaf order, for equal scores."""
+
+    rotation: np.ndarray  # (D, d) float32
+    cell: np.ndarray  # (cells, d) float32
+    cell_bias: np.ndarray  # (cells,) float32
+    nodes: np.ndarray  # (M, d) float32
+    node_offsets: np.ndarray  # (cells + 1,) int64
+    leaves: np.ndarray  # (B, d) float32
+    leaf_offsets: np.ndarray  # (cells + 1,) int64
+    node_root: np.ndarray  # (M,) int64
+    split_w: np.ndarray  # (S, d) float32
+    split_next: np.ndarray  # (S, 2) int64
+    assign: int
+    cells_for: Callable[[int], int]
 
 
 def bits_to_keys(bits: np.ndarray) -> np.ndarray:
@@ -259,8 +280,8 @@ class SignHasher:
         """Bucket keys of one query in probe order: home bucket, then cheapest bit flips."""
         return sign_probe_keys(margins)
 
-    def linear_routing(self) -> None:
-        """Not one product (router.LinearRouting)."""
+    def compiled_routing(self) -> None:
+        """Sign bits probe by bit flips: no compiled routing."""
         return None
 
     def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:

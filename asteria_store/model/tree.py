@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .ecvh import ECVHRouter
-from .router import top_order
+from .router import TreeRouting, top_order
 
 #: Coarse cells each vector is compared against when assigned (its best children among
 #: them win). 1 is a pure tree descent; more cells cost d x children each and place
@@ -161,6 +161,7 @@ class TreeRouter:
         self._node_cell = np.repeat(np.arange(n_cells), np.diff(self.offsets))
         self._cell_of = np.repeat(np.arange(n_cells), np.diff(self.leaf_offsets))
         self._leaf_node, self._leaf_up, self._split_up = self._link_leaves()
+        self._compiled: TreeRouting | None = None
 
     def _link_leaves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The node of every leaf, and the parent of every leaf and split as ``split * 2 +
@@ -359,9 +360,17 @@ class TreeRouter:
         scores[keys == own[:, None]] = np.inf
         return scores, keys
 
-    def linear_routing(self) -> None:
-        """Not one product (router.LinearRouting)."""
-        return None
+    def compiled_routing(self) -> TreeRouting | None:
+        """This tree as arrays for compiled one-query routing (router.TreeRouting); None
+        where the coarse level has no full code (its cell scores are no product)."""
+        cells = self.coarse.score_rows()
+        if cells is None:
+            return None
+        if self._compiled is None:
+            self._compiled = TreeRouting(np.ascontiguousarray(self.coarse.rotation.T), *cells, self.children,
+                                         self.offsets, self.leaves, self.leaf_offsets, self.node_root,
+                                         self.split_w, self.split_next, self.assign_cells, self.cells_for)
+        return self._compiled
 
     def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:
         """The first ``probes`` bucket keys (Q, P) of each query: its own bucket, then the

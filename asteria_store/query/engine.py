@@ -370,7 +370,7 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
 
         return search_batch_device(view, router, queries, k, probes, candidates, device, explain=explain)
     lrsq = router.lrsq if prune else None
-    if len(queries) == 1 and lrsq is not None and router.linear_routing() is not None:
+    if len(queries) == 1 and lrsq is not None and router.compiled_routing() is not None:
         fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)  # no BLAS
         if fast is not None:
             return fast if explain else fast[:2]
@@ -382,7 +382,7 @@ def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, 
                   explain: bool, prune: bool | str, threads: int, kernel: str):
     nq = len(queries)
     lrsq = router.lrsq if prune else None
-    if nq == 1 and lrsq is not None and router.linear_routing() is None:
+    if nq == 1 and lrsq is not None and router.compiled_routing() is None:
         fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)
         if fast is not None:
             return fast if explain else fast[:2]
@@ -667,7 +667,7 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
     lower bound), exact rescoring of the survivors and the top k. Same result as the batch
     path (both lossless). None when a probed segment has no usable codes (the caller falls
     back)."""
-    routing = router.linear_routing()
+    routing = router.compiled_routing()
     if routing is not None:
         keys, qy = native.route(routing, query, probes)
     else:

@@ -209,6 +209,47 @@ def _kernel():
         top(s.reshape(1, -1), keys.reshape(1, -1))
 
     @numba.njit(cache=True, nogil=True)
+    def route_tree(x, rotation, cell, cell_bias, nodes, node_off, leaves, leaf_off, node_root, split_w,
+                   split_next, assign, t, keys, qy):
+        """router.TreeRouting's probe order of ``x``: its first keys.shape[0] buckets into
+        ``keys`` (fewer where its cells hold fewer: the count is returned)."""
+        gemv(rotation, x, cell_bias[:0], qy)
+        cs = np.empty(cell.shape[0], dtype=np.float32)
+        gemv(cell, x, cell_bias, cs)
+        cells = np.empty((1, t), dtype=np.int64)
+        top(cs.reshape(1, -1), cells)
+        best, node = -np.inf, 0
+        for slot in range(min(assign, t)):  # its best node: better cell, then lower node, for ties
+            c = cells[0, slot]
+            for m in range(node_off[c], node_off[c + 1]):
+                v = dot(nodes[m], x)
+                if v > best:
+                    best, node = v, m
+        ref = node_root[node]
+        while ref >= 0:  # down the node's split tree
+            ref = split_next[ref, 1 if dot(split_w[ref], x) < 0 else 0]
+        own = -ref - 1
+        width = 0
+        for c in range(leaf_off.shape[0] - 1):
+            width = max(width, leaf_off[c + 1] - leaf_off[c])
+        ls = np.full(t * width, -np.inf, dtype=np.float32)
+        lk = np.full(t * width, -1, dtype=np.int64)
+        valid = 0
+        for slot in range(t):  # leaves in (cell slot, leaf) order: ties go to the earlier
+            c = cells[0, slot]
+            for j in range(leaf_off[c + 1] - leaf_off[c]):
+                leaf = leaf_off[c] + j
+                ls[slot * width + j] = np.inf if leaf == own else dot(leaves[leaf], x)
+                lk[slot * width + j] = leaf
+                valid += 1
+        p = min(keys.shape[0], valid)
+        cols = np.empty((1, p), dtype=np.int64)
+        top(ls.reshape(1, -1), cols)
+        for i in range(p):
+            keys[i] = lk[cols[0, i]]
+        return p
+
+    @numba.njit(cache=True, nogil=True)
     def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum, w, width0):
         n, longest = 0, 0
         for b in keys:
@@ -229,14 +270,23 @@ def _kernel():
                 o += length[r]
         return lo, hi, out_i
 
-    return search_one, intervals, route
+    return search_one, intervals, route, route_tree
 
 
 def route(routing, query: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
     """One query's first ``probes`` bucket keys and its rotation, by a router's
-    :class:`~asteria_store.model.router.LinearRouting`: ``(keys (P,) int64, rotated (D,))``."""
-    keys = np.empty(min(probes, len(routing.probe)), dtype=np.int64)
+    :meth:`~asteria_store.model.router.Router.compiled_routing`: ``(keys (P,) int64,
+    rotated (D,))``."""
+    from ..model.router import TreeRouting
+
     qy = np.empty(len(routing.rotation), dtype=np.float32)
+    if isinstance(routing, TreeRouting):
+        keys = np.empty(min(probes, len(routing.leaves)), dtype=np.int64)
+        n = _kernel()[3](query, routing.rotation, routing.cell, routing.cell_bias, routing.nodes,
+                         routing.node_offsets, routing.leaves, routing.leaf_offsets, routing.node_root,
+                         routing.split_w, routing.split_next, routing.assign, routing.cells_for(probes), keys, qy)
+        return keys[:n], qy
+    keys = np.empty(min(probes, len(routing.probe)), dtype=np.int64)
     _kernel()[2](query, routing.rotation, routing.probe, routing.probe_bias, routing.home, routing.home_bias,
                  keys, qy)
     return keys, qy
