@@ -9,6 +9,7 @@ import pytest
 import asteria_store
 from asteria_store.query.engine import search_batch
 from asteria_store.testing import brute_force_topk
+from conftest import assert_same_up_to_rounding
 
 K = 10
 
@@ -290,3 +291,27 @@ def test_a_small_store_returns_k_results_for_every_query(wordnet, tmp_path) -> N
         # Fewer live rows than k: every row, then -1.
         ids, _ = store.search(queries[:3], 600)
         assert ((ids >= 0).sum(axis=1) == 500).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_sharing_few_buckets_is_searched_query_by_query(store, wordnet, threads) -> None:
+    """queries x probes <= buckets: each query goes through the compiled one-query path (on
+    the pool's threads), with the results and per-query stats of searching each alone, and
+    the results of the unpruned batch passes."""
+    from asteria_store.query import engine
+
+    if store.router.lrsq is None:
+        pytest.skip("the compiled path prunes with LRSQ codes (learned router)")
+    _, queries = wordnet
+    probes = 1
+    qs = queries[: engine.EACH_MAX_SHARING * store.router.n_buckets // probes]
+    assert len(qs) >= engine._POOL_MIN_QUERIES  # a pool runs them when threads > 1
+    ids, scores, stats = store.search(qs, K, probes=probes, threads=threads, explain=True)
+    assert stats.pruned.sum() > 0  # pruned: the compiled path (the batch passes prune none here)
+    ref_i, ref_s = store.search(qs, K, probes=probes, prune=False, threads=threads)
+    assert_same_up_to_rounding(ids, scores, ref_i, ref_s)
+    for j in (0, len(qs) // 2, len(qs) - 1):
+        one_i, one_s, info = store.query(qs[j], K, probes=probes, explain=True)
+        np.testing.assert_array_equal(ids[j], one_i)
+        assert stats.rows()[j] == info
+    assert stats.batch_bytes == stats.bytes_read.sum()

@@ -227,6 +227,13 @@ def visits(view: View, keys: np.ndarray, candidates: int | None) -> np.ndarray:
 #: save little reading and cost as much CPU as the exact product (docs/benchmarks.md).
 PRUNE_GROUP_MAX = 4
 
+#: A batch whose queries probe each bucket this many times or fewer on average (queries x
+#: probes <= this x buckets) is searched query by query on the compiled one-query path: its
+#: buckets are rarely shared, so scoring them once for several queries saves little, and
+#: the per-bucket work of the batch passes dominates (a 10M tree store: 19,517 buckets,
+#: 1,000 queries at 8 probes, docs/benchmarks.md).
+EACH_MAX_SHARING = 1
+
 #: Probe scores and per-query candidates held at once: a batch is searched in blocks of queries.
 _BLOCK_CELLS = 1 << 22
 
@@ -370,8 +377,13 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
 
         return search_batch_device(view, router, queries, k, probes, candidates, device, explain=explain)
     lrsq = router.lrsq if prune else None
-    if len(queries) == 1 and lrsq is not None and router.compiled_routing() is not None:
-        fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)  # no BLAS
+    if lrsq is not None and router.compiled_routing() is not None:  # compiled, no BLAS
+        if len(queries) == 1:
+            fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)
+        elif len(queries) * min(probes, router.n_buckets) <= EACH_MAX_SHARING * router.n_buckets:
+            fast = _search_each(view, router, lrsq, queries, k, probes, candidates, threads)
+        else:
+            fast = None
         if fast is not None:
             return fast if explain else fast[:2]
     with one_blas_thread():
@@ -667,18 +679,64 @@ def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, prob
     lower bound), exact rescoring of the survivors and the top k. Same result as the batch
     path (both lossless). None when a probed segment has no usable codes (the caller falls
     back)."""
+    keys, qy = _route(router, query, probes)
+    table = view.table(lrsq, router.n_buckets)
+    out = _search_routed(view, lrsq, table, keys, qy, query, k, candidates)
+    if out is _MISSING:  # buckets this view has not probed before
+        table.ready(view, keys)
+        out = _search_routed(view, lrsq, table, keys, qy, query, k, candidates)
+    return out
+
+
+def _search_each(view: View, router, lrsq, queries: np.ndarray, k: int, probes: int,
+                 candidates: int | None, threads: int):
+    """A batch whose queries share few buckets, each query through the compiled one-query
+    path (its buckets read once either way), on ``threads`` threads. The routes and the
+    bucket table are made on the calling thread (extents come from its read transaction);
+    the searches run on the pool (the compiled calls release the GIL). Returns ``(ids,
+    scores, stats)``, None when a probed segment has no usable codes."""
+    routes = [_route(router, q, probes) for q in queries]
+    table = view.table(lrsq, router.n_buckets).ready(view, np.concatenate([r[0] for r in routes]))
+    nq = len(queries)
+
+    def part(a: int, b: int) -> list:
+        return [_search_routed(view, lrsq, table, *routes[i], queries[i], k, candidates) for i in range(a, b)]
+
+    pool = _pool(threads) if threads > 1 and nq >= _POOL_MIN_QUERIES else None
+    edges = np.linspace(0, nq, (8 * threads if pool else 1) + 1).astype(int).tolist()
+    parts = pool.map(part, edges[:-1], edges[1:]) if pool else [part(0, nq)]
+    outs = [o for p in parts for o in p]
+    if any(o is None for o in outs):
+        return None
+    ids, scores = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+    stats = SearchStats(*(np.concatenate([getattr(o[2], name) for o in outs])
+                          for name in ("buckets", "scanned", "bytes_read")),
+                        sum(o[2].batch_bytes for o in outs), np.concatenate([o[2].pruned for o in outs]))
+    return ids, scores, stats
+
+
+def _route(router, query: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One query's probe keys and rotation: compiled where the router allows it."""
     routing = router.compiled_routing()
     if routing is not None:
-        keys, qy = native.route(routing, query, probes)
-    else:
-        keys = np.ascontiguousarray(probe_order(router, query[None, :], probes)[0])
-        qy = router.rotate(query[None, :])[0]
-    table = view.table(lrsq, router.n_buckets)
+        return native.route(routing, query, probes)
+    return (np.ascontiguousarray(probe_order(router, query[None, :], probes)[0]),
+            router.rotate(query[None, :])[0])
+
+
+#: What :func:`_search_routed` returns when a probed bucket is not in the table yet.
+_MISSING = object()
+
+
+def _search_routed(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: np.ndarray,
+                   query: np.ndarray, k: int, candidates: int | None):
+    """The compiled search of one routed query: ``(ids (1, k), scores (1, k), stats)``;
+    None where a probed segment has no usable codes, _MISSING where a probed bucket is not
+    in ``table``."""
     terms = lrsq.query_terms(qy)
     ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
-    if st[native.MISSING]:  # buckets this view has not probed before
-        table.ready(view, keys)
-        ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
+    if st[native.MISSING]:
+        return _MISSING
     if st[native.UNREADABLE]:
         seg, ch = table.chunk_of(int(st[native.UNREADABLE]) - 1)
         for name in ("ids", "vectors", "lrsq", "lrsq_aux"):
