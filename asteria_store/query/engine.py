@@ -228,11 +228,12 @@ def visits(view: View, keys: np.ndarray, candidates: int | None) -> np.ndarray:
 PRUNE_GROUP_MAX = 4
 
 #: A batch whose queries probe each bucket this many times or fewer on average (queries x
-#: probes <= this x buckets) is searched query by query on the compiled one-query path: its
-#: buckets are rarely shared, so scoring them once for several queries saves little, and
-#: the per-bucket work of the batch passes dominates (a 10M tree store: 19,517 buckets,
-#: 1,000 queries at 8 probes, docs/benchmarks.md).
-EACH_MAX_SHARING = 1
+#: probes <= this x buckets) is searched query by query on the compiled one-query path:
+#: scoring a bucket once for a few queries saves less than the batch passes' per-bucket
+#: numpy work costs. Measured crossover (one thread, docs/benchmarks.md): at 8 queries per
+#: bucket query by query ran 1.47x the batch passes, at 16 0.76x; at 3.9 (1M rows, 2,048
+#: buckets, 8 probes) 3.7x, at 62 (wordnet, 2,000 queries, 32 probes) 0.34x.
+EACH_MAX_SHARING = 12
 
 #: Probe scores and per-query candidates held at once: a batch is searched in blocks of queries.
 _BLOCK_CELLS = 1 << 22
