@@ -1,0 +1,251 @@
+"""The compiled loops of query/native.py (numba), imported when the first query needs them.
+
+Every function is defined at module level and calls the others as module globals: numba
+caches such functions on disk (next to this module, where that is writable) and loads
+them in later processes. Functions defined inside another function see their callees as
+closure variables, which numba keys per process: they were compiled again in every
+process (~10 s for the first query).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from ..model.router import compiled_top
+from .native import KEPT, MISSING, ROWS, UNREADABLE, UNUSABLE, VISITED
+
+top = compiled_top()
+
+#: Float sums may be reassociated (vectorised) and multiply-adds fused.
+FASTMATH = {"reassoc", "contract"}
+
+
+def _row_dot(vecs, row, q, v32):  # pragma: no cover - compiled from the overload below
+    raise NotImplementedError
+
+@overload(_row_dot)
+def _row_dot_impl(vecs, row, q, v32):
+    """``vecs[row] @ q`` in float32: float16 rows (uint16 bit patterns) decoded first."""
+    if vecs.dtype == types.uint16:
+        def f16(vecs, row, q, v32):
+            halves(vecs[row], v32)
+            return dot(v32, q)
+        return f16
+    return lambda vecs, row, q, v32: dot(vecs[row], q)
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def halves(src, out):
+    """float16 bit patterns ``src`` (uint16, contiguous) as float32 into ``out`` (same
+    shape, contiguous). Exact for every finite value, subnormals included: the bits
+    shifted into a float32's place, then scaled by 2**112 (the exponent biases'
+    difference). Arithmetic over one flat run, which vectorises; a lookup table
+    (256 KiB) misses the cache, ~5x slower."""
+    s = src.reshape(-1)
+    o = out.reshape(-1)
+    bits = o.view(np.uint32)
+    for i in range(s.shape[0]):
+        h = np.uint32(s[i])
+        bits[i] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
+    for i in range(s.shape[0]):
+        o[i] *= np.float32(2.0**112)
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, acc, scratch):
+    """Intervals of rows ``r0 .. r0 + n`` of one chunk into ``lo``/``hi`` from ``o``.
+    One block: a dot product per row. Several: see :func:`blocks`. ``acc``: room for
+    one block; ``scratch``: for the rows' aux as float32 (at least ``n`` rows)."""
+    rank = codes.shape[1]
+    nb = qsum.shape[0]
+    na = aux.shape[1]
+    a32 = scratch[:n]
+    halves(aux[r0 : r0 + n], a32)
+    for i in range(n):
+        r = r0 + i
+        est = np.float32(0.0)
+        if nb == 1:  # one block (the default): one dot product
+            d = np.float32(0.0)
+            for j in range(rank):
+                d += np.float32(codes[r, j]) * qh[j]
+            est = a32[i, 0] * qsum[0] + a32[i, 1] * d
+        else:
+            est = blocks(codes, r, qh, qsum, a32[i], acc)
+        width = width0
+        for a in range(na):
+            width += abs(a32[i, a]) * w[a]
+        lo[o] = est - width
+        hi[o] = est + width
+        o += 1
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def blocks(codes, r, qh, qsum, a32, acc):
+    """Row ``r``'s estimate over several blocks (``a32``: its aux as float32). The
+    blocks are summed lane by lane into ``acc`` (one block wide), each block's products
+    scaled as they are added: no per-block reduction, which would keep the compiler
+    from vectorising the loop (~5x slower here)."""
+    nb = qsum.shape[0]
+    bl = codes.shape[1] // nb
+    for j in range(bl):
+        acc[j] = 0.0
+    est = np.float32(0.0)
+    for b in range(nb):
+        sc = a32[nb + b]
+        est += a32[b] * qsum[b]
+        base = b * bl
+        for j in range(bl):
+            acc[j] += sc * (np.float32(codes[r, base + j]) * qh[base + j])
+    for j in range(bl):
+        est += acc[j]
+    return est
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def dot(x, q):
+    s = np.float32(0.0)
+    for j in range(q.shape[0]):
+        s += x[j] * q[j]
+    return s
+
+@numba.njit(cache=True, nogil=True)
+def search_one(keys, candidates, start, stop, stored, slot, first, length, usable, readable,
+               ids, vecs, codes, aux, qh, qsum, w, width0, q, out_i, out_s, stats):
+    k = out_i.shape[0]
+    out_i[:] = -1
+    out_s[:] = -np.inf
+    gathered, visited, n, longest = 0, 0, 0, 0
+    for p in range(keys.shape[0]):
+        if candidates >= 0 and gathered >= candidates:
+            break
+        b = keys[p]
+        if start[b] < 0:  # not in the table yet
+            stats[MISSING] = 1
+            return
+        gathered += stored[b]
+        visited += 1
+        for r in range(start[b], stop[b]):
+            if not readable[slot[r]]:
+                stats[UNREADABLE] = slot[r] + 1
+                return
+            if not usable[slot[r]]:
+                stats[UNUSABLE] = 1
+                return
+            n += length[r]
+            longest = max(longest, length[r])
+    stats[VISITED], stats[ROWS] = visited, n
+    lo = np.empty(n, dtype=np.float32)
+    hi = np.empty(n, dtype=np.float32)
+    acc = np.empty(qh.shape[0] // qsum.shape[0], dtype=np.float32)
+    scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
+    o = 0
+    for p in range(visited):
+        b = keys[p]
+        for r in range(start[b], stop[b]):
+            c = slot[r]
+            bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, acc, scratch)
+            o += length[r]
+    thr = -np.inf
+    if n >= k:
+        thr = np.partition(lo, n - k)[n - k]
+    kept = 0
+    v32 = np.empty(q.shape[0], dtype=np.float32)
+    o = 0
+    for p in range(visited):
+        b = keys[p]
+        for r in range(start[b], stop[b]):
+            c = slot[r]
+            v, idc = vecs[c], ids[c]
+            for row in range(first[r], first[r] + length[r]):
+                if hi[o] >= thr:
+                    kept += 1
+                    s = _row_dot(v, row, q, v32)
+                    i = idc[row]
+                    if s > out_s[k - 1] or (s == out_s[k - 1] and (out_i[k - 1] < 0 or i < out_i[k - 1])):
+                        at = k - 1  # insert: score descending, equal scores by id
+                        while at > 0 and (out_s[at - 1] < s or (out_s[at - 1] == s and out_i[at - 1] > i)):
+                            out_s[at], out_i[at] = out_s[at - 1], out_i[at - 1]
+                            at -= 1
+                        out_s[at], out_i[at] = s, i
+                o += 1
+    stats[KEPT] = kept
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def gemv(m, x, bias, out):
+    for i in range(m.shape[0]):
+        s = np.float32(0.0)
+        for j in range(x.shape[0]):
+            s += m[i, j] * x[j]
+        out[i] = s + bias[i] if bias.shape[0] else s
+
+@numba.njit(cache=True, nogil=True)
+def route(x, rotation, probe, probe_bias, home, home_bias, keys, qy):
+    gemv(rotation, x, probe_bias[:0], qy)
+    s = np.empty(probe.shape[0], dtype=np.float32)
+    gemv(probe, x, probe_bias, s)
+    if home.shape[0]:
+        hs = np.empty(home.shape[0], dtype=np.float32)
+        gemv(home, x, home_bias, hs)
+        s[np.argmax(hs)] = np.inf
+    top(s.reshape(1, -1), keys.reshape(1, -1))
+
+@numba.njit(cache=True, nogil=True)
+def route_tree(x, rotation, cell, cell_bias, nodes, node_off, leaves, leaf_off, node_root, split_w,
+               split_next, assign, t, keys, qy):
+    """router.TreeRouting's probe order of ``x``: its first keys.shape[0] buckets into
+    ``keys`` (fewer where its cells hold fewer: the count is returned)."""
+    gemv(rotation, x, cell_bias[:0], qy)
+    cs = np.empty(cell.shape[0], dtype=np.float32)
+    gemv(cell, x, cell_bias, cs)
+    cells = np.empty((1, t), dtype=np.int64)
+    top(cs.reshape(1, -1), cells)
+    best, node = -np.inf, 0
+    for slot in range(min(assign, t)):  # its best node: better cell, then lower node, for ties
+        c = cells[0, slot]
+        for m in range(node_off[c], node_off[c + 1]):
+            v = dot(nodes[m], x)
+            if v > best:
+                best, node = v, m
+    ref = node_root[node]
+    while ref >= 0:  # down the node's split tree
+        ref = split_next[ref, 1 if dot(split_w[ref], x) < 0 else 0]
+    own = -ref - 1
+    width = 0
+    for c in range(leaf_off.shape[0] - 1):
+        width = max(width, leaf_off[c + 1] - leaf_off[c])
+    ls = np.full(t * width, -np.inf, dtype=np.float32)
+    lk = np.full(t * width, -1, dtype=np.int64)
+    valid = 0
+    for slot in range(t):  # leaves in (cell slot, leaf) order: ties go to the earlier
+        c = cells[0, slot]
+        for j in range(leaf_off[c + 1] - leaf_off[c]):
+            leaf = leaf_off[c] + j
+            ls[slot * width + j] = np.inf if leaf == own else dot(leaves[leaf], x)
+            lk[slot * width + j] = leaf
+            valid += 1
+    p = min(keys.shape[0], valid)
+    cols = np.empty((1, p), dtype=np.int64)
+    top(ls.reshape(1, -1), cols)
+    for i in range(p):
+        keys[i] = lk[cols[0, i]]
+    return p
+
+@numba.njit(cache=True, nogil=True)
+def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum, w, width0):
+    n, longest = 0, 0
+    for b in keys:
+        for r in range(start[b], stop[b]):
+            n += length[r]
+            longest = max(longest, length[r])
+    lo = np.empty(n, dtype=np.float32)
+    hi = np.empty(n, dtype=np.float32)
+    out_i = np.empty(n, dtype=np.int64)
+    acc = np.empty(qh.shape[0] // qsum.shape[0], dtype=np.float32)
+    scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
+    o = 0
+    for b in keys:
+        for r in range(start[b], stop[b]):
+            c = slot[r]
+            bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, acc, scratch)
+            out_i[o : o + length[r]] = ids[c][first[r] : first[r] + length[r]]
+            o += length[r]
+    return lo, hi, out_i
