@@ -13,9 +13,10 @@ in rows scored per microsecond, each loop form as written in numba:
 
 * ``f32 rows``: full float32 vectors (384-d), one dot product per row;
 * ``f16 rows by lookup``: full float16 vectors decoded through a 65,536-entry table;
-* ``lrsq 8-bit``: the LRSQ codes (rank 288, blocks of 32, a scale per block) in the
-  query/native.py form (block products added lane by lane), and in the plain form (one
-  reduction per block, which the compiler does not vectorise);
+* ``lrsq 8-bit``: the LRSQ codes (rank 288, blocks of 32, a scale per block), each
+  block's products added lane by lane into one block-wide accumulator, and with one
+  reduction per block (query/compiled.py's form: with the block width known only at run
+  time the compiler vectorises it);
 * ``int8 x int16``: the same codes against an int16 query, int32 sums per block;
 * ``one block of 384``: LRSQ's default since issue 20, every dimension under one scale: one
   dot product per row, as float32 and as int16 x 8-bit with int32 sums;

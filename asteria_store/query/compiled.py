@@ -53,10 +53,10 @@ def halves(src, out):
         o[i] *= np.float32(2.0**112)
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, acc, scratch):
+def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, scratch):
     """Intervals of rows ``r0 .. r0 + n`` of one chunk into ``lo``/``hi`` from ``o``.
-    One block: a dot product per row. Several: see :func:`blocks`. ``acc``: room for
-    one block; ``scratch``: for the rows' aux as float32 (at least ``n`` rows)."""
+    One block: a dot product per row. Several: see :func:`blocks`. ``scratch``: room for
+    the rows' aux as float32 (at least ``n`` rows)."""
     rank = codes.shape[1]
     nb = qsum.shape[0]
     na = aux.shape[1]
@@ -71,7 +71,7 @@ def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, acc, scratch):
                 d += np.float32(codes[r, j]) * qh[j]
             est = a32[i, 0] * qsum[0] + a32[i, 1] * d
         else:
-            est = blocks(codes, r, qh, qsum, a32[i], acc)
+            est = blocks(codes, r, qh, qsum, a32[i])
         width = width0
         for a in range(na):
             width += abs(a32[i, a]) * w[a]
@@ -80,25 +80,21 @@ def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, acc, scratch):
         o += 1
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def blocks(codes, r, qh, qsum, a32, acc):
-    """Row ``r``'s estimate over several blocks (``a32``: its aux as float32). The
-    blocks are summed lane by lane into ``acc`` (one block wide), each block's products
-    scaled as they are added: no per-block reduction, which would keep the compiler
-    from vectorising the loop (~5x slower here)."""
+def blocks(codes, r, qh, qsum, a32):
+    """Row ``r``'s estimate over several blocks (``a32``: its aux as float32), one
+    reduction per block (the block width is known only at run time, so the compiler
+    vectorises each; a width fixed at compile time unrolled it into scalar code)."""
     nb = qsum.shape[0]
     bl = codes.shape[1] // nb
-    for j in range(bl):
-        acc[j] = 0.0
     est = np.float32(0.0)
     for b in range(nb):
-        sc = a32[nb + b]
-        est += a32[b] * qsum[b]
         base = b * bl
+        d = np.float32(0.0)
         for j in range(bl):
-            acc[j] += sc * (np.float32(codes[r, base + j]) * qh[base + j])
-    for j in range(bl):
-        est += acc[j]
+            d += np.float32(codes[r, base + j]) * qh[base + j]
+        est += a32[nb + b] * d + a32[b] * qsum[b]
     return est
+
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def dot(x, q):
@@ -135,14 +131,13 @@ def search_one(keys, candidates, start, stop, stored, slot, first, length, usabl
     stats[VISITED], stats[ROWS] = visited, n
     lo = np.empty(n, dtype=np.float32)
     hi = np.empty(n, dtype=np.float32)
-    acc = np.empty(qh.shape[0] // qsum.shape[0], dtype=np.float32)
     scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
     o = 0
     for p in range(visited):
         b = keys[p]
         for r in range(start[b], stop[b]):
             c = slot[r]
-            bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, acc, scratch)
+            bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, scratch)
             o += length[r]
     thr = -np.inf
     if n >= k:
@@ -239,13 +234,12 @@ def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum,
     lo = np.empty(n, dtype=np.float32)
     hi = np.empty(n, dtype=np.float32)
     out_i = np.empty(n, dtype=np.int64)
-    acc = np.empty(qh.shape[0] // qsum.shape[0], dtype=np.float32)
     scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
     o = 0
     for b in keys:
         for r in range(start[b], stop[b]):
             c = slot[r]
-            bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, acc, scratch)
+            bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, scratch)
             out_i[o : o + length[r]] = ids[c][first[r] : first[r] + length[r]]
             o += length[r]
     return lo, hi, out_i
