@@ -1,8 +1,11 @@
-"""One query's search in one compiled call (numba), read in place from the memory maps.
+"""One query's routing and search in compiled calls (numba, query/compiled.py), read in
+place from the memory maps; this module holds their Python side.
 
 A query alone is too little work for a matrix product: its cost is the per-call overhead of
-numpy and Python across its stages. :func:`search_one` runs them all in one compiled
-function over the flat bucket table of the view (table.py):
+numpy and Python across its stages. :func:`route` computes a query's rotation and probe
+order from a router's compiled routing (an ECVH product or a routing tree), and
+:func:`search_one` runs the rest in one compiled function over the flat bucket table of the
+view (table.py):
 
 1. the probed buckets in probe order, cut by the ``candidates`` budget;
 2. each probed row's LRSQ interval from its 8-bit codes, read where they are mapped: the
@@ -17,7 +20,7 @@ The result is that of exact scoring of every probed row: a row left out has an u
 bound below k rows' exact scores.
 
 numba is imported when the first query needs it; the compiled code is cached on disk
-next to this module where that is writable (else compiled once per process).
+next to query/compiled.py where that is writable (else compiled once per process).
 """
 
 from __future__ import annotations
