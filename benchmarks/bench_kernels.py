@@ -113,19 +113,11 @@ def scan_kernels():
     fast = {"reassoc", "contract"}
 
     @numba.njit(fastmath=fast)
-    def f32_rows(v, q, out):
+    def float_rows(v, q, out):  # float32 rows, or 8-bit codes of one block (compiled per dtype)
         for r in range(v.shape[0]):
             s = np.float32(0)
             for j in range(v.shape[1]):
-                s += v[r, j] * q[j]
-            out[r] = s
-
-    @numba.njit(fastmath=fast)
-    def u8_rows(c, q, out):
-        for r in range(c.shape[0]):
-            s = np.float32(0)
-            for j in range(c.shape[1]):
-                s += np.float32(c[r, j]) * q[j]
+                s += np.float32(v[r, j]) * q[j]
             out[r] = s
 
     @numba.njit(fastmath=fast)
@@ -199,13 +191,13 @@ def scan_kernels():
                 s += lut[2 * j, c & 15] + lut[2 * j + 1, c >> 4]
             out[r] = s
 
-    return f32_rows, f16_rows, lrsq_lanes, lrsq_blocks, int8_int16, lut4, u8_rows, u8_i16_rows
+    return float_rows, f16_rows, lrsq_lanes, lrsq_blocks, int8_int16, lut4, u8_i16_rows
 
 
 def scan_rates(n: int = 3500) -> dict[str, float]:
     """Rows per microsecond of each one-query scan (best of 3 medians of 200 calls)."""
     half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    f32_rows, f16_rows, lanes, blocks, i8, lut4, u8_rows, u8_i16 = scan_kernels()
+    float_rows, f16_rows, lanes, blocks, i8, lut4, u8_i16 = scan_kernels()
     rng = np.random.default_rng(0)
     v = rng.standard_normal((n, 384)).astype(np.float32)
     q = rng.standard_normal(384).astype(np.float32)
@@ -219,13 +211,13 @@ def scan_rates(n: int = 3500) -> dict[str, float]:
     c384 = rng.integers(0, 256, (n, 384), dtype=np.uint8)
     q16 = np.round(q / np.abs(q).max() * 32767).astype(np.int16)
     f16 = v.astype(np.float16).view(np.uint16)
-    cases = {"f32 rows (384 x 4 B)": lambda: f32_rows(v, q, out),
+    cases = {"f32 rows (384 x 4 B)": lambda: float_rows(v, q, out),
              "f16 rows by lookup (384 x 2 B)": lambda: f16_rows(f16, q, half, out),
              "lrsq 8-bit, lanes (288 B)": lambda: lanes(codes, q[:288], scale, out),
              "lrsq 8-bit, per-block sums (288 B)": lambda: blocks(codes, q[:288], scale, out),
              "int8 x int16 (288 B)": lambda: i8(codes, qi, scale, out),
              "4-bit LUT (96 B)": lambda: lut4(c4, lut, out),
-             "lrsq 8-bit, one block of 384 (384 B)": lambda: u8_rows(c384, q, out),
+             "lrsq 8-bit, one block of 384 (384 B)": lambda: float_rows(c384, q, out),
              "8-bit x int16, one block of 384 (384 B)": lambda: u8_i16(c384, q16, out32)}
     rates = {}
     for name, fn in cases.items():

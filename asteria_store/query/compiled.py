@@ -26,6 +26,7 @@ FASTMATH = {"reassoc", "contract"}
 def _row_dot(vecs, row, q, v32):  # pragma: no cover - compiled from the overload below
     raise NotImplementedError
 
+
 @overload(_row_dot)
 def _row_dot_impl(vecs, row, q, v32):
     """``vecs[row] @ q`` in float32: float16 rows (uint16 bit patterns) decoded first."""
@@ -35,6 +36,7 @@ def _row_dot_impl(vecs, row, q, v32):
             return dot(v32, q)
         return f16
     return lambda vecs, row, q, v32: dot(vecs[row], q)
+
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def halves(src, out):
@@ -51,6 +53,7 @@ def halves(src, out):
         bits[i] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
     for i in range(s.shape[0]):
         o[i] *= np.float32(2.0**112)
+
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, scratch):
@@ -79,6 +82,7 @@ def bounds(codes, aux, r0, n, qh, qsum, w, width0, lo, hi, o, scratch):
         hi[o] = est + width
         o += 1
 
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def blocks(codes, r, qh, qsum, a32):
     """Row ``r``'s estimate over several blocks (``a32``: its aux as float32), one
@@ -103,13 +107,14 @@ def dot(x, q):
         s += x[j] * q[j]
     return s
 
+
 @numba.njit(cache=True, nogil=True)
 def search_one(keys, candidates, start, stop, stored, slot, first, length, usable, readable,
                ids, vecs, codes, aux, qh, qsum, w, width0, q, out_i, out_s, stats):
     k = out_i.shape[0]
     out_i[:] = -1
     out_s[:] = -np.inf
-    gathered, visited, n, longest = 0, 0, 0, 0
+    gathered, visited, n = 0, 0, 0
     for p in range(keys.shape[0]):
         if candidates >= 0 and gathered >= candidates:
             break
@@ -127,18 +132,8 @@ def search_one(keys, candidates, start, stop, stored, slot, first, length, usabl
                 stats[UNUSABLE] = 1
                 return
             n += length[r]
-            longest = max(longest, length[r])
     stats[VISITED], stats[ROWS] = visited, n
-    lo = np.empty(n, dtype=np.float32)
-    hi = np.empty(n, dtype=np.float32)
-    scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
-    o = 0
-    for p in range(visited):
-        b = keys[p]
-        for r in range(start[b], stop[b]):
-            c = slot[r]
-            bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, scratch)
-            o += length[r]
+    lo, hi = bucket_bounds(keys[:visited], start, stop, slot, first, length, codes, aux, qh, qsum, w, width0)
     thr = -np.inf
     if n >= k:
         thr = np.partition(lo, n - k)[n - k]
@@ -164,6 +159,7 @@ def search_one(keys, candidates, start, stop, stored, slot, first, length, usabl
                 o += 1
     stats[KEPT] = kept
 
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def gemv(m, x, bias, out):
     for i in range(m.shape[0]):
@@ -171,6 +167,7 @@ def gemv(m, x, bias, out):
         for j in range(x.shape[0]):
             s += m[i, j] * x[j]
         out[i] = s + bias[i] if bias.shape[0] else s
+
 
 @numba.njit(cache=True, nogil=True)
 def route(x, rotation, probe, probe_bias, home, home_bias, keys, qy):
@@ -182,6 +179,7 @@ def route(x, rotation, probe, probe_bias, home, home_bias, keys, qy):
         gemv(home, x, home_bias, hs)
         s[np.argmax(hs)] = np.inf
     top(s.reshape(1, -1), keys.reshape(1, -1))
+
 
 @numba.njit(cache=True, nogil=True)
 def route_tree(x, rotation, cell, cell_bias, nodes, node_off, leaves, leaf_off, node_root, split_w,
@@ -224,8 +222,10 @@ def route_tree(x, rotation, cell, cell_bias, nodes, node_off, leaves, leaf_off, 
         keys[i] = lk[cols[0, i]]
     return p
 
+
 @numba.njit(cache=True, nogil=True)
-def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum, w, width0):
+def bucket_bounds(keys, start, stop, slot, first, length, codes, aux, qh, qsum, w, width0):
+    """LRSQ lower and upper bounds of every row of the buckets ``keys``, in table order."""
     n, longest = 0, 0
     for b in keys:
         for r in range(start[b], stop[b]):
@@ -233,13 +233,24 @@ def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum,
             longest = max(longest, length[r])
     lo = np.empty(n, dtype=np.float32)
     hi = np.empty(n, dtype=np.float32)
-    out_i = np.empty(n, dtype=np.int64)
     scratch = np.empty((longest, w.shape[0]), dtype=np.float32)
     o = 0
     for b in keys:
         for r in range(start[b], stop[b]):
             c = slot[r]
             bounds(codes[c], aux[c], first[r], length[r], qh, qsum, w, width0, lo, hi, o, scratch)
-            out_i[o : o + length[r]] = ids[c][first[r] : first[r] + length[r]]
+            o += length[r]
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum, w, width0):
+    """:func:`bucket_bounds`, and the rows' ids."""
+    lo, hi = bucket_bounds(keys, start, stop, slot, first, length, codes, aux, qh, qsum, w, width0)
+    out_i = np.empty(len(lo), dtype=np.int64)
+    o = 0
+    for b in keys:
+        for r in range(start[b], stop[b]):
+            out_i[o : o + length[r]] = ids[slot[r]][first[r] : first[r] + length[r]]
             o += length[r]
     return lo, hi, out_i

@@ -19,6 +19,7 @@ Budgets (per query):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import threading
@@ -378,15 +379,14 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
 
         return search_batch_device(view, router, queries, k, probes, candidates, device, explain=explain)
     lrsq = router.lrsq if prune else None
-    if lrsq is not None and router.compiled_routing() is not None:  # compiled, no BLAS
-        if len(queries) == 1:
-            fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)
-        elif len(queries) * min(probes, router.n_buckets) <= EACH_MAX_SHARING * router.n_buckets:
-            fast = _search_each(view, router, lrsq, queries, k, probes, candidates, threads)
-        else:
-            fast = None
-        if fast is not None:
-            return fast if explain else fast[:2]
+    compiled = router.compiled_routing() is not None
+    if lrsq is not None and (len(queries) == 1 or compiled and len(queries) * min(probes, router.n_buckets)
+                             <= EACH_MAX_SHARING * router.n_buckets):
+        # query by query; BLAS is used only to route where the routing is not compiled
+        with contextlib.nullcontext() if compiled else one_blas_thread():
+            each = _search_each(view, router, lrsq, queries, k, probes, candidates, threads)
+        if each is not None:
+            return each if explain else each[:2]
     with one_blas_thread():
         return _search_batch(view, router, queries, k, probes, candidates, explain, prune, threads, kernel)
 
@@ -395,10 +395,6 @@ def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, 
                   explain: bool, prune: bool | str, threads: int, kernel: str):
     nq = len(queries)
     lrsq = router.lrsq if prune else None
-    if nq == 1 and lrsq is not None and router.compiled_routing() is None:
-        fast = _search_one_pruned(view, router, lrsq, queries[0], k, probes, candidates)
-        if fast is not None:
-            return fast if explain else fast[:2]
     group_max = nq if prune is True else PRUNE_GROUP_MAX
     stats = SearchStats.zeros(nq)
     best_i = np.empty((nq, k), dtype=np.int64)
@@ -673,42 +669,32 @@ def _descending(s: np.ndarray) -> np.ndarray:
     return ~up
 
 
-def _search_one_pruned(view: View, router, lrsq, query: np.ndarray, k: int, probes: int,
-                       candidates: int | None):
-    """One query with LRSQ pruning over ALL its probed rows at once, in one compiled call
-    (native.py): bounds of every probed row from its codes, one threshold (the k-th best
-    lower bound), exact rescoring of the survivors and the top k. Same result as the batch
-    path (both lossless). None when a probed segment has no usable codes (the caller falls
-    back)."""
-    keys, qy = _route(router, query, probes)
-    table = view.table(lrsq, router.n_buckets)
-    out = _search_routed(view, lrsq, table, keys, qy, query, k, candidates)
-    if out is _MISSING:  # buckets this view has not probed before
-        table.ready(view, keys)
-        out = _search_routed(view, lrsq, table, keys, qy, query, k, candidates)
-    return out
-
-
 def _search_each(view: View, router, lrsq, queries: np.ndarray, k: int, probes: int,
                  candidates: int | None, threads: int):
-    """A batch whose queries share few buckets, each query through the compiled one-query
-    path (its buckets read once either way), on ``threads`` threads. The routes and the
-    bucket table are made on the calling thread (extents come from its read transaction);
-    the searches run on the pool (the compiled calls release the GIL). Returns ``(ids,
-    scores, stats)``, None when a probed segment has no usable codes."""
+    """Each query alone with LRSQ pruning over ALL its probed rows at once, in one compiled
+    call (native.py): bounds of every probed row from its codes, one threshold (the k-th
+    best lower bound), exact rescoring of the survivors and the top k. Same results as the
+    batch passes (both lossless). Several queries run on ``threads`` threads (the compiled
+    calls release the GIL); their routes and the bucket table are made first, on the
+    calling thread, whose read transaction holds the extents. Returns ``(ids, scores,
+    stats)``; None when a probed segment has no usable codes (the caller falls back)."""
     routes = [_route(router, q, probes) for q in queries]
-    table = view.table(lrsq, router.n_buckets).ready(view, np.concatenate([r[0] for r in routes]))
+    table = view.table(lrsq, router.n_buckets)
     nq = len(queries)
+    pool = _pool(threads) if threads > 1 and nq >= _POOL_MIN_QUERIES else None
+    if pool is not None:  # one query alone adds its buckets on a miss instead (no numpy check first)
+        table.ready(view, np.concatenate([r[0] for r in routes]))
 
     def part(a: int, b: int) -> list:
         return [_search_routed(view, lrsq, table, *routes[i], queries[i], k, candidates) for i in range(a, b)]
 
-    pool = _pool(threads) if threads > 1 and nq >= _POOL_MIN_QUERIES else None
     edges = np.linspace(0, nq, (8 * threads if pool else 1) + 1).astype(int).tolist()
     parts = pool.map(part, edges[:-1], edges[1:]) if pool else [part(0, nq)]
     outs = [o for p in parts for o in p]
     if any(o is None for o in outs):
         return None
+    if nq == 1:
+        return outs[0]
     ids, scores = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
     stats = SearchStats(*(np.concatenate([getattr(o[2], name) for o in outs])
                           for name in ("buckets", "scanned", "bytes_read")),
@@ -725,19 +711,16 @@ def _route(router, query: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarr
             router.rotate(query[None, :])[0])
 
 
-#: What :func:`_search_routed` returns when a probed bucket is not in the table yet.
-_MISSING = object()
-
-
 def _search_routed(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: np.ndarray,
                    query: np.ndarray, k: int, candidates: int | None):
     """The compiled search of one routed query: ``(ids (1, k), scores (1, k), stats)``;
-    None where a probed segment has no usable codes, _MISSING where a probed bucket is not
-    in ``table``."""
+    None where a probed segment has no usable codes. Buckets not in ``table`` yet are
+    added (reading extents: on the thread of ``view``'s read transaction only)."""
     terms = lrsq.query_terms(qy)
     ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
-    if st[native.MISSING]:
-        return _MISSING
+    if st[native.MISSING]:  # buckets this view has not probed before
+        table.ready(view, keys)
+        ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
     if st[native.UNREADABLE]:
         seg, ch = table.chunk_of(int(st[native.UNREADABLE]) - 1)
         for name in ("ids", "vectors", "lrsq", "lrsq_aux"):

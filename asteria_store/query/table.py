@@ -42,8 +42,8 @@ class BucketTable:
 
         self._lock = threading.Lock()
         self.slot_of: dict[tuple[int, int], int] = {}
-        dim = next(iter(view.segments.values())).dim if view.segments else 1
-        vec_dtype = _vector_view_dtype(next(iter(view.segments.values())).dtype) if view.segments else np.float32
+        some = next(iter(view.segments.values()), None)  # every segment has the store's dim and dtype
+        dim, vec_dtype = (some.dim, _vector_view_dtype(some.dtype)) if some else (1, np.dtype(np.float32))
         empty = {"ids": _readonly(np.zeros(0, np.int64)), "vectors": _readonly(np.zeros((0, dim), vec_dtype)),
                  "lrsq": _readonly(np.zeros((0, rank), np.uint8)),
                  "lrsq_aux": _readonly(np.zeros((0, aux_width), np.uint16))}
@@ -105,8 +105,8 @@ class BucketTable:
 
     def _grow_buckets(self, n: int) -> None:
         n = max(n, 2 * len(self.start))
-        start, stop, stored = (np.full(n, -1, dtype=np.int64) for _ in range(3))
-        stored[:] = 0
+        start, stop = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+        stored = np.zeros(n, dtype=np.int64)
         m = len(self.start)
         start[:m], stop[:m], stored[:m] = self.start, self.stop, self.stored
         self.stored, self.stop, self.start = stored, stop, start  # start last: it marks a bucket added
