@@ -259,6 +259,9 @@ def reader_main(cfg: dict, index: int) -> None:
     maps_generation = None
     with asteria_store.open(cfg["store"], readonly=True) as store, \
             open(Path(cfg["dir"]) / f"reader{index}.jsonl", "w") as out:
+        # Warm-up, not recorded: a process's first probed search loads the compiled search
+        # (~1.5 s from numba's cache, more to compile), which would eat a short run.
+        store.search(batch_vectors(cfg["seed"], QUERIES), k=K, probes=DEFAULT_PROBES)
         while not stop.exists() and time.monotonic() < deadline:
             before = observe(store, out, index)
             if before is None:
