@@ -267,7 +267,7 @@ class ReadSide:
 
     def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
                prune: bool | Literal["auto"], explain: bool, fill: bool = True, threads: int | None = None,
-               kernel: str | None = None, device=None):
+               kernel: str | None = None, device=None, rerank: int | None = None):
         k = check_k(k)
         threads = check_threads(threads)
         kernel = default_kernel() if kernel is None else check_kernel(kernel)
@@ -282,11 +282,12 @@ class ReadSide:
                 raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
             if prune not in (True, False, "auto"):
                 raise InvalidArgumentError(f"prune must be True, False or 'auto', got {prune!r}.")
+            self._check_rerank(rerank, k, device)
         with self.snapshot() as snap:
             view = snap.view
             check_k_fits(k, len(qs), view.count)
             if probes != "all":
-                opts = {"prune": prune, "threads": threads, "kernel": kernel, "device": device}
+                opts = {"prune": prune, "threads": threads, "kernel": kernel, "device": device, "rerank": rerank}
                 out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain), **opts)
                 if candidates is None and fill:
                     self._probe_on(view, qs, k, int(probes), out, opts)
@@ -299,6 +300,20 @@ class ReadSide:
             nq = len(qs)
             return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
                                             np.full(nq, stored * row_bytes), stored * row_bytes)
+
+    def _check_rerank(self, rerank, k: int, device) -> None:
+        """``rerank`` is None, or an integer >= k on a store whose model has a sketch."""
+        if rerank is None:
+            return
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < k:
+            raise InvalidArgumentError(f"rerank must be an integer >= k ({k}) or None, got {rerank!r}.")
+        if device is not None:
+            raise InvalidArgumentError("rerank runs on the CPU; search on a device without it.")
+        lrsq = self.router.lrsq
+        if lrsq is None or lrsq.sketch is None:
+            raise InvalidArgumentError(
+                "rerank needs a model with a sketch, and this store's model has none (trained with "
+                "sketch=False, or by an older asteria-store). Search without rerank, or retrain the model.")
 
     def _probe_on(self, view: View, qs: np.ndarray, k: int, probes: int, out: tuple, opts: dict) -> None:
         """Queries whose probed buckets held fewer than ``k`` live rows, while the store holds

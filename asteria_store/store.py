@@ -504,6 +504,7 @@ class Store:
         threads: int | None = None,
         kernel: str | None = None,
         device: str | None = None,
+        rerank: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
 
@@ -544,11 +545,18 @@ class Store:
                 there in large groups and scored on it (same routing; results equal the
                 CPU's up to float rounding; no LRSQ pruning). ``None`` or ``"cpu"``: here;
                 ``probes="all"`` always runs here.
+            rerank: approximate search for a store larger than RAM: score every probed row
+                from its sketch (d/8 bytes a row instead of its ~d bytes of LRSQ codes) and
+                rescore only the ``rerank`` best exactly from their vectors. Fewer bytes read
+                per query (sketches stay in the page cache, the vectors of ``rerank`` rows
+                are read), recall a little below the same probes without it: more
+                ``rerank``, closer. Needs a model with a sketch (the default since model
+                format 3); ``prune`` and ``kernel`` do not apply. ``None``: certified search.
         """
         self._check_open()
         return self._reads.search(queries, k, probes=probes, candidates=candidates, prune=prune,
                                   explain=explain, fill=bool(fill), threads=threads, kernel=kernel,
-                                  device=device)
+                                  device=device, rerank=rerank)
 
     def query(
         self,
@@ -559,13 +567,16 @@ class Store:
         candidates: int | None = None,
         prune: bool | Literal["auto"] = "auto",
         explain: bool = False,
+        rerank: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
         """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,);
-        with ``explain=True`` also a dict: buckets probed, rows scanned, bytes read."""
+        with ``explain=True`` also a dict: buckets probed, rows scanned, bytes read.
+        ``rerank``: as for :meth:`search`."""
         arr = np.asarray(vector) if not isinstance(vector, (str, os.PathLike)) else vector
         if isinstance(arr, np.ndarray) and arr.ndim == 1:
             arr = arr[None, :]
-        out = self.search(arr, k, probes=probes, candidates=candidates, prune=prune, explain=explain)
+        out = self.search(arr, k, probes=probes, candidates=candidates, prune=prune, explain=explain,
+                          rerank=rerank)
         if len(out[0]) != 1:
             raise InvalidInputError(f"query takes one vector, got {len(out[0])}; use search() for a batch.")
         if explain:

@@ -110,6 +110,8 @@ def _verify_segment(store, seg, rec, extents, id_locs, dead, sums: dict[str, np.
     arrays = [("vectors", store.config.dim * item), ("ids", 8)]
     if rec.get("lrsq"):
         arrays += [("lrsq", rec["lrsq"]["rank"]), ("lrsq_aux", 2 * rec["lrsq"]["aux"])]
+        if rec["lrsq"].get("sketch"):
+            arrays.append(("sketch", rec["lrsq"]["sketch"]))
     n_chunks = (n + cr - 1) // cr
     for array, row_bytes in arrays:
         for c in range(n_chunks):

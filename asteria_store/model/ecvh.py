@@ -26,7 +26,9 @@ import numpy as np
 
 from .codes import HadamardCode
 from .lrsq import LRSQ
+from .sketch import Sketch
 from .router import (
+    SKETCH_MODEL_FORMAT,
     LinearRouting,
     bits_to_keys,
     lazy_probe_order,
@@ -216,6 +218,8 @@ class ECVHRouter:
                "m": self.m, "info": self.info}
         if self.lrsq is not None:
             cfg["lrsq"] = {"rank": self.lrsq.rank, "block": self.lrsq.block}
+            if self.lrsq.sketch is not None:
+                cfg["format_version"] = SKETCH_MODEL_FORMAT
         return cfg
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -224,11 +228,14 @@ class ECVHRouter:
             out["positions"] = self.code.positions.astype(np.int64)
         if self.probe_centroids is not None:
             out["probe_centroids"] = self.probe_centroids
+        if self.lrsq is not None and self.lrsq.sketch is not None:
+            out["sketch"] = self.lrsq.sketch.codebook
         return out
 
     @classmethod
     def from_saved(cls, config: dict, arrays: dict[str, np.ndarray]) -> ECVHRouter:
-        lrsq = LRSQ(**config["lrsq"]) if "lrsq" in config else None
+        sketch = Sketch(arrays["sketch"]) if "sketch" in arrays else None
+        lrsq = LRSQ(**config["lrsq"], sketch=sketch) if "lrsq" in config else None
         return cls(arrays["rotation"], arrays["vantages"], arrays["offsets"], bits=config["bits"],
                    ecc=config["ecc"], positions=arrays.get("positions"), lrsq=lrsq,
                    info=config.get("info"), probe_centroids=arrays.get("probe_centroids"))

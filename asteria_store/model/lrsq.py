@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from .sketch import Sketch
 
 _F16 = np.float16
 #: Relative allowance for float32 rounding in the rotation and the dot products.
@@ -58,10 +60,13 @@ class QueryTerms(NamedTuple):
 
 @dataclass(frozen=True)
 class LRSQ:
-    """Quantizer of rotated vectors: ``rank`` leading coordinates in blocks of ``block``."""
+    """Quantizer of rotated vectors: ``rank`` leading coordinates in blocks of ``block``;
+    with ``sketch``, each row also gets a few-byte product-quantization code (sketch.py)
+    that approximate search reads instead of the LRSQ codes."""
 
     rank: int
     block: int = 32
+    sketch: Sketch | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.block < 1 or self.rank % self.block:

@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 
 #: The newest model format this version reads. A model is saved with the oldest format
 #: that holds it (``format_version`` of its config, else BASE_MODEL_FORMAT), so older
-#: readers refuse only what they would misread: 2 = a tree with split leaves.
-MODEL_FORMAT_VERSION = 2
+#: readers refuse only what they would misread: 2 = a tree with split leaves, 3 = LRSQ
+#: with a sketch (model/sketch.py; its segments hold a ``sketch`` array).
+MODEL_FORMAT_VERSION = 3
 BASE_MODEL_FORMAT = 1
+SKETCH_MODEL_FORMAT = 3
 
 
 class Router(Protocol):

@@ -57,6 +57,7 @@ from .ecvh import ECVHRouter
 from .tree import TreeRouter
 from .fit import MIN_POINTS_PER_CELL, choose_bits, holdout_rows, model_bits, plan_buckets  # noqa: F401 (re-exported)
 from .lrsq import LRSQ
+from .sketch import Sketch
 from .metrics import fraction_for_recall, occupancy, rows_to_reach
 
 
@@ -107,6 +108,10 @@ class TrainConfig:
             k-means (each one pass of the sample through the tree).
         probe_means: probe buckets by the mean direction of their training vectors (True,
             measured better) instead of by soft cost.
+        sketch: give every row a product-quantization sketch as well (model/sketch.py:
+            d/8 bytes a row, 1/8 of its LRSQ codes), for search that reads it instead of the
+            codes (``rerank=``: fewer bytes read per query, approximate). Costs k-means of
+            the sample per subspace at training (seconds) and ~10 us a row at ingest.
         flat_max_bits: the most bits a flat model gets; a store that needs more buckets
             is routed by a tree (model/tree.py, sizing in ``fit.plan_buckets``). Lower: a
             tree sooner (cheaper assignment, slightly coarser routing). None:
@@ -143,6 +148,7 @@ class TrainConfig:
     warm_iters: int = 4
     tree_refine: int = 3
     probe_means: bool = True
+    sketch: bool = True
     flat_max_bits: int | None = None
     threads: int | None = None
     seed: int = 0
@@ -581,7 +587,8 @@ def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> t
         block = min(config.block, size)  # tiny dimensions: one block
         rank = config.rank or int(min(d, block * math.ceil((np.searchsorted(energy, config.energy) + 1) / block)))
         rank = min(max(block, rank - rank % block), size)
-    lrsq = LRSQ(rank=rank, block=block)
+    sketch = Sketch.train((x @ pca)[:, :d].cpu().numpy(), seed=config.seed) if config.sketch else None
+    lrsq = LRSQ(rank=rank, block=block, sketch=sketch)
 
     warm = None
     if config.ecc:

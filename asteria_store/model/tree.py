@@ -405,6 +405,8 @@ class TreeRouter:
                "coarse": self.coarse.config()}
         if self.n_buckets != self.n_nodes:  # format 2: a reader of format 1 would misroute
             out.update(format_version=2, nodes=self.n_nodes, splits=len(self.split_w))
+        if "format_version" in out["coarse"]:  # the coarse model's format, where newer (a sketch)
+            out["format_version"] = max(out.get("format_version", 1), out["coarse"]["format_version"])
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -109,11 +109,12 @@ def dot(x, q):
 
 
 @numba.njit(cache=True, nogil=True)
-def search_one(keys, candidates, start, stop, stored, slot, first, length, usable, readable,
-               ids, vecs, codes, aux, qh, qsum, w, width0, q, out_i, out_s, stats):
-    k = out_i.shape[0]
-    out_i[:] = -1
-    out_s[:] = -np.inf
+def visit(keys, candidates, start, stop, stored, slot, length, coded, readable, stats):
+    """How many of the probed buckets ``keys`` a query visits under the ``candidates``
+    budget (-1: none), and their live rows: ``(visited, rows)``, into ``stats`` too.
+    ``(-1, 0)`` where a bucket is not in the table yet (``stats[MISSING]``), a chunk cannot
+    be read (``stats[UNREADABLE]`` = its slot + 1) or has no ``coded`` codes
+    (``stats[UNUSABLE]``)."""
     gathered, visited, n = 0, 0, 0
     for p in range(keys.shape[0]):
         if candidates >= 0 and gathered >= candidates:
@@ -121,18 +122,43 @@ def search_one(keys, candidates, start, stop, stored, slot, first, length, usabl
         b = keys[p]
         if start[b] < 0:  # not in the table yet
             stats[MISSING] = 1
-            return
+            return -1, 0
         gathered += stored[b]
         visited += 1
         for r in range(start[b], stop[b]):
             if not readable[slot[r]]:
                 stats[UNREADABLE] = slot[r] + 1
-                return
-            if not usable[slot[r]]:
+                return -1, 0
+            if not coded[slot[r]]:
                 stats[UNUSABLE] = 1
-                return
+                return -1, 0
             n += length[r]
     stats[VISITED], stats[ROWS] = visited, n
+    return visited, n
+
+
+@numba.njit(cache=True, nogil=True)
+def insert(out_i, out_s, s, i):
+    """Score ``s`` of id ``i`` into the top k ``out_s``/``out_i`` (score descending, equal
+    scores by id; free places hold -inf / -1)."""
+    k = out_i.shape[0]
+    if s > out_s[k - 1] or (s == out_s[k - 1] and (out_i[k - 1] < 0 or i < out_i[k - 1])):
+        at = k - 1
+        while at > 0 and (out_s[at - 1] < s or (out_s[at - 1] == s and out_i[at - 1] > i)):
+            out_s[at], out_i[at] = out_s[at - 1], out_i[at - 1]
+            at -= 1
+        out_s[at], out_i[at] = s, i
+
+
+@numba.njit(cache=True, nogil=True)
+def search_one(keys, candidates, start, stop, stored, slot, first, length, usable, readable,
+               ids, vecs, codes, aux, qh, qsum, w, width0, q, out_i, out_s, stats):
+    k = out_i.shape[0]
+    out_i[:] = -1
+    out_s[:] = -np.inf
+    visited, n = visit(keys, candidates, start, stop, stored, slot, length, usable, readable, stats)
+    if visited < 0:
+        return
     lo, hi = bucket_bounds(keys[:visited], start, stop, slot, first, length, codes, aux, qh, qsum, w, width0)
     thr = -np.inf
     if n >= k:
@@ -148,16 +174,81 @@ def search_one(keys, candidates, start, stop, stored, slot, first, length, usabl
             for row in range(first[r], first[r] + length[r]):
                 if hi[o] >= thr:
                     kept += 1
-                    s = _row_dot(v, row, q, v32)
-                    i = idc[row]
-                    if s > out_s[k - 1] or (s == out_s[k - 1] and (out_i[k - 1] < 0 or i < out_i[k - 1])):
-                        at = k - 1  # insert: score descending, equal scores by id
-                        while at > 0 and (out_s[at - 1] < s or (out_s[at - 1] == s and out_i[at - 1] > i)):
-                            out_s[at], out_i[at] = out_s[at - 1], out_i[at - 1]
-                            at -= 1
-                        out_s[at], out_i[at] = s, i
+                    insert(out_i, out_s, _row_dot(v, row, q, v32), idc[row])
                 o += 1
     stats[KEPT] = kept
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def sketch_lut(codebook, qy):
+    """(m, 256): ``<q_s, centroid_{s,c}>`` of rotated query ``qy`` (model/sketch.py)."""
+    m, dsub, nc = codebook.shape
+    lut = np.zeros((m, nc), dtype=np.float32)
+    for s in range(m):
+        for j in range(dsub):
+            v = qy[s + m * j]
+            for c in range(nc):
+                lut[s, c] += v * codebook[s, j, c]
+    return lut
+
+
+@numba.njit(cache=True, nogil=True)
+def sketch_candidates(keys, candidates, start, stop, stored, slot, first, length, sketched, readable,
+                      sketch, codebook, qy, rerank, cand_slot, cand_row, stats):
+    """The ``rerank`` probed rows with the best sketch scores (all of them where fewer),
+    as chunk slots and rows into ``cand_slot``/``cand_row`` in table order; returns how
+    many (-1 where :func:`visit` found a problem). Equal scores at the cut go to the
+    earlier rows in table order."""
+    visited, n = visit(keys, candidates, start, stop, stored, slot, length, sketched, readable, stats)
+    if visited < 0:
+        return -1
+    lut = sketch_lut(codebook, qy)
+    m = lut.shape[0]
+    approx = np.empty(n, dtype=np.float32)
+    o = 0
+    for p in range(visited):
+        b = keys[p]
+        for r in range(start[b], stop[b]):
+            codes = sketch[slot[r]]
+            for row in range(first[r], first[r] + length[r]):
+                acc = np.float32(0.0)
+                for s in range(m):
+                    acc += lut[s, codes[row, s]]
+                approx[o] = acc
+                o += 1
+    thr = -np.inf
+    if n > rerank:
+        thr = np.partition(approx, n - rerank)[n - rerank]
+    above = 0  # rows strictly above the cut all go; rows at it fill what is left
+    for o in range(n):
+        if approx[o] > thr:
+            above += 1
+    ties = rerank - above
+    o, got = 0, 0
+    for p in range(visited):
+        b = keys[p]
+        for r in range(start[b], stop[b]):
+            for row in range(first[r], first[r] + length[r]):
+                take = approx[o] > thr
+                if not take and approx[o] == thr and ties > 0:
+                    take = True
+                    ties -= 1
+                if take:
+                    cand_slot[got], cand_row[got] = slot[r], row
+                    got += 1
+                o += 1
+    return got
+
+
+@numba.njit(cache=True, nogil=True)
+def rescore(cand_slot, cand_row, ids, vecs, q, out_i, out_s):
+    """Exact scores of the candidate rows into the top k ``out_i``/``out_s``."""
+    out_i[:] = -1
+    out_s[:] = -np.inf
+    v32 = np.empty(q.shape[0], dtype=np.float32)
+    for t in range(cand_slot.shape[0]):
+        c, row = cand_slot[t], cand_row[t]
+        insert(out_i, out_s, _row_dot(vecs[c], row, q, v32), ids[c][row])
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)

@@ -64,7 +64,7 @@ class View:
     codes_digest: str = ""
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     #: The flat bucket table of one-query searches, made on first use (shared by bound copies).
-    _tables: dict[tuple[int, int], BucketTable] = field(default_factory=dict)
+    _tables: dict[tuple[int, int, int], BucketTable] = field(default_factory=dict)
 
     def bound(self, lookup_extents: Callable[[int], list[tuple[int, int, int]]]) -> View:
         """This view reading extents through ``lookup_extents`` (one read transaction),
@@ -84,7 +84,7 @@ class View:
         """The view's flat bucket table for codes of ``lrsq`` and keys below ``n_buckets``
         (made on first use, its buckets added as queries probe them: a view never
         changes)."""
-        shape = (lrsq.rank, lrsq.aux_width)
+        shape = (lrsq.rank, lrsq.aux_width, 0 if lrsq.sketch is None else lrsq.sketch.m)
         table = self._tables.get(shape)
         if table is None:
             with _TABLE_LOCK:
@@ -351,7 +351,7 @@ def _select(s: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
                  candidates: int | None, *, explain: bool = False, prune: bool | str = "auto",
-                 threads: int = 1, kernel: str = "f32", device=None):
+                 threads: int = 1, kernel: str = "f32", device=None, rerank: int | None = None):
     """Probed search of a batch, bucket by bucket: each probed bucket is read ONCE and
     scored against all the queries that probe it with one matrix product. Same
     candidates, hence the same results, as searching each query alone.
@@ -371,6 +371,9 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
 
     ``kernel``: how rows are scored (kernels.py); the results do not depend on it.
     ``device``: a torch device (not the CPU) to score on instead (device.py).
+    ``rerank`` (a router whose LRSQ has a sketch): each query alone scores its probed rows
+    from their sketch codes and rescores only its ``rerank`` best exactly (approximate:
+    :func:`_search_sketched`); ``prune`` and ``kernel`` do not apply.
 
     Returns ``(ids, scores)``, plus :class:`SearchStats` with ``explain``.
     """
@@ -378,8 +381,13 @@ def search_batch(view: View, router, queries: np.ndarray, k: int, probes: int,
         from .device import search_batch_device
 
         return search_batch_device(view, router, queries, k, probes, candidates, device, explain=explain)
-    lrsq = router.lrsq if prune else None
     compiled = router.compiled_routing() is not None
+    if rerank is not None:
+        with contextlib.nullcontext() if compiled else one_blas_thread():
+            each = _search_each(view, router, router.lrsq, queries, k, probes, candidates, threads, rerank)
+        if each is not None:
+            return each if explain else each[:2]
+    lrsq = router.lrsq if prune else None
     if lrsq is not None and (len(queries) == 1 or compiled and len(queries) * min(probes, router.n_buckets)
                              <= EACH_MAX_SHARING * router.n_buckets):
         # query by query; BLAS is used only to route where the routing is not compiled
@@ -670,14 +678,15 @@ def _descending(s: np.ndarray) -> np.ndarray:
 
 
 def _search_each(view: View, router, lrsq, queries: np.ndarray, k: int, probes: int,
-                 candidates: int | None, threads: int):
+                 candidates: int | None, threads: int, rerank: int | None = None):
     """Each query alone with LRSQ pruning over ALL its probed rows at once, in one compiled
     call (native.py): bounds of every probed row from its codes, one threshold (the k-th
     best lower bound), exact rescoring of the survivors and the top k. Same results as the
     batch passes (both lossless). Several queries run on ``threads`` threads (the compiled
     calls release the GIL); their routes and the bucket table are made first, on the
     calling thread, whose read transaction holds the extents. Returns ``(ids, scores,
-    stats)``; None when a probed segment has no usable codes (the caller falls back)."""
+    stats)``; None when a probed segment has no usable codes (the caller falls back).
+    With ``rerank``, each query is :func:`_search_sketched` instead."""
     routes = [_route(router, q, probes) for q in queries]
     table = view.table(lrsq, router.n_buckets)
     nq = len(queries)
@@ -686,6 +695,9 @@ def _search_each(view: View, router, lrsq, queries: np.ndarray, k: int, probes: 
         table.ready(view, np.concatenate([r[0] for r in routes]))
 
     def part(a: int, b: int) -> list:
+        if rerank is not None:
+            return [_search_sketched(view, lrsq, table, *routes[i], queries[i], k, candidates, rerank)
+                    for i in range(a, b)]
         return [_search_routed(view, lrsq, table, *routes[i], queries[i], k, candidates) for i in range(a, b)]
 
     edges = np.linspace(0, nq, (8 * threads if pool else 1) + 1).astype(int).tolist()
@@ -721,10 +733,7 @@ def _search_routed(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: n
     if st[native.MISSING]:  # buckets this view has not probed before
         table.ready(view, keys)
         ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
-    if st[native.UNREADABLE]:
-        seg, ch = table.chunk_of(int(st[native.UNREADABLE]) - 1)
-        for name in ("ids", "vectors", "lrsq", "lrsq_aux"):
-            view.segments[seg].chunk(name, ch)  # raises the chunk's own error
+    _raise_unreadable(view, table, st)
     if st[native.UNUSABLE]:
         return None
     m, kept = int(st[native.ROWS]), int(st[native.KEPT])
@@ -732,6 +741,39 @@ def _search_routed(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: n
     stats = SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
                         np.array([m - kept]))
     return ids[None, :], scores[None, :], stats
+
+
+def _search_sketched(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: np.ndarray,
+                     query: np.ndarray, k: int, candidates: int | None, rerank: int):
+    """One routed query, approximate: every probed row scored from its sketch codes
+    (model/sketch.py: ``m`` bytes a row, the only bytes read for most rows), the
+    ``rerank`` best rescored exactly from their vectors (asked for together first, so that
+    a store larger than RAM reads them in parallel), and the top k of those. As
+    :func:`_search_routed` returns; None where a probed chunk has no sketch codes."""
+    sketch = lrsq.sketch
+    slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
+    if st[native.MISSING]:
+        table.ready(view, keys)
+        slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
+    _raise_unreadable(view, table, st)
+    if st[native.UNUSABLE]:
+        return None
+    table.will_need(view, slots, rows)
+    ids, scores = native.rescore(table, slots, rows, query, k)
+    m, kept = int(st[native.ROWS]), int(st[native.KEPT])
+    nbytes = m * sketch.m + kept * (8 + _row_bytes(view))
+    stats = SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
+                        np.array([m - kept]))
+    return ids[None, :], scores[None, :], stats
+
+
+def _raise_unreadable(view: View, table: BucketTable, st: np.ndarray) -> None:
+    """Raise the read error of the chunk a compiled search found unreadable, if any."""
+    if st[native.UNREADABLE]:
+        seg, ch = table.chunk_of(int(st[native.UNREADABLE]) - 1)
+        reader = view.segments[seg]
+        for name in reader.arrays:
+            reader.chunk(name, ch)  # raises the chunk's own error
 
 
 def _row_bytes(view: View) -> int:

@@ -37,7 +37,8 @@ VISITED, ROWS, KEPT, UNUSABLE, UNREADABLE, MISSING = range(6)
 def _kernel():
     from . import compiled
 
-    return compiled.search_one, compiled.intervals, compiled.route, compiled.route_tree
+    return (compiled.search_one, compiled.intervals, compiled.route, compiled.route_tree,
+            compiled.sketch_candidates, compiled.rescore)
 
 
 def route(routing, query: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +83,31 @@ def search_one(table, keys: np.ndarray, candidates: int | None, terms, query: np
               table.codes, table.aux, terms.head, terms.block_sums, terms.width_weights, terms.slack,
               query, out_i, out_s, stats)
     return out_i, out_s, stats
+
+
+def sketch_candidates(table, keys: np.ndarray, candidates: int | None, sketch, qy: np.ndarray, rerank: int):
+    """The ``rerank`` rows of the buckets ``keys`` of ``table`` with the best sketch scores
+    (model/sketch.py) for rotated query ``qy``: ``(slots, rows, stats)``, in table order;
+    ``stats`` as :func:`search_one` fills it (``stats[UNUSABLE]``: a probed chunk has no
+    sketch codes), with ``stats[KEPT]`` the candidates' count."""
+    slots = np.empty(rerank, dtype=np.int64)
+    rows = np.empty(rerank, dtype=np.int64)
+    stats = np.zeros(6, dtype=np.int64)
+    got = _kernel()[4](keys, -1 if candidates is None else int(candidates), table.start, table.stop, table.stored,
+                       table.slot, table.first, table.length, table.sketched, table.readable, table.sketch,
+                       sketch.codebook, qy, rerank, slots, rows, stats)
+    got = max(got, 0)
+    stats[KEPT] = got
+    return slots[:got], rows[:got], stats
+
+
+def rescore(table, slots: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int):
+    """The top k of the rows ``rows`` of chunk slots ``slots`` by exact score: ``(ids (k,),
+    scores (k,))``, padded with -1 / -inf."""
+    out_i = np.empty(k, dtype=np.int64)
+    out_s = np.empty(k, dtype=np.float32)
+    _kernel()[5](slots, rows, table.ids, table.vectors, query, out_i, out_s)
+    return out_i, out_s
 
 
 def warm() -> None:

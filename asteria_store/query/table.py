@@ -9,8 +9,9 @@ arrays that the compiled search reads directly:
   its stored rows (deleted ones included: what the ``candidates`` budget counts);
 * per range: the chunk slot it lies in, its first row in that chunk and its length. A range
   holds live rows only (deleted rows split the extents), and never crosses a chunk edge;
-* per chunk slot: the mapped chunks of ids, vectors, LRSQ codes and aux (numba typed lists,
-  indexed by slot), and whether its codes are usable (encoded by the view's router).
+* per chunk slot: the mapped chunks of ids, vectors, LRSQ codes, aux and sketch codes
+  (numba typed lists, indexed by slot), and whether its codes are usable (encoded by the
+  view's router) and it has sketch codes.
 
 Every chunk of every segment of the view is mapped when the table is made, so the lists
 never change afterwards: queries on other threads may read them while a bucket is added.
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError
 
-_ARRAYS = ("ids", "vectors", "lrsq", "lrsq_aux")
+_ARRAYS = ("ids", "vectors", "lrsq", "lrsq_aux", "sketch")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -37,7 +38,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 class BucketTable:
     """The flat range table of one view (see the module docstring)."""
 
-    def __init__(self, view, rank: int, aux_width: int):
+    def __init__(self, view, rank: int, aux_width: int, sketch: int):
         from numba.typed import List
 
         self._lock = threading.Lock()
@@ -46,18 +47,20 @@ class BucketTable:
         dim, vec_dtype = (some.dim, _vector_view_dtype(some.dtype)) if some else (1, np.dtype(np.float32))
         empty = {"ids": _readonly(np.zeros(0, np.int64)), "vectors": _readonly(np.zeros((0, dim), vec_dtype)),
                  "lrsq": _readonly(np.zeros((0, rank), np.uint8)),
-                 "lrsq_aux": _readonly(np.zeros((0, aux_width), np.uint16))}
+                 "lrsq_aux": _readonly(np.zeros((0, aux_width), np.uint16)),
+                 "sketch": _readonly(np.zeros((0, max(sketch, 1)), np.uint8))}
         lists = {name: List() for name in _ARRAYS}
-        usable, readable = [], []
+        usable, readable, sketched = [], [], []
         for seg, reader in sorted(view.segments.items()):
             meta = reader.lrsq_meta
             codes = (meta is not None and meta["model"] == view.codes_digest and meta["rank"] == rank
                      and meta["aux"] == aux_width)
+            has_sketch = codes and sketch > 0 and meta.get("sketch") == sketch
             for ch in range(-(-reader.n // reader.chunk_rows)):
                 self.slot_of[(seg, ch)] = len(usable)
                 ok = True
                 for name in _ARRAYS:
-                    if name.startswith("lrsq") and not codes:
+                    if name.startswith("lrsq") and not codes or name == "sketch" and not has_sketch:
                         lists[name].append(empty[name])
                         continue
                     try:
@@ -67,8 +70,11 @@ class BucketTable:
                         ok = False
                 usable.append(codes)
                 readable.append(ok)
-        self.ids, self.vectors, self.codes, self.aux = (lists[name] for name in _ARRAYS)
+                sketched.append(has_sketch)
+        self.ids, self.vectors, self.codes, self.aux, self.sketch = (lists[name] for name in _ARRAYS)
+        self.chunks = sorted(self.slot_of, key=self.slot_of.__getitem__)
         self.usable = np.array(usable, dtype=np.bool_)
+        self.sketched = np.array(sketched, dtype=np.bool_)
         self.readable = np.array(readable, dtype=np.bool_)
         n_buckets = 1
         self.start = np.full(n_buckets, -1, dtype=np.int64)
@@ -81,7 +87,17 @@ class BucketTable:
 
     def chunk_of(self, slot: int) -> tuple[int, int]:
         """The (segment, chunk) of a slot."""
-        return next(key for key, s in self.slot_of.items() if s == slot)
+        return self.chunks[slot]
+
+    def will_need(self, view, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Ask the kernel for the ids and vectors of rows ``rows`` of chunk slots ``slots``
+        (one MADV_WILLNEED per row and array): their reads then go to the device together,
+        instead of one synchronous read per page as a compiled loop faults them in."""
+        for slot, row in zip(slots.tolist(), rows.tolist()):
+            seg, ch = self.chunks[slot]
+            reader = view.segments[seg]
+            reader.will_need("vectors", ch, row, row + 1)
+            reader.will_need("ids", ch, row, row + 1)
 
     def sized(self, n_buckets: int) -> BucketTable:
         """The table, with room for keys below ``n_buckets`` (the compiled search indexes

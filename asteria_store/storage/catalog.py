@@ -11,7 +11,8 @@ One LMDB environment (``catalog.lmdb/``) with five named databases. Byte layout,
 * ``ids``         key = external id (u64, big-endian); value = segment (u32 LE) + row (u64 LE).
 * ``segments``    key = segment id (u32, big-endian); value = JSON {"rows", "created"}.
 * ``tombstones``  key = segment (u32 BE) + row (u64 BE); value = external id (u64 LE).
-* ``checksums``   key = segment (u32 BE) + array name (ascii: vectors, ids, lrsq, lrsq_aux);
+* ``checksums``   key = segment (u32 BE) + array name (ascii: vectors, ids, lrsq, lrsq_aux,
+                  sketch);
                   value = CRC-32C of each chunk file, in chunk order (u32 LE each).
 
 Keys are big-endian so that LMDB's byte order is numeric order (range scans by bucket,

@@ -6,6 +6,7 @@ Layout under ``segments.zarr/`` (a Zarr v3 group), one sub-group per segment::
     seg-00000001/ids       (n,)   uint64, little-endian, chunks (chunk_rows,)
     seg-00000001/lrsq      (n, r) uint8 LRSQ codes, chunks (chunk_rows, r)      [learned router]
     seg-00000001/lrsq_aux  (n, a) float16 LRSQ bound data, chunks (chunk_rows, a) [learned router]
+    seg-00000001/sketch    (n, m) uint8 sketch codes, chunks (chunk_rows, m)  [model with a sketch]
 
 Every array uses the single ``bytes`` codec (no compression, no filters), the default
 chunk key encoding (``c/<i>/<j>``), and ``write_empty_chunks=True``, so each chunk file is
@@ -90,7 +91,7 @@ def create_root(path: str | os.PathLike[str]) -> None:
 
 
 #: Arrays of a segment, in the order ``verify`` checks them.
-ARRAYS = ("vectors", "ids", "lrsq", "lrsq_aux")
+ARRAYS = ("vectors", "ids", "lrsq", "lrsq_aux", "sketch")
 
 
 def chunk_path(segment_dir: str | os.PathLike[str], array: str, index: int) -> Path:
@@ -112,7 +113,9 @@ class SegmentWriter:
     """Writes one segment, chunk-aligned window by window."""
 
     def __init__(self, root: str | os.PathLike[str], name: str, *, n: int, dim: int,
-                 dtype: str, chunk_rows: int, lrsq_widths: tuple[int, int] | None = None):
+                 dtype: str, chunk_rows: int, lrsq_widths: tuple[int, int, int] | None = None):
+        """``lrsq_widths``: (rank, aux, sketch) widths of the rows' LRSQ codes, their aux
+        values and their sketch codes (0: no sketch); None: no codes."""
         self.root = Path(root)
         self.name = name
         self.n = n
@@ -131,29 +134,34 @@ class SegmentWriter:
             store, name=f"{name}/ids", shape=(n,), chunks=(chunk_rows,),
             dtype="<u8", fill_value=0, **common,
         )
-        self.lrsq = self.lrsq_aux = None
+        self.lrsq = self.lrsq_aux = self.sketch = None
         if lrsq_widths is not None:
-            rank, aux = lrsq_widths
+            rank, aux, sketch = lrsq_widths
             self.lrsq = zarr.create_array(store, name=f"{name}/lrsq", shape=(n, rank), chunks=(chunk_rows, rank),
                                           dtype="|u1", fill_value=0, **common)
             self.lrsq_aux = zarr.create_array(store, name=f"{name}/lrsq_aux", shape=(n, aux),
                                               chunks=(chunk_rows, aux), dtype="<f2", fill_value=0.0, **common)
+            if sketch:
+                self.sketch = zarr.create_array(store, name=f"{name}/sketch", shape=(n, sketch),
+                                                chunks=(chunk_rows, sketch), dtype="|u1", fill_value=0, **common)
 
-    def write(self, start: int, vectors: np.ndarray, ids: np.ndarray,
-              lrsq: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def write(self, start: int, vectors: np.ndarray, ids: np.ndarray, lrsq: tuple | None = None) -> None:
+        """Rows from ``start``; ``lrsq``: their (codes, aux) or (codes, aux, sketch codes)."""
         stop = start + len(vectors)
         self.vectors[start:stop] = vectors.astype(self.dtype, copy=False)
         self.ids[start:stop] = ids.astype("<u8", copy=False)
         if self.lrsq is not None:
-            codes, aux = lrsq
-            self.lrsq[start:stop] = codes
-            self.lrsq_aux[start:stop] = aux.astype("<f2", copy=False)
+            self.lrsq[start:stop] = lrsq[0]
+            self.lrsq_aux[start:stop] = lrsq[1].astype("<f2", copy=False)
+        if self.sketch is not None:
+            self.sketch[start:stop] = lrsq[2]
 
     def finish(self) -> dict[str, np.ndarray]:
         """Make the segment durable (all files and directories fsynced); returns the CRC-32C
         of every chunk of every array (``{array: uint32 per chunk}``), for the catalog."""
         n_chunks = (self.n + self.chunk_rows - 1) // self.chunk_rows
-        arrays = ["vectors", "ids"] + (["lrsq", "lrsq_aux"] if self.lrsq is not None else [])
+        arrays = ["vectors", "ids"] + (["lrsq", "lrsq_aux"] if self.lrsq is not None else []) \
+            + (["sketch"] if self.sketch is not None else [])
         sums = {a: np.array([file_crc32c(chunk_path(self.root / self.name, a, c)) for c in range(n_chunks)],
                             dtype=np.uint32) for a in arrays}
         fsync_tree(self.root / self.name)
@@ -171,17 +179,25 @@ class SegmentReader:
         self.dim = dim
         self.chunk_rows = chunk_rows
         self.dtype = np.dtype(dtype).newbyteorder("<")
-        #: The segment record's LRSQ entry ({"rank", "aux", "model"}), None without codes.
+        #: The segment record's LRSQ entry ({"rank", "aux", "model"}, and "sketch": its
+        #: sketch's bytes a row, where it has one), None without codes.
         self.lrsq_meta = lrsq
         self._arrays: dict[str, tuple[np.dtype, int | None]] = {
             "vectors": (self.dtype, dim), "ids": (np.dtype("<u8"), None)}
         if lrsq is not None:
             self._arrays["lrsq"] = (np.dtype("u1"), lrsq["rank"])
             self._arrays["lrsq_aux"] = (np.dtype("<f2"), lrsq["aux"])
+            if lrsq.get("sketch"):
+                self._arrays["sketch"] = (np.dtype("u1"), lrsq["sketch"])
         self._maps: dict[tuple[str, int], np.ndarray] = {}
         self._mmaps: dict[tuple[str, int], mmap.mmap] = {}
         #: Chunks ``verify`` found damaged: ``{(array, chunk): message}``; reading one raises.
         self.quarantined: dict[tuple[str, int], str] = {}
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The arrays this segment holds (of :data:`ARRAYS`)."""
+        return tuple(self._arrays)
 
     def quarantine(self, damaged: dict[tuple[str, int], str]) -> None:
         """Refuse to read these chunks from now on (with their message)."""
@@ -234,7 +250,7 @@ class SegmentReader:
         self._mmaps[(array, index)].madvise(mmap.MADV_WILLNEED, start, hi * row - start)
 
     def read(self, array: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of ``array`` ("vectors", "ids", "lrsq", "lrsq_aux"): a
+        """Rows ``[start, stop)`` of ``array`` (one of :data:`ARRAYS`): a
         view of the memory-mapped chunk, or a copy where the range spans chunks. Their pages
         are asked for first (:meth:`will_need`)."""
         c = self.chunk_rows

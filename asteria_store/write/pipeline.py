@@ -173,13 +173,17 @@ class SegmentPipeline:
         n, dim = source.n, self.config.dim
         window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
         quantizer = router.lrsq
+        sketch = None if quantizer is None else quantizer.sketch
         lrsq = None if quantizer is None else {"rank": quantizer.rank, "aux": quantizer.aux_width,
                                                "block": quantizer.block, "model": codes}
+        if sketch is not None:
+            lrsq["sketch"] = sketch.m
         copy_codes = quantizer is not None and isinstance(source, StoredRows) and source.has_codes(codes)
         stored_form = isinstance(source, (StoredRows, PreparedRows))
         writer = seglib.SegmentWriter(self.segments_root, segment_name(seg), n=n, dim=dim,
                                       dtype=self.config.dtype, chunk_rows=chunk_rows,
-                                      lrsq_widths=None if lrsq is None else (lrsq["rank"], lrsq["aux"]))
+                                      lrsq_widths=None if lrsq is None else (lrsq["rank"], lrsq["aux"],
+                                                                             lrsq.get("sketch", 0)))
         bar = make_progress(progress, total=n, desc="writing")
         try:
             for start in range(0, n, window):
@@ -192,11 +196,15 @@ class SegmentPipeline:
                     block = normalise_rows(block, self.config.metric, what="vectors")
                 codes = None
                 if copy_codes:
-                    c, a = source.take_codes(ascending)
-                    codes = (np.empty_like(c), np.empty_like(a))
-                    codes[0][inv], codes[1][inv] = c, a
+                    taken = source.take_codes(ascending)
+                    codes = tuple(np.empty_like(c) for c in taken)
+                    for mine, theirs in zip(codes, taken):
+                        mine[inv] = theirs
                 elif quantizer is not None:  # bounds must hold for the rows as stored
-                    codes = quantizer.encode(router.rotate(block if stored_form else self.as_stored(block)))
+                    y = router.rotate(block if stored_form else self.as_stored(block))
+                    codes = quantizer.encode(y)
+                    if sketch is not None:
+                        codes += (sketch.encode(y),)
                 writer.write(start, block, seg_ids[start : start + len(rows)], codes)
                 bar.update(len(rows))
             sums = writer.finish()
@@ -218,7 +226,7 @@ class SegmentPipeline:
         row = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
         quantizer = self.reads.router.lrsq
         if quantizer is not None:
-            row += quantizer.rank + 2 * quantizer.aux_width
+            row += quantizer.rank + 2 * quantizer.aux_width + (quantizer.sketch.m if quantizer.sketch else 0)
         return n * row
 
     def write_error(self, exc: OSError, n: int) -> AsteriaError:
@@ -314,17 +322,22 @@ class StoredRows:
         return out
 
     def has_codes(self, codes: str) -> bool:
-        """Whether every part holds LRSQ codes labelled ``codes``."""
+        """Whether every part holds LRSQ codes labelled ``codes`` (and so the sketch codes
+        of that model, where it has a sketch)."""
         return all(r.lrsq_meta is not None and r.lrsq_meta.get("model") == codes for r, _ in self.parts)
 
-    def take_codes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The stored LRSQ codes and aux values of ascending ``rows``."""
-        reader0 = self.parts[0][0]
-        codes = np.empty((len(rows), reader0.lrsq_meta["rank"]), dtype=np.uint8)
-        aux = np.empty((len(rows), reader0.lrsq_meta["aux"]), dtype=np.float16)
-        for sel, (c, a) in self._gather(rows, lambda r, idx: (r.take("lrsq", idx), r.take("lrsq_aux", idx))):
-            codes[sel], aux[sel] = c, a
-        return codes, aux
+    def take_codes(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The stored LRSQ codes and aux values of ascending ``rows``, and their sketch
+        codes where the segments hold them."""
+        meta = self.parts[0][0].lrsq_meta
+        names = ("lrsq", "lrsq_aux") + (("sketch",) if meta.get("sketch") else ())
+        widths = (meta["rank"], meta["aux"], meta.get("sketch"))
+        out = tuple(np.empty((len(rows), w), dtype=np.float16 if name == "lrsq_aux" else np.uint8)
+                    for name, w in zip(names, widths))
+        for sel, parts in self._gather(rows, lambda r, idx: [r.take(name, idx) for name in names]):
+            for o, p in zip(out, parts):
+                o[sel] = p
+        return out
 
     def blocks(self, block_rows: int):
         for p, (reader, live) in enumerate(self.parts):
