@@ -195,14 +195,15 @@ def child_serve(a: argparse.Namespace) -> None:
     path = Path(a.store) / a.which
     q = np.load(Path(a.data) / "queries.f16.npy").astype(np.float32)
     truth = np.load(Path(a.data) / f"gt_{a.n}_ids.npy")
-    probes = ints(a.probes)
+    settings = [(p, r) for p in ints(a.probes) for r in ints(a.rerank)]  # rerank 0: certified search
     head = {"store": a.which.split("-")[0], "n": a.n}
     if int(a.cap_mib):
         head["memory"] = join_memory_cap(CAP_GROUP, int(a.cap_mib))
         print(f"serving {a.which}: {head['memory']}", file=sys.stderr)
 
     # cold first: nothing of this store has been read by this process yet
-    for p in probes:
+    for p, rr in settings:
+        kw = {"rerank": rr} if rr else {}
         evicted = evict(path)
         r0, t = read_bytes(), time.perf_counter()
         store = asteria_store.open(path, readonly=True)
@@ -212,12 +213,12 @@ def child_serve(a: argparse.Namespace) -> None:
             if len(lat) >= 5 and time.perf_counter() > t_end:
                 break
             r0, t = read_bytes(), time.perf_counter()
-            out = store.query(v, 10, probes=p, explain=True)
+            out = store.query(v, 10, probes=p, explain=True, **kw)
             lat.append(time.perf_counter() - t)
             io.append(read_bytes() - r0)
             stat.append(out[2]["bytes_read"])
         store.close()
-        emit({**head, "phase": "cold", "probes": p, "files_evicted": evicted, "open_ms": open_s * 1000,
+        emit({**head, "phase": "cold", "probes": p, "rerank": rr, "files_evicted": evicted, "open_ms": open_s * 1000,
               "open_kib_read": open_read / 1024, "first_ms": lat[0] * 1000,
               "mean_ms": float(np.mean(lat)) * 1000, "p50_ms": float(np.median(lat)) * 1000,
               "first_kib_read": io[0] / 1024, "mean_kib_read": float(np.mean(io)) / 1024,
@@ -227,23 +228,25 @@ def child_serve(a: argparse.Namespace) -> None:
     info = store_info(store)
     if info["count"] != a.n:
         sys.exit(f"{path} holds {info['count']:,} vectors, expected {a.n:,}")
-    for p in probes:
-        store.search(q, 10, probes=p)  # warm-up: page cache, catalog, memory maps
+    for p, rr in settings:
+        kw = {"rerank": rr} if rr else {}
+        store.search(q, 10, probes=p, **kw)  # warm-up: page cache, catalog, memory maps
         t = time.perf_counter()
-        ids, _ = store.search(q, 10, probes=p)
+        ids, _ = store.search(q, 10, probes=p, **kw)
         batch_s = time.perf_counter() - t
         lat, t_end = [], time.perf_counter() + a.budget_s
         for v in q[: a.single]:
             if len(lat) >= 20 and time.perf_counter() > t_end:
                 break
             t = time.perf_counter()
-            store.query(v, 10, probes=p)
+            store.query(v, 10, probes=p, **kw)
             lat.append(time.perf_counter() - t)
         lat = np.array(lat) * 1000
-        _, _, st = store.search(q, 10, probes=p, explain=True)
-        emit({**head, "phase": "serve", "probes": p, "recall@10": recall_at_k(ids, truth, 10),
+        _, _, st = store.search(q, 10, probes=p, explain=True, **kw)
+        emit({**head, "phase": "serve", "probes": p, "rerank": rr, "recall@10": recall_at_k(ids, truth, 10),
               "batch_qps": len(q) / batch_s, "p50_ms": float(np.percentile(lat, 50)),
-              "p95_ms": float(np.percentile(lat, 95)), "single_n": len(lat),
+              "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+              "single_n": len(lat),
               "buckets_probed": float(np.mean(st.buckets)), "scanned_per_query": float(np.mean(st.scanned)),
               "kib_read_per_query": float(np.mean(st.bytes_read)) / 1024,
               "extents_per_probed_bucket": extents_per_probe(store, q, p),
@@ -256,7 +259,7 @@ def child_serve(a: argparse.Namespace) -> None:
 def run_child(a: argparse.Namespace, args: list[str], cap_mib: int = 0) -> list[dict]:
     args = [*args, "--cap-mib", str(cap_mib)]
     cmd = [sys.executable, __file__, "--data", a.data, "--store", a.store, "--threads", str(a.threads),
-           "--probes", a.probes, "--single", str(a.single), "--cold", str(a.cold),
+           "--probes", a.probes, "--rerank", a.rerank, "--single", str(a.single), "--cold", str(a.cold),
            "--budget-s", str(a.budget_s), "--upkeep", a.upkeep, *args]
     proc_ = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     rows = []
@@ -426,6 +429,8 @@ def main() -> None:
                     help="stop a one-by-one timing loop (--single, --cold) after this many seconds "
                          "(at least 20 / 5 queries): a store that scans everything stays measurable")
     ap.add_argument("--threads", default="1")
+    ap.add_argument("--rerank", default="0",
+                    help="comma-separated rerank values to serve at each probe count (0: certified search, no rerank)")
     ap.add_argument("--upkeep", choices=["split", "refit"], default="split",
                     help="growth policy of the grown and one-shot stores (refit: no local splits, as before)")
     ap.add_argument("--cap-mib", default="0",

@@ -154,6 +154,29 @@ class Asteria(System):
         self.store.query(v, 10, probes=self.p)
 
 
+class AsteriaRerank(Asteria):
+    """The same store searched by sketch: every probed row scored from its sketch codes,
+    the ``--asteria-rerank`` best rescored exactly (``search(rerank=)``)."""
+    label = "asteria-store, sketch + rerank (disk)"
+
+    def batch(self, q, k):
+        ids, _, st = self.store.search(q, k, probes=self.p, explain=True, threads=self.a.threads_n,
+                                       rerank=self.a.asteria_rerank)
+        return ids, {"scanned_per_query": float(st.scanned.mean()),
+                     "batch_kib_per_query": float(st.batch_bytes / len(q) / 1024)}
+
+    def after(self, q):
+        one = [self.store.query(v, 10, probes=self.p, explain=True, rerank=self.a.asteria_rerank)[2]["bytes_read"]
+               for v in q[: self.k_single]]
+        return {"kib_read_per_query": float(np.mean(one) / 1024)}
+
+    def one(self, v):
+        self.store.query(v, 10, probes=self.p, rerank=self.a.asteria_rerank)
+
+    def describe(self, p):
+        return f"probes={p},rerank={self.a.asteria_rerank}"
+
+
 class Faiss(System):
     label = "faiss Flat (RAM)"
 
@@ -436,7 +459,7 @@ class Lance(System):
         return f"{self.params}={p},refine={self.a.refine}"
 
 
-SYSTEMS = {"asteria": Asteria, "faiss-flat": Faiss, "faiss-ivf": FaissIVF, "faiss-ivfpq": FaissIVFPQ,
+SYSTEMS = {"asteria": Asteria, "asteria-rerank": AsteriaRerank, "faiss-flat": Faiss, "faiss-ivf": FaissIVF, "faiss-ivfpq": FaissIVFPQ,
            "faiss-ivfpqfs": FaissIVFPQFastScan, "faiss-hnsw": FaissHNSW, "hnswlib": HnswLib,
            "scann": Scann, "lancedb": Lance}
 
@@ -587,7 +610,8 @@ def parent(a: argparse.Namespace) -> None:
     names = a.systems.split(",")
     if unknown := [s for s in names if s not in SYSTEMS]:
         sys.exit(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
-    if "asteria" in names and not a.store:
+    on_store = [n for n in names if n.startswith("asteria")]  # systems searching the asteria store
+    if on_store and not a.store:
         sys.exit("--store is required for asteria")
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -612,8 +636,9 @@ def parent(a: argparse.Namespace) -> None:
             builds_path.write_text(json.dumps(builds, indent=1))
         disk[name] = {**info, "build_s": builds.get(info.get("path"))}
 
-    if "asteria" in names or (a.store and Path(a.store).exists()):
-        prepare("asteria", ["--build-ok"] if "asteria" in names else [])
+    if on_store or (a.store and Path(a.store).exists()):
+        prepare("asteria", ["--build-ok"] if on_store else [])
+        disk["asteria-rerank"] = disk["asteria"]
     if disk.get("asteria", {}).get("count", a.n) != a.n:
         print(f"WARNING: {a.store} holds {disk['asteria']['count']:,} vectors, --base {a.n:,}", file=sys.stderr)
     nlist = a.nlist or disk.get("asteria", {}).get("buckets") or int(4 * math.sqrt(a.n))
@@ -707,6 +732,7 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=300, help="queries timed one by one")
     ap.add_argument("--threads", default="1", help="thread count(s), e.g. 1 or 1,2")
     ap.add_argument("--asteria-probes", default="16,32,48,64,96")
+    ap.add_argument("--asteria-rerank", type=int, default=50, help="rerank of the asteria-rerank system")
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default: asteria buckets or 4 sqrt(n))")
     ap.add_argument("--ivf-nprobe", default="16,32,64,128")
     ap.add_argument("--refine", type=int, default=4, help="k_factor / refine_factor of faiss-ivfpq and lancedb")

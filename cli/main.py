@@ -212,12 +212,16 @@ def compact(path: Path, quiet: bool) -> None:
               help="LRSQ bound pruning (lossless) on every probed bucket: fewest bytes read / "
                    "on none: least CPU when the store is in the page cache. [default: "
                    "single queries, and buckets shared by few queries of a batch]")
+@click.option("--rerank", type=int, default=None, metavar="R",
+              help="Approximate search for a store larger than RAM: score probed rows from "
+                   "their sketches (d/8 bytes a row) and rescore the R best exactly. Fewer "
+                   "bytes read, recall a little lower. [default: certified search]")
 @click.option("--explain", is_flag=True,
               help="Also report, per query, buckets probed, rows scanned and bytes read.")
 @json_option
 @no_lock_option
 def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | None,
-          prune: bool | None, explain: bool, as_json: bool, no_lock: bool) -> None:
+          prune: bool | None, rerank: int | None, explain: bool, as_json: bool, no_lock: bool) -> None:
     """Find the k nearest neighbours of each query.
 
     QUERIES.npy holds a (q, d) array. Prints one line per query: its row number, then
@@ -229,10 +233,11 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
         asteria-store query mystore queries.npy -k 5 --probes 64
         asteria-store query mystore queries.npy --probes all --json
         asteria-store query mystore queries.npy --explain
+        asteria-store query mystore queries.npy --probes 16 --rerank 50
     """
     with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
         out = store.search(queries, k, probes=probes, candidates=candidates,
-                           prune="auto" if prune is None else prune, explain=explain)
+                           prune="auto" if prune is None else prune, explain=explain, rerank=rerank)
     ids, scores = out[0], out[1]
     stats = out[2].rows() if explain else None
     for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):

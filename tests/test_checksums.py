@@ -40,12 +40,12 @@ def test_a_clean_store_verifies_every_chunk(store_path: Path) -> None:
     with asteria_store.open(store_path, readonly=True) as store:
         report = store.verify()
         assert report.ok, report.problems
-        assert report.checked_chunks == 4 * 5  # vectors, ids, lrsq, lrsq_aux; 5 chunks each
+        assert report.checked_chunks == 5 * 5  # vectors, ids, lrsq, lrsq_aux, sketch; 5 chunks each
         assert report.damaged == [] and report.notes == []
         assert store.verify(quick=True).checked_chunks == 0
 
 
-@pytest.mark.parametrize("array", ["vectors", "ids", "lrsq", "lrsq_aux"])
+@pytest.mark.parametrize("array", ["vectors", "ids", "lrsq", "lrsq_aux", "sketch"])
 def test_verify_finds_a_flipped_byte_in_every_kind_of_chunk(store_path: Path, array: str) -> None:
     with asteria_store.open(store_path, readonly=True) as store:
         expected_ids = stored_ids(store, range(2 * CHUNK, 3 * CHUNK))
@@ -60,6 +60,19 @@ def test_verify_finds_a_flipped_byte_in_every_kind_of_chunk(store_path: Path, ar
     # The ids come from the catalog's id map, right even when the ids chunk is the damaged one.
     assert report.damaged[0]["ids"] == expected_ids
     assert any(f"chunk 2 of {array} (rows 512-767) is damaged" in p for p in report.problems)
+
+
+def test_rerank_refuses_a_damaged_sketch_chunk_once_verify_flagged_it(store_path: Path) -> None:
+    with asteria_store.open(store_path, readonly=True) as store:
+        query = store.get(stored_ids(store, range(2 * CHUNK, 2 * CHUNK + 1)))
+        n_buckets = store.router.n_buckets
+        assert store.search(query, 5, probes=n_buckets, rerank=20)[0].shape == (1, 5)
+    flip_byte(store_path, "sketch", 2)
+    with asteria_store.open(store_path) as store:
+        assert [d["array"] for d in store.verify().damaged] == ["sketch"]
+        with pytest.raises(CorruptStoreError, match="Chunk 2 of seg-00000001/sketch is damaged"):
+            store.search(query, 5, probes=n_buckets, rerank=20)
+        assert store.search(query, 5, probes=n_buckets)[0].shape == (1, 5)  # certified search reads no sketch
 
 
 def test_reads_refuse_damaged_vectors_once_verify_flagged_them(store_path: Path) -> None:

@@ -447,3 +447,19 @@ def test_query_explain(store: Path, query_file: Path, data):
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
     assert lines[1].startswith(f"   buckets {stats.rows()[0]['buckets']}, scanned ")
+
+
+def test_query_rerank_matches_library(small_learned: Path, tmp_path: Path):
+    queries = clustered_vectors(20, 16, clusters=12, seed=5)
+    qfile = save(tmp_path, "q.npy", queries)
+    result = run("query", small_learned, qfile, "-k", 5, "--probes", 3, "--rerank", 12, "--json")
+    assert result.exit_code == 0, result.output
+    with asteria_store.open(small_learned, readonly=True) as s:
+        ids, _ = s.search(queries, 5, probes=3, rerank=12)
+    assert [json.loads(line)["ids"] for line in result.stdout.splitlines()] == [row[row >= 0].tolist() for row in ids]
+
+
+def test_query_rerank_without_a_sketch_is_one_line(store: Path, query_file: Path):
+    result = run("query", store, query_file, "--rerank", 40)
+    assert result.exit_code != 0
+    assert result.output.count("\n") == 1 and "rerank needs a model with a sketch" in result.output

@@ -94,7 +94,7 @@ def sketch_candidates(table, keys: np.ndarray, candidates: int | None, sketch, q
     rows = np.empty(rerank, dtype=np.int64)
     stats = np.zeros(6, dtype=np.int64)
     got = _kernel()[4](keys, -1 if candidates is None else int(candidates), table.start, table.stop, table.stored,
-                       table.slot, table.first, table.length, table.sketched, table.readable, table.sketch,
+                       table.slot, table.first, table.length, table.sketched, table.sketch_readable, table.sketch,
                        sketch.codebook, qy, rerank, slots, rows, stats)
     got = max(got, 0)
     stats[KEPT] = got

@@ -11,7 +11,9 @@ arrays that the compiled search reads directly:
   holds live rows only (deleted rows split the extents), and never crosses a chunk edge;
 * per chunk slot: the mapped chunks of ids, vectors, LRSQ codes, aux and sketch codes
   (numba typed lists, indexed by slot), and whether its codes are usable (encoded by the
-  view's router) and it has sketch codes.
+  view's router) and it has sketch codes, and whether what the certified search reads
+  (ids, vectors, LRSQ codes and aux) and what search by sketch reads (ids, vectors and
+  sketch codes) can be read.
 
 Every chunk of every segment of the view is mapped when the table is made, so the lists
 never change afterwards: queries on other threads may read them while a bucket is added.
@@ -50,7 +52,7 @@ class BucketTable:
                  "lrsq_aux": _readonly(np.zeros((0, aux_width), np.uint16)),
                  "sketch": _readonly(np.zeros((0, max(sketch, 1)), np.uint8))}
         lists = {name: List() for name in _ARRAYS}
-        usable, readable, sketched = [], [], []
+        usable, readable, sketched, sketch_readable = [], [], [], []
         for seg, reader in sorted(view.segments.items()):
             meta = reader.lrsq_meta
             codes = (meta is not None and meta["model"] == view.codes_digest and meta["rank"] == rank
@@ -58,7 +60,7 @@ class BucketTable:
             has_sketch = codes and sketch > 0 and meta.get("sketch") == sketch
             for ch in range(-(-reader.n // reader.chunk_rows)):
                 self.slot_of[(seg, ch)] = len(usable)
-                ok = True
+                damaged = set()
                 for name in _ARRAYS:
                     if name.startswith("lrsq") and not codes or name == "sketch" and not has_sketch:
                         lists[name].append(empty[name])
@@ -67,14 +69,16 @@ class BucketTable:
                         lists[name].append(_as_kernel_array(reader.chunk(name, ch)))
                     except CorruptStoreError:
                         lists[name].append(empty[name])
-                        ok = False
+                        damaged.add(name)
                 usable.append(codes)
-                readable.append(ok)
+                readable.append(not damaged - {"sketch"})
                 sketched.append(has_sketch)
+                sketch_readable.append(not damaged - {"lrsq", "lrsq_aux"})
         self.ids, self.vectors, self.codes, self.aux, self.sketch = (lists[name] for name in _ARRAYS)
         self.chunks = sorted(self.slot_of, key=self.slot_of.__getitem__)
         self.usable = np.array(usable, dtype=np.bool_)
         self.sketched = np.array(sketched, dtype=np.bool_)
+        self.sketch_readable = np.array(sketch_readable, dtype=np.bool_)
         self.readable = np.array(readable, dtype=np.bool_)
         n_buckets = 1
         self.start = np.full(n_buckets, -1, dtype=np.int64)
@@ -91,13 +95,16 @@ class BucketTable:
 
     def will_need(self, view, slots: np.ndarray, rows: np.ndarray) -> None:
         """Ask the kernel for the ids and vectors of rows ``rows`` of chunk slots ``slots``
-        (one MADV_WILLNEED per row and array): their reads then go to the device together,
+        (one MADV_WILLNEED per run of pages): their reads then go to the device together,
         instead of one synchronous read per page as a compiled loop faults them in."""
-        for slot, row in zip(slots.tolist(), rows.tolist()):
-            seg, ch = self.chunks[slot]
+        if len(slots) == 0:
+            return
+        edges = np.flatnonzero(np.diff(slots)) + 1  # candidates come grouped by slot (table order)
+        for lo, hi in zip(np.r_[0, edges].tolist(), np.r_[edges, len(slots)].tolist()):
+            seg, ch = self.chunks[int(slots[lo])]
             reader = view.segments[seg]
-            reader.will_need("vectors", ch, row, row + 1)
-            reader.will_need("ids", ch, row, row + 1)
+            reader.will_need_rows("vectors", ch, rows[lo:hi])
+            reader.will_need_rows("ids", ch, rows[lo:hi])
 
     def sized(self, n_buckets: int) -> BucketTable:
         """The table, with room for keys below ``n_buckets`` (the compiled search indexes
