@@ -231,28 +231,44 @@ def child_serve(a: argparse.Namespace) -> None:
     for p, rr in settings:
         kw = {"rerank": rr} if rr else {}
         store.search(q, 10, probes=p, **kw)  # warm-up: page cache, catalog, memory maps
-        t = time.perf_counter()
+        evict_vectors(path, a.evict_vectors)
+        r0, t = read_bytes(), time.perf_counter()
         ids, _ = store.search(q, 10, probes=p, **kw)
-        batch_s = time.perf_counter() - t
-        lat, t_end = [], time.perf_counter() + a.budget_s
+        batch_s, batch_read = time.perf_counter() - t, read_bytes() - r0
+        evict_vectors(path, a.evict_vectors)
+        lat, t_end, r0 = [], time.perf_counter() + a.budget_s, read_bytes()
         for v in q[: a.single]:
             if len(lat) >= 20 and time.perf_counter() > t_end:
                 break
             t = time.perf_counter()
             store.query(v, 10, probes=p, **kw)
             lat.append(time.perf_counter() - t)
+        single_read = (read_bytes() - r0) / len(lat)
         lat = np.array(lat) * 1000
         _, _, st = store.search(q, 10, probes=p, explain=True, **kw)
-        emit({**head, "phase": "serve", "probes": p, "rerank": rr, "recall@10": recall_at_k(ids, truth, 10),
+        emit({**head, "phase": "serve", "probes": p, "rerank": rr, "vectors_evicted": a.evict_vectors,
+              "recall@10": recall_at_k(ids, truth, 10),
               "batch_qps": len(q) / batch_s, "p50_ms": float(np.percentile(lat, 50)),
               "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
               "single_n": len(lat),
               "buckets_probed": float(np.mean(st.buckets)), "scanned_per_query": float(np.mean(st.scanned)),
               "kib_read_per_query": float(np.mean(st.bytes_read)) / 1024,
+              "device_kib_per_query_batch": batch_read / len(q) / 1024,
+              "device_kib_per_query_single": single_read / 1024,
               "extents_per_probed_bucket": extents_per_probe(store, q, p),
               "segments": info["segments"], "buckets": info["buckets"], "extents": info["extents"],
               "disk_bytes": info["disk_bytes"], "peak_rss_mib": peak_mib(), "anon_mib": anon_mib()})
     store.close()
+
+
+def evict_vectors(path: Path, on: bool) -> None:
+    """With ``on``, drop the store's full vectors from the page cache (the rest stays): the
+    state of a store whose vectors do not fit in memory, with its routing, ids and codes
+    warm. Timed phases after the warm-up then read the vectors they rescore from the
+    device, as a disk index such as DiskANN (O_DIRECT) reads its graph on every query."""
+    if on:
+        for vectors in sorted((path / "segments.zarr").glob("seg-*/vectors")):
+            evict(vectors)
 
 
 # ----------------------------------------------------------------------------- parent
@@ -260,6 +276,7 @@ def run_child(a: argparse.Namespace, args: list[str], cap_mib: int = 0) -> list[
     args = [*args, "--cap-mib", str(cap_mib)]
     cmd = [sys.executable, __file__, "--data", a.data, "--store", a.store, "--threads", str(a.threads),
            "--probes", a.probes, "--rerank", a.rerank, "--single", str(a.single), "--cold", str(a.cold),
+           *(["--evict-vectors"] if a.evict_vectors else []),
            "--budget-s", str(a.budget_s), "--upkeep", a.upkeep, *args]
     proc_ = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     rows = []
@@ -429,6 +446,8 @@ def main() -> None:
                     help="stop a one-by-one timing loop (--single, --cold) after this many seconds "
                          "(at least 20 / 5 queries): a store that scans everything stays measurable")
     ap.add_argument("--threads", default="1")
+    ap.add_argument("--evict-vectors", action="store_true",
+                    help="serve: evict the store's vectors from the page cache before each timed phase")
     ap.add_argument("--rerank", default="0",
                     help="comma-separated rerank values to serve at each probe count (0: certified search, no rerank)")
     ap.add_argument("--upkeep", choices=["split", "refit"], default="split",

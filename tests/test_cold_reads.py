@@ -54,3 +54,23 @@ def test_a_cold_query_reads_about_what_it_counts(cold_store: Path, wordnet) -> N
             allowed += 1.25 * stats["bytes_read"] + rescored * PAGE
         assert read > 0
         assert read <= allowed, (read, allowed)
+
+
+def test_a_cold_search_by_sketch_reads_sketches_and_the_reranked_rows(cold_store: Path, wordnet) -> None:
+    """With ``rerank``, a cold query reads its probed rows' sketch codes (48 B a row) and
+    a page or two for each row it rescores: a fraction of what certified search reads."""
+    with asteria_store.open(cold_store, readonly=True) as s:
+        s.query(wordnet.queries[0], 10, probes=8, rerank=20)
+        read = allowed = certified = 0
+        for q in wordnet.queries[1:21]:
+            evict(cold_store / "segments.zarr")
+            before = read_bytes()
+            _, _, stats = s.query(q, 10, probes=8, explain=True, rerank=20)
+            read += read_bytes() - before
+            rescored = stats["scanned"] - stats["pruned"]
+            assert rescored == 20
+            sketch_pages = -(-stats["scanned"] * 48 // PAGE) + 2 * stats["buckets"]  # ranges' edges
+            allowed += (sketch_pages + 2 * 2 * rescored) * PAGE  # vector and id pages, a row may span two
+            certified += s.query(q, 10, probes=8, explain=True)[2]["bytes_read"]
+        assert 0 < read <= allowed, (read, allowed)
+        assert read < certified / 2, (read, certified)

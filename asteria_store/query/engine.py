@@ -420,6 +420,13 @@ def _search_batch(view: View, router, queries: np.ndarray, k: int, probes: int, 
     return (best_i, best_s, stats) if explain else (best_i, best_s)
 
 
+#: What the compiled searches read of every probed row (asked for first: BucketTable.prefetch).
+CODE_ARRAYS = ("ids", "lrsq", "lrsq_aux")
+SKETCH_ARRAYS = ("sketch",)
+
+#: Queries whose rows to rescore are asked for together in search by sketch (rerank).
+RERANK_WINDOW = 32
+
 #: Batches smaller than this run on the calling thread (a pool's hand-offs would cost more).
 _POOL_MIN_QUERIES = 32
 
@@ -696,8 +703,7 @@ def _search_each(view: View, router, lrsq, queries: np.ndarray, k: int, probes: 
 
     def part(a: int, b: int) -> list:
         if rerank is not None:
-            return [_search_sketched(view, lrsq, table, *routes[i], queries[i], k, candidates, rerank)
-                    for i in range(a, b)]
+            return _search_sketched(view, lrsq, table, routes[a:b], queries[a:b], k, candidates, rerank)
         return [_search_routed(view, lrsq, table, *routes[i], queries[i], k, candidates) for i in range(a, b)]
 
     edges = np.linspace(0, nq, (8 * threads if pool else 1) + 1).astype(int).tolist()
@@ -729,9 +735,11 @@ def _search_routed(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: n
     None where a probed segment has no usable codes. Buckets not in ``table`` yet are
     added (reading extents: on the thread of ``view``'s read transaction only)."""
     terms = lrsq.query_terms(qy)
+    table.prefetch(view, keys, CODE_ARRAYS)
     ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
     if st[native.MISSING]:  # buckets this view has not probed before
         table.ready(view, keys)
+        table.prefetch(view, keys, CODE_ARRAYS)
         ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
     _raise_unreadable(view, table, st)
     if st[native.UNUSABLE]:
@@ -743,28 +751,42 @@ def _search_routed(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: n
     return ids[None, :], scores[None, :], stats
 
 
-def _search_sketched(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: np.ndarray,
-                     query: np.ndarray, k: int, candidates: int | None, rerank: int):
-    """One routed query, approximate: every probed row scored from its sketch codes
-    (model/sketch.py: ``m`` bytes a row, the only bytes read for most rows), the
-    ``rerank`` best rescored exactly from their vectors (asked for together first, so that
-    a store larger than RAM reads them in parallel), and the top k of those. As
-    :func:`_search_routed` returns; None where a probed chunk has no sketch codes."""
+def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries: np.ndarray, k: int,
+                     candidates: int | None, rerank: int) -> list:
+    """Routed queries, approximate, as :func:`_search_routed` returns each: every probed row
+    scored from its sketch codes (model/sketch.py: ``m`` bytes a row, the only bytes read
+    for most rows), the ``rerank`` best rescored exactly from their vectors, and the top k
+    of those. The rows to rescore of :data:`RERANK_WINDOW` queries at a time are asked for
+    together first, so that a store larger than RAM reads them in parallel. None for a
+    query where a probed chunk has no sketch codes."""
     sketch = lrsq.sketch
-    slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
-    if st[native.MISSING]:
-        table.ready(view, keys)
-        slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
-    _raise_unreadable(view, table, st)
-    if st[native.UNUSABLE]:
-        return None
-    table.will_need(view, slots, rows)
-    ids, scores = native.rescore(table, slots, rows, query, k)
-    m, kept = int(st[native.ROWS]), int(st[native.KEPT])
-    nbytes = m * sketch.m + kept * (8 + _row_bytes(view))
-    stats = SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
-                        np.array([m - kept]))
-    return ids[None, :], scores[None, :], stats
+    row_bytes = 8 + _row_bytes(view)
+    out = []
+    for w in range(0, len(queries), RERANK_WINDOW):
+        found = []
+        for (keys, qy) in routes[w : w + RERANK_WINDOW]:
+            table.prefetch(view, keys, SKETCH_ARRAYS)
+            slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
+            if st[native.MISSING]:
+                table.ready(view, keys)
+                table.prefetch(view, keys, SKETCH_ARRAYS)
+                slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
+            _raise_unreadable(view, table, st)
+            found.append(None if st[native.UNUSABLE] else (slots, rows, st))
+            if found[-1] is not None:
+                table.will_need(view, slots, rows)
+        for query, got in zip(queries[w : w + RERANK_WINDOW], found):
+            if got is None:
+                out.append(None)
+                continue
+            slots, rows, st = got
+            ids, scores = native.rescore(table, slots, rows, query, k)
+            m, kept = int(st[native.ROWS]), int(st[native.KEPT])
+            nbytes = m * sketch.m + kept * row_bytes
+            out.append((ids[None, :], scores[None, :],
+                        SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
+                                    np.array([m - kept]))))
+    return out
 
 
 def _raise_unreadable(view: View, table: BucketTable, st: np.ndarray) -> None:

@@ -88,6 +88,8 @@ class BucketTable:
         self.first = np.empty(64, dtype=np.int64)
         self.length = np.empty(64, dtype=np.int64)
         self.n_ranges = 0
+        #: Per tuple of arrays: which buckets :meth:`prefetch` has asked for.
+        self._advised: dict[tuple[str, ...], np.ndarray] = {}
 
     def chunk_of(self, slot: int) -> tuple[int, int]:
         """The (segment, chunk) of a slot."""
@@ -125,6 +127,31 @@ class BucketTable:
             for key in np.unique(keys[self.start[keys] < 0]).tolist():
                 self._add(view, key)
         return self
+
+    def prefetch(self, view, keys: np.ndarray, arrays: tuple[str, ...]) -> None:
+        """Ask the kernel for ``arrays`` of every range of the buckets ``keys`` that are in
+        the table, the first time a query asks for them in this view (one MADV_WILLNEED per
+        range and array). The compiled search then finds them in the page cache or on their
+        way, instead of faulting them in one synchronous read per page."""
+        advised = self._advised.get(arrays)
+        if advised is None or len(advised) < len(self.start):
+            with self._lock:
+                advised = self._advised.get(arrays)
+                if advised is None or len(advised) < len(self.start):
+                    grown = np.zeros(len(self.start), dtype=np.bool_)
+                    if advised is not None:
+                        grown[: len(advised)] = advised
+                    advised = self._advised[arrays] = grown
+        todo = keys[(self.start[keys] >= 0) & ~advised[keys]]
+        for b in np.unique(todo).tolist() if todo.size else ():
+            for r in range(int(self.start[b]), int(self.stop[b])):
+                seg, ch = self.chunks[int(self.slot[r])]
+                reader = view.segments[seg]
+                lo = int(self.first[r])
+                for name in arrays:
+                    if name in reader.arrays:
+                        reader.will_need(name, ch, lo, lo + int(self.length[r]))
+            advised[b] = True
 
     def _grow_buckets(self, n: int) -> None:
         n = max(n, 2 * len(self.start))
