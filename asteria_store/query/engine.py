@@ -23,6 +23,11 @@ import contextlib
 import functools
 import itertools
 import threading
+
+try:
+    import resource
+except ImportError:  # not on Windows: search by sketch then always asks for its rows first
+    resource = None
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -757,12 +762,16 @@ def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries
     scored from its sketch codes (model/sketch.py: ``m`` bytes a row, the only bytes read
     for most rows), the ``rerank`` best rescored exactly from their vectors, and the top k
     of those. The rows to rescore of :data:`RERANK_WINDOW` queries at a time are asked for
-    together first, so that a store larger than RAM reads them in parallel. None for a
-    query where a probed chunk has no sketch codes."""
+    together first, so that a store larger than RAM reads them in parallel, while the
+    last window searched on this table read from storage (``table.rescore_reads``): asking
+    costs ~2 us a page, more than the rescoring of a window whose pages are all cached.
+    None for a query where a probed chunk has no sketch codes."""
     sketch = lrsq.sketch
     row_bytes = 8 + _row_bytes(view)
     out = []
     for w in range(0, len(queries), RERANK_WINDOW):
+        reads = _device_reads()
+        ask = table.rescore_reads or reads is None
         found = []
         for (keys, qy) in routes[w : w + RERANK_WINDOW]:
             table.prefetch(view, keys, SKETCH_ARRAYS)
@@ -773,7 +782,7 @@ def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries
                 slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
             _raise_unreadable(view, table, st)
             found.append(None if st[native.UNUSABLE] else (slots, rows, st))
-            if found[-1] is not None:
+            if found[-1] is not None and ask:
                 table.will_need(view, slots, rows)
         for query, got in zip(queries[w : w + RERANK_WINDOW], found):
             if got is None:
@@ -786,7 +795,20 @@ def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries
             out.append((ids[None, :], scores[None, :],
                         SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
                                     np.array([m - kept]))))
+        if reads is not None:
+            table.rescore_reads = _device_reads() > reads
     return out
+
+
+def _device_reads() -> int | None:
+    """512-byte blocks this thread has read from storage (Linux: its I/O accounting, the
+    ``read_bytes`` of ``/proc/thread-self/io``), in ~1 us; None where unknown."""
+    if _RUSAGE_THREAD is None:
+        return None
+    return resource.getrusage(_RUSAGE_THREAD).ru_inblock
+
+
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
 
 
 def _raise_unreadable(view: View, table: BucketTable, st: np.ndarray) -> None:

@@ -23,6 +23,7 @@ a query that probes it reads it through the segment reader, which raises its err
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 from ..errors import CorruptStoreError
 
 _ARRAYS = ("ids", "vectors", "lrsq", "lrsq_aux", "sketch")
+_PAGE = mmap.PAGESIZE
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -47,6 +49,8 @@ class BucketTable:
         self.slot_of: dict[tuple[int, int], int] = {}
         some = next(iter(view.segments.values()), None)  # every segment has the store's dim and dtype
         dim, vec_dtype = (some.dim, _vector_view_dtype(some.dtype)) if some else (1, np.dtype(np.float32))
+        #: Bytes of one stored vector.
+        self.vector_bytes = dim * vec_dtype.itemsize
         empty = {"ids": _readonly(np.zeros(0, np.int64)), "vectors": _readonly(np.zeros((0, dim), vec_dtype)),
                  "lrsq": _readonly(np.zeros((0, rank), np.uint8)),
                  "lrsq_aux": _readonly(np.zeros((0, aux_width), np.uint16)),
@@ -88,6 +92,9 @@ class BucketTable:
         self.first = np.empty(64, dtype=np.int64)
         self.length = np.empty(64, dtype=np.int64)
         self.n_ranges = 0
+        #: Whether the last rescoring of search by sketch on this table read from storage
+        #: (its rows were not all cached): the next one asks for its rows first.
+        self.rescore_reads = True
         #: Per tuple of arrays: which buckets :meth:`prefetch` has asked for.
         self._advised: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -97,16 +104,19 @@ class BucketTable:
 
     def will_need(self, view, slots: np.ndarray, rows: np.ndarray) -> None:
         """Ask the kernel for the ids and vectors of rows ``rows`` of chunk slots ``slots``
-        (one MADV_WILLNEED per run of pages): their reads then go to the device together,
-        instead of one synchronous read per page as a compiled loop faults them in."""
+        (one MADV_WILLNEED per run of adjacent pages): their reads then go to the device
+        together, instead of one synchronous read per page as a compiled loop faults them
+        in. The runs are found for all rows at once (a few numpy calls)."""
         if len(slots) == 0:
             return
-        edges = np.flatnonzero(np.diff(slots)) + 1  # candidates come grouped by slot (table order)
-        for lo, hi in zip(np.r_[0, edges].tolist(), np.r_[edges, len(slots)].tolist()):
-            seg, ch = self.chunks[int(slots[lo])]
-            reader = view.segments[seg]
-            reader.will_need_rows("vectors", ch, rows[lo:hi])
-            reader.will_need_rows("ids", ch, rows[lo:hi])
+        slots = np.asarray(slots, dtype=np.int64) << 32
+        for name, row_bytes in (("vectors", self.vector_bytes), ("ids", 8)):
+            first, last = rows * row_bytes // _PAGE, ((rows + 1) * row_bytes - 1) // _PAGE
+            pages = np.unique(np.concatenate([slots | first, slots | last]))  # (slot << 32) | page
+            breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+            for a, z in zip(pages[np.r_[0, breaks]].tolist(), pages[np.r_[breaks - 1, len(pages) - 1]].tolist()):
+                seg, ch = self.chunks[a >> 32]
+                view.segments[seg].will_need_pages(name, ch, a & 0xFFFFFFFF, z - a + 1)
 
     def sized(self, n_buckets: int) -> BucketTable:
         """The table, with room for keys below ``n_buckets`` (the compiled search indexes

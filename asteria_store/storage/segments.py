@@ -249,21 +249,11 @@ class SegmentReader:
         start = lo * row // _PAGE * _PAGE
         self._mmaps[(array, index)].madvise(mmap.MADV_WILLNEED, start, hi * row - start)
 
-    def will_need_rows(self, array: str, index: int, rows: np.ndarray) -> None:
-        """:meth:`will_need` for scattered ``rows`` of one chunk: one request per run of
-        adjacent pages they lie on."""
-        if len(rows) == 0:
-            return
+    def will_need_pages(self, array: str, index: int, first: int, count: int) -> None:
+        """:meth:`will_need` of ``count`` pages of chunk ``index`` of ``array`` from page
+        ``first`` (pages of :data:`mmap.PAGESIZE` bytes from the chunk's start)."""
         self.chunk(array, index)
-        dtype, width = self._arrays[array]
-        row = dtype.itemsize * (width or 1)
-        rows = np.asarray(rows, dtype=np.int64)
-        first, last = rows * row // _PAGE, ((rows + 1) * row - 1) // _PAGE
-        pages = np.unique(np.concatenate([first, last]))
-        breaks = np.flatnonzero(np.diff(pages) > 1)
-        mm = self._mmaps[(array, index)]
-        for lo, hi in zip(pages[np.r_[0, breaks + 1]].tolist(), pages[np.r_[breaks, len(pages) - 1]].tolist()):
-            mm.madvise(mmap.MADV_WILLNEED, lo * _PAGE, (hi + 1 - lo) * _PAGE)
+        self._mmaps[(array, index)].madvise(mmap.MADV_WILLNEED, first * _PAGE, count * _PAGE)
 
     def read(self, array: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of ``array`` (one of :data:`ARRAYS`): a
