@@ -23,17 +23,17 @@ import contextlib
 import functools
 import itertools
 import threading
-
-try:
-    import resource
-except ImportError:  # not on Windows: search by sketch then always asks for its rows first
-    resource = None
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import numpy as np
+
+try:
+    import resource
+except ImportError:  # not on Windows: search by sketch then always asks for its rows first
+    resource = None
 
 from ..storage.segments import SegmentReader
 from . import native
@@ -740,20 +740,34 @@ def _search_routed(view: View, lrsq, table: BucketTable, keys: np.ndarray, qy: n
     None where a probed segment has no usable codes. Buckets not in ``table`` yet are
     added (reading extents: on the thread of ``view``'s read transaction only)."""
     terms = lrsq.query_terms(qy)
-    table.prefetch(view, keys, CODE_ARRAYS)
-    ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
-    if st[native.MISSING]:  # buckets this view has not probed before
-        table.ready(view, keys)
-        table.prefetch(view, keys, CODE_ARRAYS)
-        ids, scores, st = native.search_one(table, keys, candidates, terms, query, k)
-    _raise_unreadable(view, table, st)
+    ids, scores, st = _compiled_search(view, table, keys, CODE_ARRAYS,
+                                       lambda: native.search_one(table, keys, candidates, terms, query, k))
     if st[native.UNUSABLE]:
         return None
     m, kept = int(st[native.ROWS]), int(st[native.KEPT])
-    nbytes = m * (8 + lrsq.bytes_per_vector) + (kept * _row_bytes(view) if kept else 0)
-    stats = SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
-                        np.array([m - kept]))
-    return ids[None, :], scores[None, :], stats
+    return ids[None, :], scores[None, :], _one_query_stats(st, m * (8 + lrsq.bytes_per_vector) + kept * _row_bytes(view))
+
+
+def _compiled_search(view: View, table: BucketTable, keys: np.ndarray, arrays: tuple[str, ...], call):
+    """Run ``call`` (a compiled search over the buckets ``keys`` of ``table``, returning its
+    stats array last) after asking for ``arrays`` of those buckets (BucketTable.prefetch);
+    where a bucket was not in the table yet, add it (on the thread of ``view``'s read
+    transaction only) and run it again. Raises the error of a chunk it could not read."""
+    table.prefetch(view, keys, arrays)
+    out = call()
+    if out[-1][native.MISSING]:  # buckets this view has not probed before
+        table.ready(view, keys)
+        table.prefetch(view, keys, arrays)
+        out = call()
+    _raise_unreadable(view, table, out[-1])
+    return out
+
+
+def _one_query_stats(st: np.ndarray, nbytes: int) -> SearchStats:
+    """SearchStats of one compiled search from its stats array and the bytes it read."""
+    m = int(st[native.ROWS])
+    return SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
+                       np.array([m - int(st[native.KEPT])]))
 
 
 def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries: np.ndarray, k: int,
@@ -774,13 +788,9 @@ def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries
         ask = table.rescore_reads or reads is None
         found = []
         for (keys, qy) in routes[w : w + RERANK_WINDOW]:
-            table.prefetch(view, keys, SKETCH_ARRAYS)
-            slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
-            if st[native.MISSING]:
-                table.ready(view, keys)
-                table.prefetch(view, keys, SKETCH_ARRAYS)
-                slots, rows, st = native.sketch_candidates(table, keys, candidates, sketch, qy, rerank)
-            _raise_unreadable(view, table, st)
+            slots, rows, st = _compiled_search(
+                view, table, keys, SKETCH_ARRAYS,
+                lambda: native.sketch_candidates(table, keys, candidates, sketch, qy, rerank))
             found.append(None if st[native.UNUSABLE] else (slots, rows, st))
             if found[-1] is not None and ask:
                 table.will_need(view, slots, rows)
@@ -790,11 +800,8 @@ def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries
                 continue
             slots, rows, st = got
             ids, scores = native.rescore(table, slots, rows, query, k)
-            m, kept = int(st[native.ROWS]), int(st[native.KEPT])
-            nbytes = m * sketch.m + kept * row_bytes
-            out.append((ids[None, :], scores[None, :],
-                        SearchStats(np.array([st[native.VISITED]]), np.array([m]), np.array([nbytes]), nbytes,
-                                    np.array([m - kept]))))
+            nbytes = int(st[native.ROWS]) * sketch.m + len(rows) * row_bytes
+            out.append((ids[None, :], scores[None, :], _one_query_stats(st, nbytes)))
         if reads is not None:
             table.rescore_reads = _device_reads() > reads
     return out

@@ -243,11 +243,10 @@ class SegmentReader:
         the page cache or on their way. Costs ~1 us when they are already there."""
         if hi <= lo:
             return
-        self.chunk(array, index)
         dtype, width = self._arrays[array]
         row = dtype.itemsize * (width or 1)
-        start = lo * row // _PAGE * _PAGE
-        self._mmaps[(array, index)].madvise(mmap.MADV_WILLNEED, start, hi * row - start)
+        first = lo * row // _PAGE
+        self.will_need_pages(array, index, first, -(-hi * row // _PAGE) - first)
 
     def will_need_pages(self, array: str, index: int, first: int, count: int) -> None:
         """:meth:`will_need` of ``count`` pages of chunk ``index`` of ``array`` from page
