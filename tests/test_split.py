@@ -53,8 +53,10 @@ def test_split_leaves_split_again_and_persist(tree, tree_data, tmp_path) -> None
     save_router(twice, tmp_path / "m")
     save_router(tree, tmp_path / "unsplit")
     # format 2: a reader of format 1 would load the nodes alone and misroute, so it refuses;
-    # 3 where the coarse model has a sketch (its segments hold sketch codes), split or not
-    unsplit = 3 if tree.lrsq.sketch is not None else 1
+    # 4 where the tree has a residual sketch (its segments hold codes of rows minus their
+    # node centroids), split or not
+    assert tree.lrsq.sketch is not None and tree.lrsq.sketch.residual > 0
+    unsplit = 4
     assert json.loads((tmp_path / "unsplit" / "router.json").read_text())["format_version"] == unsplit
     assert json.loads((tmp_path / "m" / "router.json").read_text())["format_version"] == max(2, unsplit)
     back = load_router(tmp_path / "m")

@@ -28,6 +28,7 @@ from .codes import HadamardCode
 from .lrsq import LRSQ
 from .sketch import Sketch
 from .router import (
+    RESIDUAL_SKETCH_MODEL_FORMAT,
     SKETCH_MODEL_FORMAT,
     LinearRouting,
     bits_to_keys,
@@ -134,6 +135,24 @@ class ECVHRouter:
                                              np.zeros(0, np.float32))
         return self._linear
 
+    def centers(self, keys: np.ndarray) -> np.ndarray | None:
+        """The probe centroid of each bucket of ``keys``, where the sketch is residual.
+        (As the coarse level of a tree, this model holds the tree's residual sketch, whose
+        centres are the tree's: the tree routes and answers this.)"""
+        sketch = None if self.lrsq is None else self.lrsq.sketch
+        if sketch is None or not sketch.residual:
+            return None
+        if self.probe_centroids is None:
+            raise ValueError("a residual sketch codes rows against bucket centres, and this model has none")
+        return self.probe_centroids[np.asarray(keys, dtype=np.int64)]
+
+    def with_lrsq(self, lrsq: LRSQ | None) -> ECVHRouter:
+        """This model with quantizer ``lrsq`` instead (a tree gives its coarse model the
+        residual sketch it trains)."""
+        return ECVHRouter(self.rotation, self.vantages, self.offsets, bits=self.bits, ecc=self.ecc,
+                          positions=None if self.code is None else self.code.positions, lrsq=lrsq,
+                          info=self.info, probe_centroids=self.probe_centroids)
+
     def margins(self, x: np.ndarray) -> np.ndarray:
         return x @ self._w + self.offsets
 
@@ -220,6 +239,9 @@ class ECVHRouter:
             cfg["lrsq"] = {"rank": self.lrsq.rank, "block": self.lrsq.block}
             if self.lrsq.sketch is not None:
                 cfg["format_version"] = SKETCH_MODEL_FORMAT
+                if self.lrsq.sketch.residual:
+                    cfg["sketch_residual"] = self.lrsq.sketch.residual
+                    cfg["format_version"] = RESIDUAL_SKETCH_MODEL_FORMAT
         return cfg
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -234,7 +256,7 @@ class ECVHRouter:
 
     @classmethod
     def from_saved(cls, config: dict, arrays: dict[str, np.ndarray]) -> ECVHRouter:
-        sketch = Sketch(arrays["sketch"]) if "sketch" in arrays else None
+        sketch = Sketch(arrays["sketch"], config.get("sketch_residual", 0.0)) if "sketch" in arrays else None
         lrsq = LRSQ(**config["lrsq"], sketch=sketch) if "lrsq" in config else None
         return cls(arrays["rotation"], arrays["vantages"], arrays["offsets"], bits=config["bits"],
                    ecc=config["ecc"], positions=arrays.get("positions"), lrsq=lrsq,

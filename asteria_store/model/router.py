@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 #: The newest model format this version reads. A model is saved with the oldest format
 #: that holds it (``format_version`` of its config, else BASE_MODEL_FORMAT), so older
 #: readers refuse only what they would misread: 2 = a tree with split leaves, 3 = LRSQ
-#: with a sketch (model/sketch.py; its segments hold a ``sketch`` array).
-MODEL_FORMAT_VERSION = 3
+#: with a sketch (model/sketch.py; its segments hold a ``sketch`` array), 4 = a residual
+#: sketch (its codes are of each row minus its bucket centre).
+MODEL_FORMAT_VERSION = 4
 BASE_MODEL_FORMAT = 1
 SKETCH_MODEL_FORMAT = 3
+RESIDUAL_SKETCH_MODEL_FORMAT = 4
 
 
 class Router(Protocol):
@@ -75,6 +77,12 @@ class Router(Protocol):
     def compiled_routing(self) -> LinearRouting | TreeRouting | None:
         """The rotation and probe order as arrays that compiled one-query search routes
         with (query/native.py); None where it cannot."""
+        ...
+
+    def centers(self, keys: np.ndarray) -> np.ndarray | None:
+        """The unit centre (n, d), not rotated, that a residual sketch codes the rows of
+        each bucket of ``keys`` against (model/sketch.py); None where the router's sketch
+        codes the rows themselves, or it has none."""
         ...
 
     def config(self) -> dict: ...
@@ -284,6 +292,10 @@ class SignHasher:
 
     def compiled_routing(self) -> None:
         """Sign bits probe by bit flips: no compiled routing."""
+        return None
+
+    def centers(self, keys: np.ndarray) -> None:
+        """No codes, no sketch."""
         return None
 
     def probe_order(self, queries: np.ndarray, probes: int) -> np.ndarray:

@@ -14,7 +14,15 @@ instead of the first subspaces holding most of the energy.
 A query's approximate score of a row is ``sum_s lut[s, code[s]]`` with ``lut[s, c] =
 <q_s, centroid_{s,c}>`` (asymmetric distance computation: the query is not quantized).
 It is not certified: search with a sketch keeps the best ``rerank`` rows by it and
-rescores them exactly (query/compiled.py ``search_sketch``).
+rescores them exactly (query/compiled.py ``sketch_candidates``).
+
+A *residual* sketch (``residual`` = a > 0, what a routing tree trains) codes each row minus
+``a`` times the unit centre of its bucket (the router's ``centers``: a tree's node
+centroid, which a split of its leaves does not move), the way IVF-PQ codes residuals.
+The centres take out much of the rows' energy (~40% on real-like data), so the same bytes
+quantize what is left finer: at 1M rows, the recall lost to the sketch at a given rerank
+halves (docs/scale.md). A query then scores a row ``a <q, centre> + sum_s lut[s, code[s]]``:
+one offset per probed bucket (:meth:`Sketch.offsets`).
 """
 
 from __future__ import annotations
@@ -41,15 +49,22 @@ def subspace_dim(dim: int) -> int:
 @dataclass(frozen=True, eq=False)
 class Sketch:
     """``codebook`` (m, dsub, 256) float32: centroid ``c`` of subspace ``s`` is
-    ``codebook[s, :, c]``, over coordinates ``s, s + m, ...`` of the rotated vector."""
+    ``codebook[s, :, c]``, over coordinates ``s, s + m, ...`` of the rotated vector;
+    ``residual``: the scale of the bucket centre each row is coded against (0: the rows
+    themselves)."""
 
     codebook: np.ndarray
+    residual: float = 0.0
 
     def __post_init__(self) -> None:
         cb = np.ascontiguousarray(self.codebook, dtype=np.float32)
         if cb.ndim != 3 or cb.shape[2] != CENTROIDS or not np.isfinite(cb).all():
             raise ValueError(f"a sketch codebook is (m, dsub, {CENTROIDS}) finite float32, got {cb.shape}")
+        residual = float(self.residual)
+        if not (np.isfinite(residual) and residual >= 0):
+            raise ValueError(f"a sketch's residual scale is finite and >= 0, got {self.residual!r}")
         object.__setattr__(self, "codebook", cb)
+        object.__setattr__(self, "residual", residual)
 
     @property
     def m(self) -> int:
@@ -66,12 +81,22 @@ class Sketch:
         return self.m * self.dsub
 
     @classmethod
-    def train(cls, y: np.ndarray, *, seed: int = 0, iters: int = TRAIN_ITERS, rows: int = TRAIN_ROWS) -> Sketch:
+    def train(cls, y: np.ndarray, *, centers: np.ndarray | None = None, seed: int = 0, iters: int = TRAIN_ITERS,
+              rows: int = TRAIN_ROWS) -> Sketch:
         """k-means (``iters`` Lloyd steps) of each subspace of rotated rows ``y`` (n, dim),
         on at most ``rows`` of them. Centroids start at sample rows (where a subspace has
         fewer than 256 distinct values, those values, repeated), and a centroid left
-        empty restarts at the row its subspace serves worst."""
+        empty restarts at the row its subspace serves worst.
+
+        With ``centers`` (n, dim: each row's rotated unit bucket centre), a residual
+        sketch: the scale is the least-squares one, the mean of ``<y_i, centre_i>``, and
+        the codebook is trained on ``y - scale * centers``."""
         y = np.asarray(y, dtype=np.float32)
+        residual = 0.0
+        if centers is not None:
+            centers = np.asarray(centers, dtype=np.float32)[:, : y.shape[1]]
+            residual = max(0.0, float(np.einsum("ij,ij->i", y, centers).mean())) if len(y) else 0.0
+            y = y - np.float32(residual) * centers
         dim = y.shape[1]
         dsub = subspace_dim(dim)
         m = dim // dsub
@@ -98,12 +123,18 @@ class Sketch:
                     err = ((sub[:, :, s] - codebook[s][:, a].T) ** 2).sum(axis=1)
                     far = np.argsort(-err, kind="stable")[: int((~filled).sum())]
                     codebook[s][:, ~filled] = sub[far, :, s].T
-        return cls(codebook)
+        return cls(codebook, residual)
 
-    def encode(self, y: np.ndarray) -> np.ndarray:
+    def encode(self, y: np.ndarray, centers: np.ndarray | None = None) -> np.ndarray:
         """Codes (n, m) uint8 of rotated rows ``y`` (n, >= dim): the nearest centroid of each
-        subspace (squared L2)."""
-        y = np.ascontiguousarray(np.asarray(y, dtype=np.float32)[:, : self.dim])
+        subspace (squared L2) of the row, or, for a residual sketch, of the row minus its
+        scaled ``centers`` row (rotated unit bucket centres, (n, >= dim))."""
+        y = np.asarray(y, dtype=np.float32)[:, : self.dim]
+        if self.residual:
+            if centers is None:
+                raise ValueError("a residual sketch codes rows against their bucket centres: pass centers")
+            y = y - np.float32(self.residual) * np.asarray(centers, dtype=np.float32)[:, : self.dim]
+        y = np.ascontiguousarray(y)
         out = np.empty((len(y), self.m), dtype=np.uint8)
         if len(y):
             _compiled()(y, self.codebook, _half_norms(self.codebook), out)
@@ -114,10 +145,23 @@ class Sketch:
         q = np.asarray(qy, dtype=np.float32)[: self.dim].reshape(self.dsub, self.m).T  # (m, dsub)
         return np.einsum("sj,sjc->sc", q, self.codebook)
 
-    def scores(self, qy: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """Approximate scores (n,) of coded rows ``codes`` (n, m) for rotated query ``qy``."""
+    def offsets(self, q: np.ndarray, centers: np.ndarray) -> np.ndarray:
+        """(n,) float32: what a residual sketch adds to the scores of the rows of the
+        buckets whose unit centres are ``centers`` (n, d), ``residual * <q, centre>`` (query
+        and centres both rotated, or both not: the rotation keeps inner products)."""
+        d = min(len(q), centers.shape[1])
+        return (np.float32(self.residual) * (centers[:, :d] @ np.asarray(q, dtype=np.float32)[:d])).astype(np.float32)
+
+    def scores(self, qy: np.ndarray, codes: np.ndarray, centers: np.ndarray | None = None) -> np.ndarray:
+        """Approximate scores (n,) of coded rows ``codes`` (n, m) for rotated query ``qy``
+        (and, for a residual sketch, the rows' rotated unit bucket centres ``centers``)."""
         lut = self.lut(qy)
-        return lut[np.arange(self.m), np.asarray(codes, dtype=np.int64)].sum(axis=1, dtype=np.float32)
+        approx = lut[np.arange(self.m), np.asarray(codes, dtype=np.int64)].sum(axis=1, dtype=np.float32)
+        if not self.residual:
+            return approx
+        if centers is None:
+            raise ValueError("a residual sketch scores rows against their bucket centres: pass centers")
+        return approx + self.offsets(qy, centers)
 
 
 def _half_norms(codebook: np.ndarray) -> np.ndarray:

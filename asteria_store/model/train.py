@@ -57,6 +57,7 @@ from .ecvh import ECVHRouter
 from .tree import TreeRouter
 from .fit import MIN_POINTS_PER_CELL, choose_bits, holdout_rows, model_bits, plan_buckets  # noqa: F401 (re-exported)
 from .lrsq import LRSQ
+from .sketch import TRAIN_ROWS as SKETCH_TRAIN_ROWS
 from .sketch import Sketch
 from .metrics import fraction_for_recall, occupancy, rows_to_reach
 
@@ -111,7 +112,8 @@ class TrainConfig:
         sketch: give every row a product-quantization sketch as well (model/sketch.py:
             d/8 bytes a row, 1/8 of its LRSQ codes), for search that reads it instead of the
             codes (``rerank=``: fewer bytes read per query, approximate). Costs k-means of
-            the sample per subspace at training (seconds) and ~10 us a row at ingest.
+            the sample per subspace at training (seconds) and ~10 us a row at ingest. A
+            tree's sketch is residual: it codes each row minus its node's centroid.
         flat_max_bits: the most bits a flat model gets; a store that needs more buckets
             is routed by a tree (model/tree.py, sizing in ``fit.plan_buckets``). Lower: a
             tree sooner (cheaper assignment, slightly coarser routing). None:
@@ -512,8 +514,8 @@ def _train_tree(vectors, config: TrainConfig, plan, progress, log, init, threads
     own assignment (a vector may land in a child of its second-best cell)."""
     started = time.perf_counter()
     coarse_init = init.coarse if isinstance(init, TreeRouter) else init
-    coarse, history = _train(vectors, replace(config, bits=plan.bits, expected_size=None), progress, log,
-                             coarse_init, threads)
+    coarse, history = _train(vectors, replace(config, bits=plan.bits, expected_size=None, sketch=False), progress,
+                             log, coarse_init, threads)
     x_np = np.asarray(vectors, dtype=np.float32)
     gen = torch.Generator().manual_seed(config.seed + 1)
     cells = coarse.keys(x_np).astype(np.int64)
@@ -542,12 +544,43 @@ def _train_tree(vectors, config: TrainConfig, plan, progress, log, init, threads
     router = TreeRouter(coarse, children, offsets, info=info)
     for _ in range(config.tree_refine):
         router = router.refined(x_np)
+    if config.sketch and router.lrsq is not None:
+        router = _with_residual_sketch(router, x_np, config.seed)
     occ = occupancy(router.keys(x_np).astype(np.int64), router.n_buckets)
     router.info.update(occupancy=occ, train_seconds=round(time.perf_counter() - started, 2))
     history.append({"epoch": "tree", "buckets": router.n_buckets, **occ})
     log(f"tree: {router.n_cells} cells, {router.n_buckets} buckets, max/mean bucket "
         f"{occ['max_over_mean']:.1f} on the sample")
     return router, history
+
+
+def _sketch_for(x: np.ndarray, keys: np.ndarray, rotate, centers: np.ndarray | None, seed: int) -> Sketch:
+    """A sketch (model/sketch.py) trained on (at most ``sketch.TRAIN_ROWS`` of) rows ``x``
+    of buckets ``keys``, rotated by ``rotate``: residual where the router has bucket
+    centres (``centers``, one per bucket), else of the rows themselves."""
+    rng = np.random.default_rng(seed)
+    if len(x) > SKETCH_TRAIN_ROWS:
+        pick = np.sort(rng.choice(len(x), SKETCH_TRAIN_ROWS, replace=False))
+        x, keys = x[pick], keys[pick]
+    d = x.shape[1]
+    own = None if centers is None else rotate(centers[np.asarray(keys, dtype=np.int64)])[:, :d]
+    return Sketch.train(rotate(x)[:, :d], centers=own, seed=seed)
+
+
+def _with_sketch(router: ECVHRouter, x: np.ndarray, keys: np.ndarray, seed: int) -> ECVHRouter:
+    """A flat model with a sketch of its training rows ``x`` (their buckets ``keys``):
+    residual against its probe centroids where it has them."""
+    sketch = _sketch_for(x, keys, router.rotate, router.probe_centroids, seed)
+    return router.with_lrsq(replace(router.lrsq, sketch=sketch))
+
+
+def _with_residual_sketch(tree: TreeRouter, x: np.ndarray, seed: int) -> TreeRouter:
+    """``tree`` with a residual sketch of rows ``x``: each coded against its node's
+    centroid. The sketch belongs to the coarse model's quantizer, the centres to the tree."""
+    nodes = tree.node_of(tree.keys(x).astype(np.int64))
+    sketch = _sketch_for(x, nodes, tree.rotate, tree.children, seed)
+    coarse = tree.coarse.with_lrsq(replace(tree.coarse.lrsq, sketch=sketch))
+    return TreeRouter(coarse, tree.children, tree.offsets, assign_cells=tree.assign_cells, info=tree.info)
 
 
 def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> tuple[ECVHRouter, list[dict]]:
@@ -587,8 +620,7 @@ def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> t
         block = min(config.block, size)  # tiny dimensions: one block
         rank = config.rank or int(min(d, block * math.ceil((np.searchsorted(energy, config.energy) + 1) / block)))
         rank = min(max(block, rank - rank % block), size)
-    sketch = Sketch.train((x @ pca)[:, :d].cpu().numpy(), seed=config.seed) if config.sketch else None
-    lrsq = LRSQ(rank=rank, block=block, sketch=sketch)
+    lrsq = LRSQ(rank=rank, block=block)  # the sketch is trained last, against the final buckets
 
     warm = None
     if config.ecc:
@@ -638,6 +670,8 @@ def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> t
         history.append({"epoch": "probe-means", "holdout_scan": metric, **occ})
         log(f"probe by bucket means: held-out scan {metric:.2%} (soft-cost order: {best_metric:.2%})")
         best_metric = metric
+    if config.sketch:
+        best_router = _with_sketch(best_router, train_np, best_keys.cpu().numpy(), config.seed)
     best_router.info["train_seconds"] = round(time.perf_counter() - started, 2)
     best_router.info["holdout_scan"] = best_metric
     return best_router, history

@@ -311,6 +311,15 @@ class TreeRouter:
             best[rows], best_slot[rows], node[rows] = v, slot, lo + j
         return self.descend(x, node)
 
+    def centers(self, keys: np.ndarray) -> np.ndarray | None:
+        """The node centroid of each leaf of ``keys`` (n, d): what a residual sketch codes
+        the rows against. A split moves rows between the leaves of one node, never across
+        nodes, so a row's centre and its sketch codes stay valid as its leaf splits."""
+        sketch = None if self.lrsq is None else self.lrsq.sketch
+        if sketch is None or not sketch.residual:
+            return None
+        return self.children[self.node_of(np.asarray(keys, dtype=np.int64))]
+
     def node_of(self, leaves: np.ndarray) -> np.ndarray:
         """The node each leaf hangs under."""
         return self._leaf_node[np.asarray(leaves, dtype=np.int64)]

@@ -194,11 +194,12 @@ def sketch_lut(codebook, qy):
 
 @numba.njit(cache=True, nogil=True)
 def sketch_candidates(keys, candidates, start, stop, stored, slot, first, length, sketched, readable,
-                      sketch, codebook, qy, rerank, cand_slot, cand_row, stats):
+                      sketch, codebook, qy, offsets, rerank, cand_slot, cand_row, stats):
     """The ``rerank`` probed rows with the best sketch scores (all of them where fewer),
     as chunk slots and rows into ``cand_slot``/``cand_row`` in table order; returns how
-    many (-1 where :func:`visit` found a problem). Equal scores at the cut go to the
-    earlier rows in table order."""
+    many (-1 where :func:`visit` found a problem). A row of the bucket ``keys[p]`` scores
+    ``offsets[p]`` plus its lookups (a residual sketch's centre term; else 0). Equal
+    scores at the cut go to the earlier rows in table order."""
     visited, n = visit(keys, candidates, start, stop, stored, slot, length, sketched, readable, stats)
     if visited < 0:
         return -1
@@ -211,7 +212,7 @@ def sketch_candidates(keys, candidates, start, stop, stored, slot, first, length
         for r in range(start[b], stop[b]):
             codes = sketch[slot[r]]
             for row in range(first[r], first[r] + length[r]):
-                acc = np.float32(0.0)
+                acc = offsets[p]
                 for s in range(m):
                     acc += lut[s, codes[row, s]]
                 approx[o] = acc

@@ -708,7 +708,7 @@ def _search_each(view: View, router, lrsq, queries: np.ndarray, k: int, probes: 
 
     def part(a: int, b: int) -> list:
         if rerank is not None:
-            return _search_sketched(view, lrsq, table, routes[a:b], queries[a:b], k, candidates, rerank)
+            return _search_sketched(view, router, table, routes[a:b], queries[a:b], k, candidates, rerank)
         return [_search_routed(view, lrsq, table, *routes[i], queries[i], k, candidates) for i in range(a, b)]
 
     edges = np.linspace(0, nq, (8 * threads if pool else 1) + 1).astype(int).tolist()
@@ -770,7 +770,7 @@ def _one_query_stats(st: np.ndarray, nbytes: int) -> SearchStats:
                        np.array([m - int(st[native.KEPT])]))
 
 
-def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries: np.ndarray, k: int,
+def _search_sketched(view: View, router, table: BucketTable, routes: list, queries: np.ndarray, k: int,
                      candidates: int | None, rerank: int) -> list:
     """Routed queries, approximate, as :func:`_search_routed` returns each: every probed row
     scored from its sketch codes (model/sketch.py: ``m`` bytes a row, the only bytes read
@@ -780,17 +780,19 @@ def _search_sketched(view: View, lrsq, table: BucketTable, routes: list, queries
     last window searched on this table read from storage (``table.rescore_reads``): asking
     costs ~2 us a page, more than the rescoring of a window whose pages are all cached.
     None for a query where a probed chunk has no sketch codes."""
-    sketch = lrsq.sketch
+    sketch = router.lrsq.sketch
     row_bytes = 8 + _row_bytes(view)
     out = []
     for w in range(0, len(queries), RERANK_WINDOW):
         reads = _device_reads()
         ask = table.rescore_reads or reads is None
         found = []
-        for (keys, qy) in routes[w : w + RERANK_WINDOW]:
+        for (keys, qy), query in zip(routes[w : w + RERANK_WINDOW], queries[w : w + RERANK_WINDOW]):
+            centers = router.centers(keys)
+            offsets = np.zeros(len(keys), np.float32) if centers is None else sketch.offsets(query, centers)
             slots, rows, st = _compiled_search(
                 view, table, keys, SKETCH_ARRAYS,
-                lambda: native.sketch_candidates(table, keys, candidates, sketch, qy, rerank))
+                lambda: native.sketch_candidates(table, keys, candidates, sketch, qy, offsets, rerank))
             found.append(None if st[native.UNUSABLE] else (slots, rows, st))
             if found[-1] is not None and ask:
                 table.will_need(view, slots, rows)

@@ -85,9 +85,11 @@ def search_one(table, keys: np.ndarray, candidates: int | None, terms, query: np
     return out_i, out_s, stats
 
 
-def sketch_candidates(table, keys: np.ndarray, candidates: int | None, sketch, qy: np.ndarray, rerank: int):
+def sketch_candidates(table, keys: np.ndarray, candidates: int | None, sketch, qy: np.ndarray,
+                      offsets: np.ndarray, rerank: int):
     """The ``rerank`` rows of the buckets ``keys`` of ``table`` with the best sketch scores
-    (model/sketch.py) for rotated query ``qy``: ``(slots, rows, stats)``, in table order;
+    (model/sketch.py) for rotated query ``qy``, plus ``offsets`` (float32, one per key:
+    ``Sketch.offsets``): ``(slots, rows, stats)``, in table order;
     ``stats`` as :func:`search_one` fills it (``stats[UNUSABLE]``: a probed chunk has no
     sketch codes), with ``stats[KEPT]`` the candidates' count."""
     slots = np.empty(rerank, dtype=np.int64)
@@ -95,7 +97,7 @@ def sketch_candidates(table, keys: np.ndarray, candidates: int | None, sketch, q
     stats = np.zeros(6, dtype=np.int64)
     got = _kernel()[4](keys, -1 if candidates is None else int(candidates), table.start, table.stop, table.stored,
                        table.slot, table.first, table.length, table.sketched, table.sketch_readable, table.sketch,
-                       sketch.codebook, qy, rerank, slots, rows, stats)
+                       sketch.codebook, qy, offsets, rerank, slots, rows, stats)
     got = max(got, 0)
     stats[KEPT] = got
     return slots[:got], rows[:got], stats

@@ -50,6 +50,14 @@ _WRITE_WINDOW_BYTES = 16 * 1024 * 1024
 _KEEP_STORED_BYTES = 256 * 1024 * 1024
 
 
+def _rotated_centers(router: Router, keys: np.ndarray) -> np.ndarray | None:
+    """The rotated bucket centres (n, D) that a residual sketch codes the rows of buckets
+    ``keys`` against (None for a sketch of the rows themselves); each distinct bucket
+    rotated once (rows come in bucket order: a window holds few)."""
+    buckets, inverse = np.unique(np.asarray(keys, dtype=np.int64), return_inverse=True)
+    centers = router.centers(buckets)
+    return None if centers is None else router.rotate(centers)[inverse]
+
 class Written(NamedTuple):
     """A segment written but not yet published."""
 
@@ -112,7 +120,7 @@ class SegmentPipeline:
         seg_ids = ids[order]
         # Small segments get small chunks: Zarr pads the edge chunk to full size.
         chunk_rows = min(self.config.chunk_rows, max(256, 1 << (len(ids) - 1).bit_length()))
-        lrsq, sums = self.write_segment(seg, rows, order, seg_ids, chunk_rows, progress, router, codes)
+        lrsq, sums = self.write_segment(seg, rows, order, sorted_keys, seg_ids, chunk_rows, progress, router, codes)
         return Written(sorted_keys, seg_ids, chunk_rows, lrsq, sums)
 
     def hash_rows(self, source: VectorSource | StoredRows, progress: ProgressLike,
@@ -162,9 +170,10 @@ class SegmentPipeline:
         return out
 
     def write_segment(self, seg: int, source: VectorSource | StoredRows | PreparedRows, order: np.ndarray,
-                      seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
+                      sorted_keys: np.ndarray, seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
                       router: Router, codes: str) -> tuple[dict | None, dict[str, np.ndarray]]:
-        """Pass 2: write rows in bucket order (``order``), chunk-aligned windows, then fsync.
+        """Pass 2: write rows in bucket order (``order``; their keys ``sorted_keys``),
+        chunk-aligned windows, then fsync.
 
         With a learned router, every row's LRSQ codes (of its stored form) are written too:
         copied when the source rows already hold codes of this model (a merge), else
@@ -204,7 +213,7 @@ class SegmentPipeline:
                     y = router.rotate(block if stored_form else self.as_stored(block))
                     codes = quantizer.encode(y)
                     if sketch is not None:
-                        codes += (sketch.encode(y),)
+                        codes += (sketch.encode(y, _rotated_centers(router, sorted_keys[start : start + len(rows)])),)
                 writer.write(start, block, seg_ids[start : start + len(rows)], codes)
                 bar.update(len(rows))
             sums = writer.finish()
