@@ -282,7 +282,7 @@ class ReadSide:
                 raise InvalidArgumentError(f"candidates must be a positive integer or None, got {candidates!r}.")
             if prune not in (True, False, "auto"):
                 raise InvalidArgumentError(f"prune must be True, False or 'auto', got {prune!r}.")
-            self._check_rerank(rerank, k, device)
+            self.check_rerank(rerank, k, device)
         with self.snapshot() as snap:
             view = snap.view
             check_k_fits(k, len(qs), view.count)
@@ -301,7 +301,7 @@ class ReadSide:
             return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
                                             np.full(nq, stored * row_bytes), stored * row_bytes)
 
-    def _check_rerank(self, rerank, k: int, device) -> None:
+    def check_rerank(self, rerank, k: int, device=None) -> None:
         """``rerank`` is None, or an integer >= k on a store whose model has a sketch."""
         if rerank is None:
             return

@@ -558,6 +558,12 @@ class Store:
                                   explain=explain, fill=bool(fill), threads=threads, kernel=kernel,
                                   device=device, rerank=rerank)
 
+    def check_rerank(self, rerank: int | None, k: int) -> None:
+        """Raise the one-line error :meth:`search` gives for ``rerank`` with ``k``, if any
+        (jobs check their options before any work)."""
+        self._check_open()
+        self._reads.check_rerank(rerank, k)
+
     def query(
         self,
         vector: ArrayLike,

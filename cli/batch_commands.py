@@ -36,6 +36,9 @@ from .options import (
               show_default=True, help="Buckets visited per query ('all': exact).")
 @click.option("--prune/--no-prune", default=None,
               help="LRSQ bound pruning on every probed bucket / on none. [default: as `query`]")
+@click.option("--rerank", type=int, default=None, metavar="R",
+              help="Approximate search for a store larger than RAM, as `query --rerank`: score probed "
+                   "rows from their sketches and rescore the R best exactly. [default: certified search]")
 @click.option("--block-rows", type=int, metavar="N", default=library_default(batch.search, "block_rows"),
               show_default=True, help="Queries per task and per output chunk.")
 @click.option("--workers", type=int, metavar="N", default=None,
@@ -56,7 +59,7 @@ from .options import (
 @quiet_option
 @json_option
 def search_batch(target: Path, queries: Path, out: Path, k: int, probes: Probes, prune: bool | None,
-                 block_rows: int, workers: int | None, threads_per_worker: int, scheduler: str | None,
+                 rerank: int | None, block_rows: int, workers: int | None, threads_per_worker: int, scheduler: str | None,
                  resume: bool, exclude_self: bool, allow_writer: bool, no_lock: bool, quiet: bool,
                  as_json: bool) -> None:
     """Search every query in QUERIES against STORE on Dask; write the results to --out.
@@ -78,7 +81,7 @@ def search_batch(target: Path, queries: Path, out: Path, k: int, probes: Probes,
     if scheduler is not None and workers is not None:
         raise click.UsageError("--workers and --scheduler exclude each other: the scheduler's cluster has its workers.")
     result = batch.search(target, queries, out, k=k, probes=probes, prune="auto" if prune is None else prune,
-                          block_rows=block_rows, workers=workers, threads_per_worker=threads_per_worker,
+                          rerank=rerank, block_rows=block_rows, workers=workers, threads_per_worker=threads_per_worker,
                           scheduler=scheduler, resume=resume, exclude_self=exclude_self,
                           allow_writer=allow_writer, lock=not no_lock, progress=not quiet)
     if as_json:

@@ -107,6 +107,21 @@ def test_job_without_dask_equals_search_block_by_block(built, tmp_path):
     assert attrs["complete"] is True and attrs["k"] == K and attrs["n_queries"] == len(queries)
 
 
+def test_job_with_rerank_equals_search_with_rerank_block_by_block(built, tmp_path):
+    """rerank reaches every block's search: the job equals ``Store.search(rerank=)`` block by
+    block, which (rescoring only k rows) is not the certified search."""
+    queries = np.load(built / "q.npy")
+    batch.search(built / "store", built / "q.npy", tmp_path / "r.zarr", k=K, probes=PROBES, rerank=K,
+                 block_rows=BLOCK, workers=0)
+    ids, scores = results(tmp_path / "r.zarr")
+    with asteria_store.open(built / "store", readonly=True) as store:
+        parts = [store.search(queries[a:a + BLOCK], K, probes=PROBES, rerank=K) for a in range(0, len(queries), BLOCK)]
+    np.testing.assert_array_equal(ids, np.concatenate([p[0] for p in parts]))
+    np.testing.assert_array_equal(scores, np.concatenate([p[1] for p in parts]))
+    assert not np.array_equal(ids, by_blocks(built / "store", queries)[0])
+    assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["asteria_batch"]["rerank"] == K
+
+
 def test_job_on_a_cluster_equals_search_and_opens_the_store_once(built, tmp_path, thread_client):
     queries = np.load(built / "q.npy")
     before = workers.opens
@@ -263,6 +278,7 @@ def test_without_lmdb_locks(built, tmp_path):
     ({"probes": 0}, InvalidArgumentError, "probes must be"),
     ({"block_rows": 0}, InvalidArgumentError, "block_rows"),
     ({"exclude_self": True}, InvalidArgumentError, "exclude_self needs"),
+    ({"rerank": 5}, InvalidArgumentError, r"rerank must be an integer >= k \(10\)"),
 ])
 def test_bad_arguments(built, tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -337,6 +353,22 @@ def test_collection_probes_on_across_shards_like_one_store(built, tmp_path):
         solo = batch.merge_topk([s.search(queries, 50, probes=1) for s in coll.shards], 50)
     np.testing.assert_array_equal(got[0], want[0])
     assert not np.array_equal(solo[0], want[0])  # the naive merge differs: the test can fail
+
+
+def test_collection_search_with_rerank_merges_each_shards_rerank(built):
+    queries = np.load(built / "q.npy")
+    with asteria_store.open_collection(built / "coll", readonly=True) as coll:
+        got = coll.search(queries, K, probes=PROBES, rerank=K)
+        each = batch.merge_topk([s.search(queries, K, probes=PROBES, fill=False, rerank=K) for s in coll.shards], K)
+        certified = coll.search(queries, K, probes=PROBES)
+        everything = coll.search(queries, K, probes=PROBES, rerank=3000)
+        with pytest.raises(InvalidArgumentError, match="rerank must be an integer"):
+            coll.search(queries, K, probes=PROBES, rerank=K - 1)
+    full = (each[0] >= 0).all(axis=1)
+    assert full.mean() > 0.9
+    np.testing.assert_array_equal(got[0][full], each[0][full])
+    assert not np.array_equal(got[0], certified[0])
+    np.testing.assert_array_equal(everything[0], certified[0])  # rescoring every probed row: certified
 
 
 def test_batch_job_on_a_collection(built, tmp_path, thread_client):

@@ -248,13 +248,17 @@ class Collection:
     # -- search --------------------------------------------------------------------------
 
     def search(self, queries: ArrayLike, k: int = 10, *, probes: Probes = DEFAULT_PROBES,
-               prune: bool | Literal["auto"] = "auto", threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               prune: bool | Literal["auto"] = "auto", threads: int | None = None,
+               rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` of each query over all shards: ``(ids, scores)`` of shape (Q, k), equal to
         one store holding every row with the same model and probes (see the module docs).
-        ``threads``: as in :meth:`Store.search`, for each shard in turn."""
+        ``threads``, ``rerank``: as in :meth:`Store.search`, for each shard in turn (with
+        ``rerank``, each shard rescores its own ``rerank`` best rows)."""
         k = check_k(k)
+        for shard in self.shards:
+            shard.check_rerank(rerank, k)
         q = VectorSource(queries, dim=self.dim, what="queries").read_all()
-        return search_shards(self.shards, q, k, probes=probes, prune=prune, threads=threads)
+        return search_shards(self.shards, q, k, probes=probes, prune=prune, threads=threads, rerank=rerank)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -340,19 +344,21 @@ def _ingest_task(shard_path: str, data: Any, rows: np.ndarray | None, ids: np.nd
 
 
 def search_shards(shards: list[Store], q: np.ndarray, k: int, *, probes: Probes,
-                  prune: bool | Literal["auto"] = "auto", threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  prune: bool | Literal["auto"] = "auto", threads: int | None = None,
+                  rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Search every shard (without its own probe-on), merge exactly, then probe on across the
     shards for queries whose probed buckets hold fewer than ``k`` rows in all."""
     if probes == "all":
         return merge_topk([s.search(q, k, probes="all") for s in shards], k)
-    ids, scores = merge_topk([s.search(q, k, probes=probes, prune=prune, fill=False, threads=threads)
+    ids, scores = merge_topk([s.search(q, k, probes=probes, prune=prune, fill=False, threads=threads, rerank=rerank)
                               for s in shards], k)
-    fill_across(shards, q, k, probes, prune, ids, scores, threads=threads)
+    fill_across(shards, q, k, probes, prune, ids, scores, threads=threads, rerank=rerank)
     return ids, scores
 
 
 def fill_across(shards: list[Store], q: np.ndarray, k: int, probes: Any, prune: Any,
-                ids: np.ndarray, scores: np.ndarray, *, threads: int | None = None) -> None:
+                ids: np.ndarray, scores: np.ndarray, *, threads: int | None = None,
+                rerank: int | None = None) -> None:
     """The collection's probe-on (``Store.search``'s ``fill``), in place: queries short of
     ``min(k, total)`` results are searched again on every shard with twice the probes."""
     want = min(k, sum(len(s) for s in shards))
@@ -361,8 +367,8 @@ def fill_across(shards: list[Store], q: np.ndarray, k: int, probes: Any, prune: 
     probes = int(probes)
     while len(short) and probes < n_buckets:
         probes = min(2 * probes, n_buckets)
-        more = merge_topk([s.search(q[short], k, probes=probes, prune=prune, fill=False, threads=threads)
-                           for s in shards], k)
+        more = merge_topk([s.search(q[short], k, probes=probes, prune=prune, fill=False, threads=threads,
+                                    rerank=rerank) for s in shards], k)
         ids[short], scores[short] = more
         short = short[(more[0] >= 0).sum(axis=1) < want]
 

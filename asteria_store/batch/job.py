@@ -90,6 +90,7 @@ class _Job:
     k: int
     probes: Any
     prune: Any
+    rerank: int | None
     exclude_self: bool
     block_rows: int
     n_queries: int
@@ -111,6 +112,7 @@ def search(
     k: int = 10,
     probes: Probes = DEFAULT_PROBES,
     prune: bool | Literal["auto"] = "auto",
+    rerank: int | None = None,
     exclude_self: bool = False,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     workers: int | None = None,
@@ -130,8 +132,8 @@ def search(
         target: a store or collection (path, or an open handle: only its path is used).
         queries: a ``.npy`` path, a Zarr array path, a store or collection path (its own
             vectors: the kNN graph; ``exclude_self`` drops each vector's own id), or an array.
-        k, probes, prune: as for :meth:`Store.search`; results equal ``Store.search`` of
-            each block.
+        k, probes, prune, rerank: as for :meth:`Store.search`; results equal
+            ``Store.search`` of each block.
         block_rows: queries per task (and per output chunk).
         workers: local worker processes (default: one per core); ``0``: no Dask, this
             process only. Ignored with ``scheduler`` or ``client``.
@@ -145,8 +147,9 @@ def search(
             only while nobody writes).
     """
     t0 = time.perf_counter()
-    plan = _plan(target, queries, Path(out), k=k, probes=probes, prune=prune, exclude_self=exclude_self,
-                 block_rows=block_rows, resume=resume, allow_writer=allow_writer, lock=lock)
+    plan = _plan(target, queries, Path(out), k=k, probes=probes, prune=prune, rerank=rerank,
+                 exclude_self=exclude_self, block_rows=block_rows, resume=resume, allow_writer=allow_writer,
+                 lock=lock)
     job, todo, n_blocks, array, _ = plan
     out_path = Path(out)
     if job is None:  # resume of a finished job
@@ -189,8 +192,8 @@ def _rows(job: _Job, block: int) -> int:
     return stop - start
 
 
-def _plan(target: Any, queries: Any, out: Path, *, k: int, probes: Any, prune: Any, exclude_self: bool,
-          block_rows: int, resume: bool, allow_writer: bool, lock: bool):
+def _plan(target: Any, queries: Any, out: Path, *, k: int, probes: Any, prune: Any, rerank: Any,
+          exclude_self: bool, block_rows: int, resume: bool, allow_writer: bool, lock: bool):
     """Check everything that can be checked before any work, and set up the output."""
     k = check_k(k)
     if probes != "all" and (isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1):
@@ -203,15 +206,16 @@ def _plan(target: Any, queries: Any, out: Path, *, k: int, probes: Any, prune: A
     kind: Literal["store", "collection"] = "collection" if is_collection(path) else "store"
     owner = Collection(path, readonly=True, lock=lock) if kind == "collection" else Store(path, readonly=True, lock=lock)
     try:
-        return _plan_with(owner, path, kind, queries, out, k=k, probes=probes, prune=prune, exclude_self=exclude_self,
-                          block_rows=block_rows, resume=resume, allow_writer=allow_writer, lock=lock)
+        return _plan_with(owner, path, kind, queries, out, k=k, probes=probes, prune=prune, rerank=rerank,
+                          exclude_self=exclude_self, block_rows=block_rows, resume=resume,
+                          allow_writer=allow_writer, lock=lock)
     finally:
         owner.close()
 
 
 def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "collection"], queries: Any, out: Path,
-               *, k: int, probes: Any, prune: Any, exclude_self: bool, block_rows: int, resume: bool,
-               allow_writer: bool, lock: bool):
+               *, k: int, probes: Any, prune: Any, rerank: Any, exclude_self: bool, block_rows: int,
+               resume: bool, allow_writer: bool, lock: bool):
     shards = tuple(str(p) for p in owner.shard_paths) if kind == "collection" else (str(path),)
     if not allow_writer:
         for shard in shards:
@@ -228,6 +232,8 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
         raise InvalidArgumentError("exclude_self needs queries that are a store's own vectors (a store or "
                                    "collection path as QUERIES).")
     k_search = k + 1 if exclude_self else k
+    for shard in owner.shards if kind == "collection" else (owner,):
+        shard.check_rerank(rerank, k_search)
     check_k_fits(k_search, min(block_rows, source.n), len(owner))
     if k_search > len(owner):
         raise InvalidArgumentError(f"k={k} is more than the {len(owner):,} vectors in {str(path)!r}"
@@ -237,7 +243,8 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
     manifest = {
         "version": 1, "target": str(path), "kind": kind, "generation": list(generation),
         "queries": source.fingerprint, "n_queries": source.n, "k": k,
-        "probes": probes if probes == "all" else int(probes), "prune": prune, "exclude_self": bool(exclude_self),
+        "probes": probes if probes == "all" else int(probes), "prune": prune,
+        "rerank": None if rerank is None else int(rerank), "exclude_self": bool(exclude_self),
         "block_rows": int(block_rows), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if allow_writer:  # the store may change between runs: resume only checks the rest
@@ -253,7 +260,7 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
         output.write_query_ids(stage, given)
         write_atomic(stage / output.MARKERS / "ids", b"")
     job = _Job(kind, shards, generation, lock, allow_writer, str(stage), source, k, probes, prune,
-               bool(exclude_self), int(block_rows), source.n)
+               manifest["rerank"], bool(exclude_self), int(block_rows), source.n)
     todo = [b for b in range(n_blocks) if b not in done]
     return _Plan(job, todo, n_blocks, array, source.n)
 
@@ -267,7 +274,7 @@ def _finished(out: Path, manifest: dict) -> bool:
         return False
     if not isinstance(attrs, dict) or not attrs.get("complete"):
         return False
-    return all(attrs.get(key) == manifest.get(key) for key in ("target", "queries", "k", "probes",
+    return all(attrs.get(key) == manifest.get(key) for key in ("target", "queries", "k", "probes", "rerank",
                                                                 "exclude_self", "block_rows"))
 
 
@@ -300,7 +307,8 @@ def _search_shard(job: _Job, shard: int, block: int, given: np.ndarray | None) -
     q, _ = _read_queries(job, block, given)
     _check_generation(job, shard, store)
     # one thread: a worker's parallelism is its Dask threads, one block each
-    out = store.search(q, job.k_search, probes=job.probes, prune=job.prune, fill=job.kind == "store", threads=1)
+    out = store.search(q, job.k_search, probes=job.probes, prune=job.prune, fill=job.kind == "store", threads=1,
+                       rerank=job.rerank)
     _check_generation(job, shard, store)
     return out[0], out[1]
 
@@ -315,7 +323,7 @@ def _finish_block(job: _Job, block: int, parts: list[tuple[np.ndarray, np.ndarra
         q, qids = _read_queries(job, block, given)
     if job.kind == "collection" and job.probes != "all":
         shards = [cached_store(p, job.lock) for p in job.shards]
-        fill_across(shards, q, job.k_search, job.probes, job.prune, ids, scores, threads=1)
+        fill_across(shards, q, job.k_search, job.probes, job.prune, ids, scores, threads=1, rerank=job.rerank)
     if job.exclude_self:
         ids, scores = drop_self(ids, scores, qids, job.k)
     start, stop = job.bounds(block)
