@@ -16,10 +16,11 @@ A query's approximate score of a row is ``sum_s lut[s, code[s]]`` with ``lut[s, 
 It is not certified: search with a sketch keeps the best ``rerank`` rows by it and
 rescores them exactly (query/compiled.py ``sketch_candidates``).
 
-A *residual* sketch (``residual`` = a > 0, what a routing tree trains) codes each row minus
-``a`` times the unit centre of its bucket (the router's ``centers``: a tree's node
-centroid, which a split of its leaves does not move), the way IVF-PQ codes residuals.
-The centres take out much of the rows' energy (~40% on real-like data), so the same bytes
+A *residual* sketch (``residual`` = a > 0, what training makes wherever the model has
+bucket centres) codes each row minus ``a`` times the unit centre of its bucket (the
+router's ``centers``: a flat model's probe centroid, or a tree's node centroid, which a
+split of its leaves does not move), the way IVF-PQ codes residuals. The centres take out
+much of the rows' energy (~40% on real-like data), so the same bytes
 quantize what is left finer: at 1M rows, the recall lost to the sketch at a given rerank
 halves (docs/scale.md). A query then scores a row ``a <q, centre> + sum_s lut[s, code[s]]``:
 one offset per probed bucket (:meth:`Sketch.offsets`).

@@ -112,8 +112,10 @@ class TrainConfig:
         sketch: give every row a product-quantization sketch as well (model/sketch.py:
             d/8 bytes a row, 1/8 of its LRSQ codes), for search that reads it instead of the
             codes (``rerank=``: fewer bytes read per query, approximate). Costs k-means of
-            the sample per subspace at training (seconds) and ~10 us a row at ingest. A
-            tree's sketch is residual: it codes each row minus its node's centroid.
+            the sample per subspace at training (seconds) and ~10 us a row at ingest. It is
+            residual: it codes each row minus its bucket's centre (a flat model's probe
+            centroid, a tree's node centroid); without ``probe_means`` a flat model's
+            sketch codes the rows themselves.
         flat_max_bits: the most bits a flat model gets; a store that needs more buckets
             is routed by a tree (model/tree.py, sizing in ``fit.plan_buckets``). Lower: a
             tree sooner (cheaper assignment, slightly coarser routing). None:
