@@ -25,7 +25,6 @@ from .errors import IdNotFoundError, InvalidArgumentError, InvalidInputError
 from .io import ArrayLike, VectorSource, normalise_rows, read_array
 from .model.persist import load_router
 from .model.router import Router
-from .query.device import check_device
 from .query.engine import Probes, SearchStats, View, search_batch, search_exact
 from .query.kernels import check_kernel, check_threads, default_kernel
 from .storage import segments as seglib
@@ -271,7 +270,10 @@ class ReadSide:
         k = check_k(k)
         threads = check_threads(threads)
         kernel = default_kernel() if kernel is None else check_kernel(kernel)
-        device = check_device(device)
+        if device is not None:  # query/device.py imports torch: only for device searches
+            from .query.device import check_device
+
+            device = check_device(device)
         q = VectorSource(queries, dim=self.config.dim, what="queries")
         qs = q.read_all(QUERY_BLOCK_ROWS)
         qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))

@@ -463,3 +463,27 @@ def test_query_rerank_without_a_sketch_is_one_line(store: Path, query_file: Path
     result = run("query", store, query_file, "--rerank", 40)
     assert result.exit_code != 0
     assert result.output.count("\n") == 1 and "rerank needs a model with a sketch" in result.output
+
+
+def test_the_cli_info_and_a_query_do_not_import_torch(small_learned: Path, tmp_path: Path):
+    """torch takes ~1.5 s to import: the CLI, opening a learned store, info and one query
+    (certified and by sketch) run without it. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    qfile = save(tmp_path, "q.npy", clustered_vectors(1, 16, clusters=12, seed=5))
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from asteria_store_cli.main import cli\n"
+        "runner = CliRunner()\n"
+        f"for args in (['--version'], ['info', {str(small_learned)!r}],\n"
+        f"             ['query', {str(small_learned)!r}, {str(qfile)!r}, '--probes', '3'],\n"
+        f"             ['query', {str(small_learned)!r}, {str(qfile)!r}, '--probes', '3', '--rerank', '20']):\n"
+        "    result = runner.invoke(cli, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

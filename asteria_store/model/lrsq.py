@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from .sketch import Sketch
 
@@ -210,6 +209,8 @@ def _to_f32(x: np.ndarray) -> np.ndarray:
     than numpy for float16). Read-only input (memory-mapped chunks) is only read."""
     if x.dtype == np.float32:
         return x
+    import torch  # here, not at module level: serving starts without torch (~1.5 s to import)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we never write it
         return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import InvalidArgumentError
 
@@ -131,6 +130,8 @@ def score_into(kernel: str, q: np.ndarray, v: np.ndarray, out: np.ndarray) -> fl
     if kernel == "f32":
         np.matmul(q, v.T, out=out)
         return 0.0
+    import torch  # the bf16 kernel only: importing torch costs ~1.5 s, which CLI calls must not pay
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only memory map: only read
         qt, vt = torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(v))
