@@ -344,6 +344,8 @@ class ReadSide:
 
 def as_id_array(ids: ArrayLike) -> np.ndarray:
     arr = np.atleast_1d(read_array(ids, "ids"))
+    if arr.ndim == 1 and arr.size == 0:  # ``[]`` reads as float64: no ids, whatever its dtype
+        return np.empty(0, dtype=np.uint64)
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise InvalidInputError(f"Expected a 1-D array of integer ids, got {arr.dtype} of shape {arr.shape}.")
     if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:

@@ -116,7 +116,11 @@ def create(
     during ``create`` leaves no half-made store.
     """
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.exists() and not target.is_dir():
+        raise StoreExistsError(
+            f"Cannot create a store at {str(target)!r}: it is a file. A store is a directory: choose a new path."
+        )
+    if target.exists() and any(target.iterdir()):
         raise StoreExistsError(
             f"Cannot create a store at {str(target)!r}: it already exists. "
             "Open it instead, or choose a new path."
@@ -242,6 +246,10 @@ class Store:
             raise InvalidArgumentError(f"lock_timeout must be None or a number of seconds >= 0, got {lock_timeout!r}.")
         cat_dir = self.path / CATALOG_DIR
         if not (cat_dir / "data.mdb").is_file():
+            if self.path.exists() and not self.path.is_dir():
+                raise StoreNotFoundError(
+                    f"No asteria-store at {str(self.path)!r}: it is a file, and a store is a directory."
+                )
             if self.path.exists():
                 raise StoreNotFoundError(
                     f"No asteria-store at {str(self.path)!r}: the directory has no catalog. "

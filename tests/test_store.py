@@ -381,6 +381,18 @@ def test_delete_removes_from_search_and_get(tmp_store) -> None:
         tmp_store.delete([3])
 
 
+def test_no_ids_delete_and_get_nothing(tmp_store) -> None:
+    """``[]`` (float64 to numpy) is no ids: delete commits nothing, get returns no rows."""
+    tmp_store.ingest(seeded(20))
+    generation = tmp_store.generation
+    for empty in ([], np.array([], dtype=np.uint64), ()):
+        assert tmp_store.delete(empty).rows == 0
+        assert tmp_store.get(empty).shape == (0, 32)
+    assert tmp_store.generation == generation and len(tmp_store) == 20
+    with pytest.raises(InvalidInputError, match="integer ids"):
+        tmp_store.delete([1.5])
+
+
 def test_a_deleted_id_can_be_ingested_again(tmp_store) -> None:
     x = seeded(20)
     tmp_store.ingest(x)
@@ -780,7 +792,7 @@ def test_create_over_an_existing_store_or_file(tmp_path: Path, disk_snapshot) ->
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     (tmp_path / "file").write_text("x")
-    for target in (path, tmp_path / "full", tmp_path / "file"):
+    for target in (path, tmp_path / "full"):
         with pytest.raises(StoreExistsError) as info:
             asteria_store.create(target, dim=DIM)
         assert isinstance(info.value, FileExistsError)
@@ -788,6 +800,14 @@ def test_create_over_an_existing_store_or_file(tmp_path: Path, disk_snapshot) ->
             f"Cannot create a store at {str(target)!r}: it already exists. "
             "Open it instead, or choose a new path."
         )
+    with pytest.raises(StoreExistsError) as info:
+        asteria_store.create(tmp_path / "file", dim=DIM)
+    assert str(info.value) == (f"Cannot create a store at {str(tmp_path / 'file')!r}: it is a file. "
+                               "A store is a directory: choose a new path.")
+    with pytest.raises(StoreNotFoundError) as missing:
+        asteria_store.open(tmp_path / "file")
+    assert str(missing.value) == f"No asteria-store at {str(tmp_path / 'file')!r}: it is a file, and a store is a directory."
+    assert (tmp_path / "file").read_text() == "x"
     assert disk_snapshot(path) == before
     with asteria_store.open(path) as store:
         assert len(store) == 4

@@ -162,6 +162,8 @@ class WriteSide:
 
     def delete(self, ids: ArrayLike) -> DeleteResult:
         id_arr = np.unique(as_id_array(ids))
+        if len(id_arr) == 0:  # nothing to delete: no commit
+            return DeleteResult(rows=0)
         with self.lock():
             with self.catalog.read() as txn:
                 found, segs, rows = self.catalog.locate(txn, id_arr)
