@@ -13,6 +13,7 @@ import numba
 import numpy as np
 from numba import types
 from numba.extending import overload
+from numba.typed import List
 
 from ..model.router import compiled_top
 from .native import KEPT, MISSING, ROWS, UNREADABLE, UNUSABLE, VISITED
@@ -346,3 +347,18 @@ def intervals(keys, start, stop, slot, first, length, ids, codes, aux, qh, qsum,
             out_i[o : o + length[r]] = ids[slot[r]][first[r] : first[r] + length[r]]
             o += length[r]
     return lo, hi, out_i
+
+
+@numba.njit(cache=True)
+def new_list(first):
+    """A typed list holding ``first``. Made and appended to in compiled code, whose
+    machine code loads from numba's cache: a list appended to from Python compiles its
+    methods again in every process (~0.25 s per array type)."""
+    out = List()
+    out.append(first)
+    return out
+
+
+@numba.njit(cache=True)
+def list_append(items, item):
+    items.append(item)

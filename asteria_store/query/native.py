@@ -41,6 +41,16 @@ def _kernel():
             compiled.sketch_candidates, compiled.rescore)
 
 
+def typed_list(arrays: list[np.ndarray]):
+    """A numba typed list of ``arrays`` (at least one, all of one type), for the kernels."""
+    from . import compiled
+
+    out = compiled.new_list(arrays[0])
+    for a in arrays[1:]:
+        compiled.list_append(out, a)
+    return out
+
+
 def route(routing, query: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
     """One query's first ``probes`` bucket keys and its rotation, by a router's
     :meth:`~asteria_store.model.router.Router.compiled_routing`: ``(keys (P,) int64,

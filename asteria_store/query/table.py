@@ -43,7 +43,7 @@ class BucketTable:
     """The flat range table of one view (see the module docstring)."""
 
     def __init__(self, view, rank: int, aux_width: int, sketch: int):
-        from numba.typed import List
+        from . import native
 
         self._lock = threading.Lock()
         self.slot_of: dict[tuple[int, int], int] = {}
@@ -55,7 +55,7 @@ class BucketTable:
                  "lrsq": _readonly(np.zeros((0, rank), np.uint8)),
                  "lrsq_aux": _readonly(np.zeros((0, aux_width), np.uint16)),
                  "sketch": _readonly(np.zeros((0, max(sketch, 1)), np.uint8))}
-        lists = {name: List() for name in _ARRAYS}
+        lists: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
         usable, readable, sketched, sketch_readable = [], [], [], []
         for seg, reader in sorted(view.segments.items()):
             meta = reader.lrsq_meta
@@ -78,7 +78,9 @@ class BucketTable:
                 readable.append(not damaged - {"sketch"})
                 sketched.append(has_sketch)
                 sketch_readable.append(not damaged - {"lrsq", "lrsq_aux"})
-        self.ids, self.vectors, self.codes, self.aux, self.sketch = (lists[name] for name in _ARRAYS)
+        # (a view without segments: one unused element, so that the list has a type)
+        self.ids, self.vectors, self.codes, self.aux, self.sketch = (
+            native.typed_list(lists[name] or [empty[name]]) for name in _ARRAYS)
         self.chunks = sorted(self.slot_of, key=self.slot_of.__getitem__)
         self.usable = np.array(usable, dtype=np.bool_)
         self.sketched = np.array(sketched, dtype=np.bool_)
