@@ -139,8 +139,7 @@ class ECVHRouter:
         """The probe centroid of each bucket of ``keys``, where the sketch is residual.
         (As the coarse level of a tree, this model holds the tree's residual sketch, whose
         centres are the tree's: the tree routes and answers this.)"""
-        sketch = None if self.lrsq is None else self.lrsq.sketch
-        if sketch is None or not sketch.residual:
+        if self.lrsq is None or not self.lrsq.residual_sketch:
             return None
         if self.probe_centroids is None:
             raise ValueError("a residual sketch codes rows against bucket centres, and this model has none")

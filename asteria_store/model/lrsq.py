@@ -76,6 +76,12 @@ class LRSQ:
         return self.rank // self.block
 
     @property
+    def residual_sketch(self) -> bool:
+        """Whether the sketch codes each row minus its bucket's centre (the router's
+        ``centers``), rather than the row itself or nothing."""
+        return self.sketch is not None and self.sketch.residual > 0
+
+    @property
     def aux_width(self) -> int:
         return 3 * self.n_blocks + 1
 

@@ -317,8 +317,7 @@ class TreeRouter:
         """The node centroid of each leaf of ``keys`` (n, d): what a residual sketch codes
         the rows against. A split moves rows between the leaves of one node, never across
         nodes, so a row's centre and its sketch codes stay valid as its leaf splits."""
-        sketch = None if self.lrsq is None else self.lrsq.sketch
-        if sketch is None or not sketch.residual:
+        if self.lrsq is None or not self.lrsq.residual_sketch:
             return None
         return self.children[self.node_of(np.asarray(keys, dtype=np.int64))]
 
