@@ -15,8 +15,13 @@ from typing import Any, Literal
 
 from .errors import InvalidArgumentError
 
-#: On-disk format version this code writes. Bump on any incompatible layout change.
-FORMAT_VERSION = 1
+#: Newest on-disk format version this code reads. Bump on any incompatible layout change.
+FORMAT_VERSION = 2
+#: What a new store is created at, readable by every asteria-store.
+BASE_FORMAT_VERSION = 1
+#: A store rises to this version in the commit that first records metadata columns
+#: (storage/columns.py): an older asteria-store, which would drop them, refuses it.
+COLUMNS_FORMAT_VERSION = 2
 
 Metric = Literal["cosine", "ip"]
 StorageDtype = Literal["float32", "float16"]

@@ -25,8 +25,10 @@ from .errors import IdNotFoundError, InvalidArgumentError, InvalidInputError
 from .io import ArrayLike, VectorSource, normalise_rows, read_array
 from .model.persist import load_router
 from .model.router import Router
+from .query import filter as qfilter
 from .query.engine import Probes, SearchStats, View, search_batch, search_exact
 from .query.kernels import check_kernel, check_threads, default_kernel
+from .storage import columns as collib
 from .storage import segments as seglib
 from .storage.catalog import Catalog, segment_name
 from .storage.pins import ReaderPin
@@ -39,6 +41,8 @@ QUERY_BLOCK_ROWS = 16384
 
 #: ``k`` may exceed the live count (results are padded with -1) up to this many.
 _K_PAD_MAX = 65536
+#: Filters (per generation and predicate) whose matching rows a handle keeps.
+_FILTERS_KEPT = 8
 #: Largest result arrays one search may allocate (ids and scores, 12 bytes per cell).
 _RESULT_BYTES_MAX = 8 << 30
 
@@ -103,12 +107,15 @@ class ReadSide:
         #: Threads sharing this handle (a batch job's worker threads) build a new view one
         #: at a time; reads of a built view need no lock.
         self._view_lock = threading.Lock()
+        #: Matching rows and filtered views of recent filters (:meth:`_filtered`).
+        self._filters: dict[tuple[int, str], tuple[dict[int, np.ndarray], View]] = {}
 
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
         self.readers.clear()
         self.view = None
+        self._filters.clear()
         if self.pin is not None:
             self.pin.close()
 
@@ -162,7 +169,7 @@ class ReadSide:
                 r = seglib.SegmentReader(
                     self.segments_root, segment_name(seg), n=rec["rows"], dim=self.config.dim,
                     dtype=self.config.dtype, chunk_rows=rec.get("chunk_rows", self.config.chunk_rows),
-                    lrsq=rec.get("lrsq"),
+                    lrsq=rec.get("lrsq"), columns=rec.get("columns"),
                 )
                 self.readers[seg] = r
             r.quarantine(quarantined(seg, r, {**damage.get(seg, {}), **self.local_damage.get(seg, {})},
@@ -172,7 +179,7 @@ class ReadSide:
             self.readers.pop(seg).close()
         view = View(generation=generation, count=count, segments=readers, deleted=deleted,
                     lookup_extents=_no_lookup, gaps=_gaps(cat, txn, {s: rec["rows"] for s, rec in segs.items()}),
-                    codes_digest=self.codes_digest)
+                    codes_digest=self.codes_digest, schema=cat.get_meta(txn, "schema"))
         self.view = view
         return view
 
@@ -266,7 +273,11 @@ class ReadSide:
 
     def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
                prune: bool | Literal["auto"], explain: bool, fill: bool = True, threads: int | None = None,
-               kernel: str | None = None, device=None, rerank: int | None = None):
+               kernel: str | None = None, device=None, rerank: int | None = None, where: str | None = None,
+               table_columns: list[str] | None = None):
+        """Search (engine.py; with ``where``, filter.py). ``table_columns``: return the
+        results as one pyarrow Table (query, rank, id, score and these metadata columns),
+        read in the same snapshot as the search."""
         k = check_k(k)
         threads = check_threads(threads)
         kernel = default_kernel() if kernel is None else check_kernel(kernel)
@@ -288,20 +299,133 @@ class ReadSide:
         with self.snapshot() as snap:
             view = snap.view
             check_k_fits(k, len(qs), view.count)
+            if table_columns is not None:
+                table_columns = check_columns(table_columns, view.schema)
+            plan = None
+            if where is not None:
+                where = qfilter.check_where(where, view.schema)
+                matches, view = self._filtered(snap.view, where)
+                plan = qfilter.plan(where, view.count, snap.view.count, probes, self.router.n_buckets)
+                if plan.plan == "exact":
+                    probes, rows = "all", matches
+                else:
+                    probes, rows = plan.probes, None
             if probes != "all":
                 opts = {"prune": prune, "threads": threads, "kernel": kernel, "device": device, "rerank": rerank}
                 out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain), **opts)
                 if candidates is None and fill:
                     self._probe_on(view, qs, k, int(probes), out, opts)
-                return out
-            ids, scores = search_exact(view, qs, k)
-            if not explain:
-                return ids, scores
-            row_bytes = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
-            stored = sum(r.n for r in view.segments.values())
-            nq = len(qs)
-            return ids, scores, SearchStats(np.full(nq, -1), np.full(nq, view.count),
-                                            np.full(nq, stored * row_bytes), stored * row_bytes)
+            else:
+                out = search_exact(view, qs, k, rows=matches if plan is not None else None)
+                if explain:
+                    out += (self._exact_stats(view, len(qs), plan is not None),)
+            if explain and plan is not None:
+                out[2].plan = plan.to_dict()
+            if table_columns is not None:
+                return self._result_table(snap, out[0], out[1], table_columns)
+            return out
+
+    def _exact_stats(self, view: View, nq: int, filtered: bool) -> SearchStats:
+        """What brute force read: every stored row, or with a filter its matching rows."""
+        row_bytes = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
+        rows = view.count if filtered else sum(r.n for r in view.segments.values())
+        return SearchStats(np.full(nq, -1), np.full(nq, view.count), np.full(nq, rows * row_bytes), rows * row_bytes)
+
+    def _filtered(self, view: View, where: str) -> tuple[dict[int, np.ndarray], View]:
+        """The rows of ``view`` that match ``where``, and ``view`` with the others dead;
+        kept for the last few predicates of this generation (a filter costs a pass over
+        its columns)."""
+        key = (view.generation, where)
+        hit = self._filters.get(key)
+        if hit is None:
+            matches = qfilter.matching_rows(view, where)
+            hit = (matches, qfilter.filtered_view(view, matches))
+            if len(self._filters) >= _FILTERS_KEPT:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = hit
+        return hit[0], hit[1].bound(view.lookup_extents)
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def schema_names(self) -> list[str]:
+        """The store's metadata column names, as of now."""
+        with self.snapshot() as snap:
+            return [e["name"] for e in snap.view.schema or []]
+
+    def fetch(self, ids: ArrayLike, columns: list[str] | None, vectors: bool):
+        """The rows of ``ids`` as a pyarrow Table: id, the ``columns`` asked (None: all),
+        and their vectors if asked."""
+        id_arr = as_id_array(ids)
+        with self.snapshot() as snap:
+            names = check_columns(columns, snap.view.schema)
+            found, segs, rows = self.catalog.locate(snap.txn, id_arr)
+            if not found.all():
+                raise IdNotFoundError(f"Id {int(id_arr[~found][0])} is not in the store.")
+            return self._rows_table(snap.view, id_arr.astype(np.int64), segs, rows, names, vectors)
+
+    def export(self, columns: list[str] | None, vectors: bool, batch_rows: int) -> Iterator:
+        """Every live row as pyarrow RecordBatches of at most ``batch_rows`` rows (id, the
+        ``columns`` asked, their vectors if asked), segment by segment, from ONE snapshot
+        that stays pinned while the caller iterates."""
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer)) or batch_rows < 1:
+            raise InvalidArgumentError(f"batch_rows must be a positive integer, got {batch_rows!r}.")
+        with self.snapshot() as snap:  # checked now, not at the first batch
+            check_columns(columns, snap.view.schema)
+        return self._export(columns, vectors, int(batch_rows))
+
+    def _export(self, columns: list[str] | None, vectors: bool, batch_rows: int) -> Iterator:
+        with self.snapshot() as snap:
+            view = snap.view
+            names = check_columns(columns, view.schema)
+            for seg, reader in sorted(view.segments.items()):
+                live = view.live_mask(seg, 0, reader.n)
+                rows = np.arange(reader.n) if live is None else np.flatnonzero(live)
+                for s in range(0, len(rows), batch_rows):
+                    block = rows[s : s + batch_rows]
+                    ids = reader.take("ids", block).astype(np.int64)
+                    table = self._rows_table(view, ids, np.full(len(block), seg), block, names, vectors)
+                    yield from table.combine_chunks().to_batches(max_chunksize=batch_rows)
+
+    def _rows_table(self, view: View, ids: np.ndarray, segs: np.ndarray, rows: np.ndarray, names: list[str],
+                    vectors: bool):
+        import pyarrow as pa
+
+        schema = [e for e in view.schema or [] if e["name"] in names]
+        schema.sort(key=lambda e: names.index(e["name"]))
+        pieces, order = [], []
+        vecs = np.empty((len(ids), self.config.dim), dtype=np.float32) if vectors else None
+        for seg in np.unique(segs).tolist():
+            sel = np.flatnonzero(segs == seg)
+            sel = sel[np.argsort(rows[sel], kind="stable")]
+            reader = view.segments[seg]
+            pieces.append(reader.take_columns(rows[sel], schema))
+            order.append(sel)
+            if vecs is not None:
+                vecs[sel] = reader.take_vectors(rows[sel])
+        table = pa.concat_tables(pieces) if pieces else collib.null_table(0, schema)
+        if pieces:
+            table = table.take(np.argsort(np.concatenate(order), kind="stable"))
+        table = table.add_column(0, "id", pa.array(ids, type=pa.int64()))
+        if vecs is not None:
+            flat = pa.array(vecs.reshape(-1), type=pa.float32())
+            table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, self.config.dim))
+        return table
+
+    def _result_table(self, snap: Snapshot, ids: np.ndarray, scores: np.ndarray, names: list[str]):
+        """Search results (Q, k) as a table of their real results: query, rank, id, score,
+        and the metadata ``names`` of each row (read in the snapshot the search used)."""
+        import pyarrow as pa
+
+        q, rank = np.nonzero(ids >= 0)
+        flat = ids[q, rank]
+        if names:
+            found, segs, rows = self.catalog.locate(snap.txn, flat.astype(np.uint64))
+            table = self._rows_table(snap.view, flat, segs, rows, names, False)
+        else:
+            table = pa.table({"id": pa.array(flat, type=pa.int64())})
+        table = table.add_column(0, "rank", pa.array(rank.astype(np.int32)))
+        table = table.add_column(0, "query", pa.array(q.astype(np.int32)))
+        return table.add_column(3, "score", pa.array(scores[q, rank].astype(np.float32)))
 
     def check_rerank(self, rerank, k: int, device=None) -> None:
         """``rerank`` is None, or an integer >= k on a store whose model has a sketch."""
@@ -342,6 +466,20 @@ class ReadSide:
             short = short[(more[0] >= 0).sum(axis=1) < want]
 
 
+def check_columns(columns: Any, schema: list[dict] | None) -> list[str]:
+    """The metadata column names asked for (None: all of ``schema``), each one known."""
+    have = [e["name"] for e in schema or []]
+    if columns is None:
+        return have
+    if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+        raise InvalidArgumentError(f"columns must be a list of column names, got {columns!r}.")
+    for c in columns:
+        if c not in have:
+            raise InvalidArgumentError(f"Unknown column {c!r}; this store's columns are: "
+                                       f"{', '.join(have) if have else 'none'}.")
+    return list(dict.fromkeys(columns))
+
+
 def as_id_array(ids: ArrayLike) -> np.ndarray:
     arr = np.atleast_1d(read_array(ids, "ids"))
     if arr.ndim == 1 and arr.size == 0:  # ``[]`` reads as float64: no ids, whatever its dtype
@@ -377,4 +515,4 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-__all__ = ["ReadSide", "Snapshot", "as_id_array", "check_k", "check_k_fits", "mib"]
+__all__ = ["ReadSide", "Snapshot", "as_id_array", "check_columns", "check_k", "check_k_fits", "mib"]

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import lmdb
 import numpy as np
 
-from .config import FORMAT_VERSION, Metric, StorageDtype, StoreConfig
+from .config import BASE_FORMAT_VERSION, FORMAT_VERSION, Metric, StorageDtype, StoreConfig
 from .errors import (
     AsteriaError,
     CorruptStoreError,
@@ -165,7 +165,7 @@ def create(
         catalog = Catalog(tmp / CATALOG_DIR, create=True)
         try:
             def init(txn):
-                catalog.put_meta(txn, "format_version", FORMAT_VERSION)
+                catalog.put_meta(txn, "format_version", BASE_FORMAT_VERSION)
                 catalog.put_meta(txn, "config", config.to_dict())
                 catalog.put_meta(txn, "router", {"dir": f"{MODEL_DIR}/{model_name}", "digest": digest})
                 catalog.put_meta(txn, "pending_training", pending)
@@ -396,6 +396,7 @@ class Store:
         vectors: ArrayLike,
         ids: ArrayLike | None = None,
         *,
+        metadata=None,
         on_conflict: OnConflict = "error",
         progress: ProgressLike = None,
     ) -> IngestResult:
@@ -403,6 +404,12 @@ class Store:
 
         ``ids``: uint64-compatible external ids (array or ``.npy`` path), unique within the
         batch; auto-assigned (consecutive from the store's counter) when omitted.
+        ``metadata``: one row per vector (a pyarrow Table, a pandas DataFrame, a dict of
+        equal-length columns, or a ``.parquet`` path) of ints, floats, bools, strings,
+        timestamps or lists of strings, nulls allowed. A column new to the store is null
+        in the rows before it; a column whose type clashes with the store's is refused
+        before anything is written. :meth:`fetch` reads them back, and ``where=`` of
+        :meth:`search` filters on them.
         ``on_conflict``: what an id already in the store means: ``"error"`` (default:
         nothing is written) or ``"replace"`` (its vector is replaced, in the same commit:
         an upsert). A ``.npy`` input is streamed in blocks: resident memory stays bounded
@@ -418,20 +425,22 @@ class Store:
         resumes after a later ingest.
         """
         self._check_writable()
-        result = self._writes.ingest(vectors, ids, on_conflict=on_conflict, progress=progress)
+        result = self._writes.ingest(vectors, ids, on_conflict=on_conflict, progress=progress, metadata=metadata)
         if result.upkeep_deferred:
             warnings.warn(f"The ingest was committed; upkeep was deferred: {result.upkeep_deferred}",
                           UpkeepDeferredWarning, stacklevel=3)
         return result
 
     @boundary
-    def upsert(self, vectors: ArrayLike, ids: ArrayLike, *, progress: ProgressLike = None) -> IngestResult:
-        """Insert or replace: ``ingest(vectors, ids, on_conflict="replace")`` (ids required).
-        The old rows of replaced ids are deleted in the same commit that adds the new ones."""
+    def upsert(self, vectors: ArrayLike, ids: ArrayLike, *, metadata=None,
+               progress: ProgressLike = None) -> IngestResult:
+        """Insert or replace: ``ingest(vectors, ids, metadata=, on_conflict="replace")`` (ids
+        required). The old rows of replaced ids, metadata included, are deleted in the same
+        commit that adds the new ones."""
         self._check_writable()
         if ids is None:
             raise InvalidArgumentError("upsert needs ids: the ids whose vectors to insert or replace.")
-        return self._writes.ingest(vectors, ids, on_conflict="replace", progress=progress)
+        return self._writes.ingest(vectors, ids, on_conflict="replace", progress=progress, metadata=metadata)
 
     @boundary
     def delete(self, ids: ArrayLike) -> DeleteResult:
@@ -513,6 +522,7 @@ class Store:
         kernel: str | None = None,
         device: str | None = None,
         rerank: int | None = None,
+        where: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-``k`` neighbours of each query: ``(ids, scores)``, both of shape (Q, k).
 
@@ -560,11 +570,56 @@ class Store:
                 are read), recall a little below the same probes without it: more
                 ``rerank``, closer. Needs a model with a sketch (the default since model
                 format 3); ``prune`` and ``kernel`` do not apply. ``None``: certified search.
+            where: a SQL predicate over the metadata columns (``"lang = 'en' AND year >=
+                2020 AND tag IN ('a', 'b')"``; DuckDB's SQL, null counts as false): only
+                matching rows are returned, k of them whenever k live rows match. When few
+                rows match they are all scored exactly; otherwise the probes rise with
+                1/selectivity (query/filter.py). ``explain`` shows the plan. The matching
+                rows of the last few predicates are kept per handle.
         """
         self._check_open()
         return self._reads.search(queries, k, probes=probes, candidates=candidates, prune=prune,
                                   explain=explain, fill=bool(fill), threads=threads, kernel=kernel,
-                                  device=device, rerank=rerank)
+                                  device=device, rerank=rerank, where=where)
+
+    @boundary
+    def search_table(
+        self,
+        queries: ArrayLike,
+        k: int = 10,
+        *,
+        columns: list[str] | None = None,
+        where: str | None = None,
+        probes: Probes = DEFAULT_PROBES,
+        rerank: int | None = None,
+        threads: int | None = None,
+    ):
+        """:meth:`search` as one pyarrow Table of the results found: ``query`` (row of
+        ``queries``), ``rank`` (0 = best), ``id``, ``score``, then the metadata
+        ``columns`` asked (None: all) of each result, read in the same snapshot as the
+        search. ``.to_pandas()`` or ``polars.from_arrow`` convert it."""
+        self._check_open()
+        return self._reads.search(queries, k, probes=probes, candidates=None, prune="auto", explain=False,
+                                  threads=threads, rerank=rerank, where=where, table_columns=columns
+                                  if columns is not None else self._reads.schema_names())
+
+    def export(self, *, columns: list[str] | None = None, vectors: bool = False, batch_rows: int = 65536):
+        """Every live row as a stream of pyarrow RecordBatches (``id``, the metadata
+        ``columns`` asked, None: all, and ``vector`` with ``vectors=True``), read from ONE
+        snapshot, which stays pinned (its files kept) until the iteration ends. Memory
+        stays at about one batch. ``pyarrow.Table.from_batches`` or a
+        ``pyarrow.parquet.ParquetWriter`` take them (the CLI's ``export``)."""
+        self._check_open()
+        return self._reads.export(columns, bool(vectors), batch_rows)
+
+    @boundary
+    def fetch(self, ids: ArrayLike, *, columns: list[str] | None = None, vectors: bool = False):
+        """The rows of ``ids`` as a pyarrow Table, in the order given: ``id``, the metadata
+        ``columns`` asked (None: all; a column a row never got is null) and, with
+        ``vectors=True``, ``vector`` (float32, as :meth:`get` returns them). Every id must
+        be in the store."""
+        self._check_open()
+        return self._reads.fetch(ids, columns, bool(vectors))
 
     def check_rerank(self, rerank: int | None, k: int) -> None:
         """Raise the one-line error :meth:`search` gives for ``rerank`` with ``k``, if any
@@ -582,15 +637,16 @@ class Store:
         prune: bool | Literal["auto"] = "auto",
         explain: bool = False,
         rerank: int | None = None,
+        where: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
         """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,);
-        with ``explain=True`` also a dict: buckets probed, rows scanned, bytes read.
-        ``rerank``: as for :meth:`search`."""
+        with ``explain=True`` also a dict: buckets probed, rows scanned, bytes read (and
+        a filter's plan). ``rerank`` and ``where``: as for :meth:`search`."""
         arr = np.asarray(vector) if not isinstance(vector, (str, os.PathLike)) else vector
         if isinstance(arr, np.ndarray) and arr.ndim == 1:
             arr = arr[None, :]
         out = self.search(arr, k, probes=probes, candidates=candidates, prune=prune, explain=explain,
-                          rerank=rerank)
+                          rerank=rerank, where=where)
         if len(out[0]) != 1:
             raise InvalidInputError(f"query takes one vector, got {len(out[0])}; use search() for a batch.")
         if explain:

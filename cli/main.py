@@ -10,6 +10,7 @@ usage errors exit with 2.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, get_args
@@ -21,6 +22,7 @@ from asteria_store import AsteriaError, Store, batch
 from asteria_store.batch.cluster import local_client
 from asteria_store.config import Metric, StorageDtype
 from asteria_store.demo import run_demo
+from asteria_store.progress import make_progress
 from asteria_store.query.engine import Probes
 
 from .batch_commands import create_collection, search_batch
@@ -121,8 +123,12 @@ def create(path: Path, dim: int, metric: Metric, dtype: StorageDtype, router: st
 @click.option("--workers", type=int, metavar="N", default=0, show_default=True,
               help="A collection only: ingest its shards in parallel on N local Dask workers (0: one "
                    "shard after another, in this process).")
+@click.option("--metadata", type=path_type(), metavar="FILE.parquet", default=None,
+              help="Metadata columns, one row per vector (ints, floats, bools, strings, timestamps, "
+                   "lists of strings); `query --where` filters on them.")
 @quiet_option
-def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, workers: int, quiet: bool) -> None:
+def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, workers: int, metadata: Path | None,
+           quiet: bool) -> None:
     """Add vectors from a .npy file as one new segment.
 
     FILE.npy holds an (n, d) numeric array; it is streamed, not loaded whole. Progress bars
@@ -132,9 +138,12 @@ def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, worker
     \b
     Example:
         asteria-store ingest mystore vectors.npy --ids ids.npy --on-conflict replace
+        asteria-store ingest mystore vectors.npy --metadata docs.parquet
         asteria-store ingest mycollection vectors.npy --workers 4
     """
     if batch.is_collection(path):
+        if metadata is not None:
+            raise click.UsageError("--metadata is for stores; collections do not hold metadata columns yet.")
         _ingest_collection(path, vectors, ids, on_conflict, workers, quiet)
         return
     if workers:
@@ -142,7 +151,7 @@ def ingest(path: Path, vectors: Path, ids: Path | None, on_conflict: str, worker
     with asteria_store.open(path) as store:
         with warnings.catch_warnings():  # said below, in one line
             warnings.simplefilter("ignore", asteria_store.UpkeepDeferredWarning)
-            result = store.ingest(vectors, ids=ids, on_conflict=on_conflict, progress=not quiet)
+            result = store.ingest(vectors, ids=ids, metadata=metadata, on_conflict=on_conflict, progress=not quiet)
         router = store.router
         if result.trained:
             rank = f", LRSQ rank {router.lrsq.rank}" if router.lrsq is not None else ""
@@ -216,12 +225,19 @@ def compact(path: Path, quiet: bool) -> None:
               help="Approximate search for a store larger than RAM: score probed rows from "
                    "their sketches (d/8 bytes a row) and rescore the R best exactly. Fewer "
                    "bytes read, recall a little lower. [default: certified search]")
+@click.option("--where", default=None, metavar="SQL",
+              help="Only rows whose metadata match this SQL predicate, e.g. \"lang = 'en' AND "
+                   "year >= 2020\".")
+@click.option("--columns", default=None, metavar="A,B",
+              help="Also print these metadata columns of each result.")
 @click.option("--explain", is_flag=True,
-              help="Also report, per query, buckets probed, rows scanned and bytes read.")
+              help="Also report, per query, buckets probed, rows scanned and bytes read (and a "
+                   "filter's plan).")
 @json_option
 @no_lock_option
 def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | None,
-          prune: bool | None, rerank: int | None, explain: bool, as_json: bool, no_lock: bool) -> None:
+          prune: bool | None, rerank: int | None, where: str | None, columns: str | None, explain: bool,
+          as_json: bool, no_lock: bool) -> None:
     """Find the k nearest neighbours of each query.
 
     QUERIES.npy holds a (q, d) array. Prints one line per query: its row number, then
@@ -234,27 +250,44 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
         asteria-store query mystore queries.npy --probes all --json
         asteria-store query mystore queries.npy --explain
         asteria-store query mystore queries.npy --probes 16 --rerank 50
+        asteria-store query mystore queries.npy --where "lang = 'en'" --columns title,year
     """
+    names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
         out = store.search(queries, k, probes=probes, candidates=candidates,
-                           prune="auto" if prune is None else prune, explain=explain, rerank=rerank)
-    ids, scores = out[0], out[1]
+                           prune="auto" if prune is None else prune, explain=explain, rerank=rerank, where=where)
+        ids, scores = out[0], out[1]
+        found_ids = ids[ids >= 0]
+        meta = store.fetch(found_ids, columns=names).to_pylist() if names else None
     stats = out[2].rows() if explain else None
+    at = 0
     for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):
         found = row_ids >= 0  # -1 (score -inf) marks "no result"
         hit_ids, hit_scores = row_ids[found].tolist(), row_scores[found].tolist()
+        rows = meta[at : at + len(hit_ids)] if meta is not None else None
+        at += len(hit_ids)
         if as_json:
             record = {"query": row, "ids": hit_ids, "scores": hit_scores}
+            if rows is not None:
+                record["columns"] = {c: [r[c] for r in rows] for c in names}
             if stats is not None:
                 record["explain"] = stats[row]
-            click.echo(json.dumps(record))
+            click.echo(json.dumps(record, default=str))
         else:
-            hits = ", ".join(f"{i} ({s:.4f})" for i, s in zip(hit_ids, hit_scores))
+            if rows is not None:
+                hits = ", ".join(f"{i} ({s:.4f}; " + ", ".join(f"{c}={r[c]}" for c in names) + ")"
+                                 for i, s, r in zip(hit_ids, hit_scores, rows))
+            else:
+                hits = ", ".join(f"{i} ({s:.4f})" for i, s in zip(hit_ids, hit_scores))
             click.echo(f"{row}: {hits or '(no results)'}")
             if stats is not None:
                 st = stats[row]
                 click.echo(f"   buckets {st['buckets']}, scanned {st['scanned']:,} rows, "
                            f"read {_human_bytes(st['bytes_read'])}")
+                if "filter" in st:
+                    f = st["filter"]
+                    click.echo(f"   filter: {f['matching']:,} rows match ({100 * f['selectivity']:.2f}%), plan "
+                               f"{f['plan']}" + (f", {f['probes']} probes" if f["probes"] else ""))
 
 
 @cli.command()
@@ -323,6 +356,55 @@ def verify(path: Path, repair: bool, quick: bool, quiet: bool, no_lock: bool) ->
     if not report.ok:
         raise click.ClickException(f"The store {str(path)!r} has {len(report.problems)} problem(s).")
     click.echo("OK")
+
+
+@cli.command()
+@store_path
+@click.argument("out", type=path_type(), metavar="OUT.parquet")
+@click.option("--columns", default=None, metavar="A,B", help="Metadata columns to write. [default: all]")
+@click.option("--vectors", is_flag=True, help="Also write each row's vector (a fixed-size list of float32).")
+@quiet_option
+@no_lock_option
+def export(path: Path, out: Path, columns: str | None, vectors: bool, quiet: bool, no_lock: bool) -> None:
+    """Write every live row (id, metadata columns, vectors if asked) to a Parquet file.
+
+    Rows are read from one snapshot of the store, in batches: memory stays bounded, and
+    writers may go on meanwhile. The file is written under a temporary name and renamed
+    when complete.
+
+    \b
+    Example:
+        asteria-store export mystore rows.parquet --columns title,year --vectors
+    """
+    import pyarrow.parquet as pq
+
+    names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    if out.suffix.lower() != ".parquet":
+        raise click.UsageError(f"OUT must be a .parquet file, got {str(out)!r}.")
+    tmp = out.with_name(f".{out.name}.tmp")
+    with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
+        total, rows = len(store), 0
+        batches = store.export(columns=names, vectors=vectors)
+        bar = make_progress(not quiet, total=total, desc="exporting")
+        try:
+            writer = None
+            for b in batches:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, b.schema)
+                writer.write_batch(b)
+                rows += b.num_rows
+                bar.update(b.num_rows)
+            if writer is None:  # an empty store: its columns, no rows
+                first = store.fetch([], columns=names, vectors=vectors)
+                writer = pq.ParquetWriter(tmp, first.schema)
+            writer.close()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            bar.close()
+    os.replace(tmp, out)
+    click.echo(f"Exported {rows:,} rows to {str(out)!r}.")
 
 
 @cli.command()

@@ -226,7 +226,7 @@ def test_second_writer_waits_or_raises_locked(tmp_path, python_child, monkeypatc
     writer2 = []
     original_write = segments.SegmentWriter.write
 
-    def write_with_rival(self, start, vectors, ids, lrsq=None):
+    def write_with_rival(self, *args, **kwargs):
         if not writer2:  # first window of C: start writer 2 while we hold the lock
             proc = python_child(WRITER, path, data, lock_timeout)
             writer2.append(proc)
@@ -239,7 +239,7 @@ def test_second_writer_waits_or_raises_locked(tmp_path, python_child, monkeypatc
                     raise AssertionError(proc.communicate())
             else:
                 proc.wait(timeout=60)  # it gives up while we still hold the lock
-        return original_write(self, start, vectors, ids, lrsq)
+        return original_write(self, *args, **kwargs)
 
     monkeypatch.setattr(segments.SegmentWriter, "write", write_with_rival)
     store.ingest(c, ids=c_ids)

@@ -20,6 +20,7 @@ Budgets (per query):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import threading
@@ -67,6 +68,8 @@ class View:
     #: What the LRSQ codes of this state's router are labelled with (codes_digest of the
     #: catalog's router record): codes labelled so are usable.
     codes_digest: str = ""
+    #: The store's metadata columns (catalog schema entries, storage/columns.py); None: none.
+    schema: list[dict] | None = None
     _extent_cache: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     #: The flat bucket table of one-query searches, made on first use (shared by bound copies).
     _tables: dict[tuple[int, int, int], BucketTable] = field(default_factory=dict)
@@ -97,6 +100,12 @@ class View:
                 if table is None:
                     table = self._tables[shape] = BucketTable(self, *shape)
         return table.sized(n_buckets)
+
+    def with_dead(self, deleted: dict[int, np.ndarray], count: int) -> View:
+        """This state with the rows ``deleted`` (sorted, per segment) dead instead of its
+        tombstones, ``count`` rows live (a filtered search's view: the rows that do not
+        match are dead). It shares the extent cache; its bucket tables are its own."""
+        return dataclasses.replace(self, deleted=deleted, count=count, _extent_cache=self._extent_cache, _tables={})
 
     def live_mask(self, seg: int, first: int, n: int) -> np.ndarray | None:
         """Boolean mask of live rows in ``[first, first + n)`` of ``seg`` (not deleted, not
@@ -143,19 +152,30 @@ def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
 
 
-def search_exact(view: View, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force over every live row (probes="all"): the reference result."""
+def search_exact(view: View, queries: np.ndarray, k: int,
+                 rows: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force over every live row (probes="all"): the reference result. ``rows``:
+    over these rows of each segment only (ascending; a filter's matching rows)."""
     nq = len(queries)
     best_s, best_i = _empty(nq, k)
     for seg, reader in view.segments.items():
         step = reader.chunk_rows
-        for start in range(0, reader.n, step):
-            stop = min(reader.n, start + step)
-            vecs = np.asarray(reader.vectors(start, stop), dtype=np.float32)
-            ids = reader.ids(start, stop).astype(np.int64)
-            mask = view.live_mask(seg, start, stop - start)
-            if mask is not None:
-                vecs, ids = vecs[mask], ids[mask]
+        if rows is not None:
+            mine = rows.get(seg)
+            blocks = [] if mine is None else [mine[s : s + step] for s in range(0, len(mine), step)]
+        else:
+            blocks = range(0, reader.n, step)
+        for block in blocks:
+            if rows is not None:
+                vecs = reader.take_vectors(block)
+                ids = reader.take("ids", block).astype(np.int64)
+            else:
+                start, stop = block, min(reader.n, block + step)
+                vecs = np.asarray(reader.vectors(start, stop), dtype=np.float32)
+                ids = reader.ids(start, stop).astype(np.int64)
+                mask = view.live_mask(seg, start, stop - start)
+                if mask is not None:
+                    vecs, ids = vecs[mask], ids[mask]
             if len(ids) == 0:
                 continue
             for q0 in range(0, nq, _QUERY_BLOCK):
@@ -183,6 +203,8 @@ class SearchStats:
     batch_bytes: int = 0
     #: Candidates whose LRSQ upper bound ruled them out: their full vector was not scored.
     pruned: np.ndarray | None = None
+    #: A filtered search's plan (query/filter.py ``Plan.to_dict()``), None without a filter.
+    plan: dict | None = None
 
     @classmethod
     def zeros(cls, nq: int) -> SearchStats:
@@ -191,7 +213,8 @@ class SearchStats:
 
     def rows(self) -> list[dict]:
         pruned = self.pruned if self.pruned is not None else np.zeros(len(self.buckets), dtype=np.int64)
-        return [{"buckets": int(b), "scanned": int(c), "pruned": int(p), "bytes_read": int(r)}
+        extra = {} if self.plan is None else {"filter": self.plan}
+        return [{"buckets": int(b), "scanned": int(c), "pruned": int(p), "bytes_read": int(r), **extra}
                 for b, c, p, r in zip(self.buckets, self.scanned, pruned, self.bytes_read)]
 
 

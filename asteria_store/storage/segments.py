@@ -7,6 +7,7 @@ Layout under ``segments.zarr/`` (a Zarr v3 group), one sub-group per segment::
     seg-00000001/lrsq      (n, r) uint8 LRSQ codes, chunks (chunk_rows, r)      [learned router]
     seg-00000001/lrsq_aux  (n, a) float16 LRSQ bound data, chunks (chunk_rows, a) [learned router]
     seg-00000001/sketch    (n, m) uint8 sketch codes, chunks (chunk_rows, m)  [model with a sketch]
+    seg-00000001/columns/c/<i>  metadata columns of chunk i, an Arrow IPC file [store with columns]
 
 Every array uses the single ``bytes`` codec (no compression, no filters), the default
 chunk key encoding (``c/<i>/<j>``), and ``write_empty_chunks=True``, so each chunk file is
@@ -33,6 +34,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from ..errors import CorruptStoreError
+from . import columns as collib
 
 #: Every mapped chunk is advised MADV_RANDOM: the kernel reads no pages around a fault.
 #: A query reads a bucket's ids and codes as whole row ranges, announced to the kernel first
@@ -90,12 +92,15 @@ def create_root(path: str | os.PathLike[str]) -> None:
     zarr.open_group(LocalStore(os.fspath(path)), mode="w", zarr_format=3)
 
 
-#: Arrays of a segment, in the order ``verify`` checks them.
-ARRAYS = ("vectors", "ids", "lrsq", "lrsq_aux", "sketch")
+#: Arrays of a segment, in the order ``verify`` checks them ("columns": its metadata
+#: columns, storage/columns.py, not a Zarr array but chunked and checksummed alike).
+ARRAYS = ("vectors", "ids", "lrsq", "lrsq_aux", "sketch", "columns")
 
 
 def chunk_path(segment_dir: str | os.PathLike[str], array: str, index: int) -> Path:
     """The file of chunk ``index`` of ``array`` (2-D arrays: key ``c/<i>/0``)."""
+    if array == "columns":
+        return collib.chunk_file(segment_dir, index)
     path = Path(segment_dir) / array / "c" / str(index)
     return path if array == "ids" else path / "0"
 
@@ -113,9 +118,11 @@ class SegmentWriter:
     """Writes one segment, chunk-aligned window by window."""
 
     def __init__(self, root: str | os.PathLike[str], name: str, *, n: int, dim: int,
-                 dtype: str, chunk_rows: int, lrsq_widths: tuple[int, int, int] | None = None):
+                 dtype: str, chunk_rows: int, lrsq_widths: tuple[int, int, int] | None = None,
+                 columns: bool = False):
         """``lrsq_widths``: (rank, aux, sketch) widths of the rows' LRSQ codes, their aux
-        values and their sketch codes (0: no sketch); None: no codes."""
+        values and their sketch codes (0: no sketch); None: no codes. ``columns``: the
+        rows have metadata columns (:meth:`write` takes them as a pyarrow Table)."""
         self.root = Path(root)
         self.name = name
         self.n = n
@@ -135,6 +142,7 @@ class SegmentWriter:
             dtype="<u8", fill_value=0, **common,
         )
         self.lrsq = self.lrsq_aux = self.sketch = None
+        self.columns = columns
         if lrsq_widths is not None:
             rank, aux, sketch = lrsq_widths
             self.lrsq = zarr.create_array(store, name=f"{name}/lrsq", shape=(n, rank), chunks=(chunk_rows, rank),
@@ -145,8 +153,10 @@ class SegmentWriter:
                 self.sketch = zarr.create_array(store, name=f"{name}/sketch", shape=(n, sketch),
                                                 chunks=(chunk_rows, sketch), dtype="|u1", fill_value=0, **common)
 
-    def write(self, start: int, vectors: np.ndarray, ids: np.ndarray, lrsq: tuple | None = None) -> None:
-        """Rows from ``start``; ``lrsq``: their (codes, aux) or (codes, aux, sketch codes)."""
+    def write(self, start: int, vectors: np.ndarray, ids: np.ndarray, lrsq: tuple | None = None,
+              columns=None) -> None:
+        """Rows from ``start`` (a chunk's first row); ``lrsq``: their (codes, aux) or
+        (codes, aux, sketch codes); ``columns``: their metadata (a pyarrow Table)."""
         stop = start + len(vectors)
         self.vectors[start:stop] = vectors.astype(self.dtype, copy=False)
         self.ids[start:stop] = ids.astype("<u8", copy=False)
@@ -155,13 +165,17 @@ class SegmentWriter:
             self.lrsq_aux[start:stop] = lrsq[1].astype("<f2", copy=False)
         if self.sketch is not None:
             self.sketch[start:stop] = lrsq[2]
+        if self.columns:
+            c = self.chunk_rows
+            for lo in range(0, len(vectors), c):
+                collib.write_chunk(self.root / self.name, (start + lo) // c, columns.slice(lo, c))
 
     def finish(self) -> dict[str, np.ndarray]:
         """Make the segment durable (all files and directories fsynced); returns the CRC-32C
         of every chunk of every array (``{array: uint32 per chunk}``), for the catalog."""
         n_chunks = (self.n + self.chunk_rows - 1) // self.chunk_rows
         arrays = ["vectors", "ids"] + (["lrsq", "lrsq_aux"] if self.lrsq is not None else []) \
-            + (["sketch"] if self.sketch is not None else [])
+            + (["sketch"] if self.sketch is not None else []) + (["columns"] if self.columns else [])
         sums = {a: np.array([file_crc32c(chunk_path(self.root / self.name, a, c)) for c in range(n_chunks)],
                             dtype=np.uint32) for a in arrays}
         fsync_tree(self.root / self.name)
@@ -173,7 +187,8 @@ class SegmentReader:
     """Row access to one published segment through memory-mapped chunk files."""
 
     def __init__(self, root: str | os.PathLike[str], name: str, *, n: int, dim: int,
-                 dtype: str, chunk_rows: int, lrsq: dict | None = None):
+                 dtype: str, chunk_rows: int, lrsq: dict | None = None, columns: list[str] | None = None):
+        """``columns``: the metadata columns its files hold (the segment record's)."""
         self.dir = Path(root) / name
         self.n = n
         self.dim = dim
@@ -189,6 +204,9 @@ class SegmentReader:
             self._arrays["lrsq_aux"] = (np.dtype("<f2"), lrsq["aux"])
             if lrsq.get("sketch"):
                 self._arrays["sketch"] = (np.dtype("u1"), lrsq["sketch"])
+        #: The metadata columns this segment's files hold (none: every column reads as nulls).
+        self.column_names = list(columns or [])
+        self._column_chunks: dict[int, object] = {}
         self._maps: dict[tuple[str, int], np.ndarray] = {}
         self._mmaps: dict[tuple[str, int], mmap.mmap] = {}
         #: Chunks ``verify`` found damaged: ``{(array, chunk): message}``; reading one raises.
@@ -197,7 +215,7 @@ class SegmentReader:
     @property
     def arrays(self) -> tuple[str, ...]:
         """The arrays this segment holds (of :data:`ARRAYS`)."""
-        return tuple(self._arrays)
+        return tuple(self._arrays) + (("columns",) if self.column_names else ())
 
     def quarantine(self, damaged: dict[tuple[str, int], str]) -> None:
         """Refuse to read these chunks from now on (with their message)."""
@@ -205,6 +223,8 @@ class SegmentReader:
         for key in damaged:
             self._maps.pop(key, None)
             self._mmaps.pop(key, None)
+            if key[0] == "columns":
+                self._column_chunks.pop(key[1], None)
 
     def chunk(self, array: str, index: int) -> np.ndarray:
         """Chunk ``index`` of ``array``, memory-mapped read-only (a plain ndarray over the
@@ -306,9 +326,41 @@ class SegmentReader:
         """Rows by index as float32 (for ``Store.get`` and exact rescoring)."""
         return self.take("vectors", rows).astype(np.float32, copy=False)
 
+    def column_chunk(self, index: int):
+        """The metadata columns of chunk ``index`` (a pyarrow Table, memory-mapped)."""
+        table = self._column_chunks.get(index)
+        if table is None:
+            if ("columns", index) in self.quarantined:
+                raise CorruptStoreError(self.quarantined[("columns", index)])
+            path = collib.chunk_file(self.dir, index)
+            try:
+                table = collib.read_chunk(self.dir, index)
+            except Exception as exc:  # an OS error, or Arrow's on a torn file
+                raise CorruptStoreError(
+                    f"Segment chunk {str(path)!r} is missing or damaged ({type(exc).__name__}); "
+                    "run `asteria-store verify`.") from None
+            self._column_chunks[index] = table
+        return table
+
+    def take_columns(self, rows: np.ndarray, schema: list[dict]):
+        """Metadata of rows by index (ascending) as a pyarrow Table with exactly the columns
+        of ``schema`` (the store's; a column this segment lacks is nulls)."""
+        import pyarrow as pa
+
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.column_names:
+            return collib.null_table(len(rows), schema)
+        c = self.chunk_rows
+        chunk = rows // c
+        parts = [self.column_chunk(i).take(pa.array(rows[chunk == i] - i * c)) for i in np.unique(chunk).tolist()]
+        if not parts:
+            return collib.null_table(0, schema)
+        return collib.conform_table(pa.concat_tables(parts), schema)
+
     def close(self) -> None:
         self._maps.clear()
         self._mmaps.clear()
+        self._column_chunks.clear()
 
 
 def list_segment_dirs(root: str | os.PathLike[str]) -> list[str]:

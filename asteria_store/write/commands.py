@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..config import COLUMNS_FORMAT_VERSION
 from ..errors import DuplicateIdError, IdNotFoundError, InvalidArgumentError, InvalidInputError
 from ..io import ArrayLike, VectorSource, load_ids
 from ..model.fit import sample_rows_for, train_config
@@ -29,7 +30,8 @@ from ..results import CompactResult, DeleteResult, IngestResult, TrainResult
 from ..storage.lock import WriterLock
 from .commit import Commits, record_segment
 from .gc import Garbage, mark_damaged
-from .pipeline import SegmentPipeline, Written
+from ..storage import columns as collib
+from .pipeline import SegmentPipeline, TableColumns, Written
 from .rewrite import Rewrites
 from .upkeep import MIN_TRAIN_ROWS, Upkeep, set_growth
 
@@ -65,7 +67,7 @@ class WriteSide:
     # -- ingest --------------------------------------------------------------------------
 
     def ingest(self, vectors: ArrayLike, ids: ArrayLike | None, *, on_conflict: OnConflict,
-               progress: ProgressLike) -> IngestResult:
+               progress: ProgressLike, metadata=None) -> IngestResult:
         if on_conflict not in ("error", "replace"):
             raise InvalidArgumentError(f"on_conflict must be 'error' or 'replace', got {on_conflict!r}.")
         started = time.perf_counter()
@@ -89,6 +91,11 @@ class WriteSide:
                     if int(id_arr.max()) > MAX_ID:
                         raise InvalidInputError(f"Expected ids below 2**63, got {int(id_arr.max())}.")
                     self._check_ids(txn, id_arr, new=on_conflict == "error")
+                schema = cat.get_meta(txn, "schema")
+            columns = None
+            if metadata is not None:  # checked against the schema before anything is written
+                table, schema = collib.conform(metadata, n, schema)
+                columns = TableColumns(table, schema) if schema else None
             self.pipeline.check_disk_space(n)
             # Automatic ids continue after the largest id given so far, while that fits.
             next_id = max(next_id, int(id_arr.max()) + 1) if int(id_arr.max()) < MAX_ID else next_id
@@ -106,9 +113,9 @@ class WriteSide:
                     train_s = time.perf_counter() - t0
                 written = self.pipeline.write_bucketed(
                     seg, source, id_arr, router, model_rec["digest"] if model_rec else self.reads.codes_digest,
-                    progress)
+                    progress, columns=columns)
                 replaced = self._publish_segment(seg, written, next_id=next_id, model=model_rec,
-                                                 replace=on_conflict == "replace")
+                                                 replace=on_conflict == "replace", schema=schema)
                 attempt.published = True
             self.garbage.collect()
             upkeep = self.upkeep.run(progress)
@@ -135,11 +142,12 @@ class WriteSide:
             )
 
     def _publish_segment(self, seg: int, written: Written, *, next_id: int, model: dict | None = None,
-                         replace: bool = False) -> int:
+                         replace: bool = False, schema: list[dict] | None = None) -> int:
         """Make a written segment visible: extents, ids, checksums, counters in ONE commit
         (with ``model``, the model trained for it goes live too, retiring the old; with
-        ``replace``, rows of ids already stored are deleted in the same commit). Returns
-        how many rows it replaced."""
+        ``replace``, rows of ids already stored are deleted in the same commit; ``schema``:
+        the store's metadata columns, new ones included). Returns how many rows it
+        replaced."""
         cat = self.catalog
 
         def changes(txn, generation: int) -> int:
@@ -154,6 +162,10 @@ class WriteSide:
             cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) + len(written.ids) - replaced)
             if model is not None:  # trained for this segment: sized for its rows
                 set_growth(cat, txn, fitted_rows=len(written.ids))
+            if schema and schema != cat.get_meta(txn, "schema"):
+                cat.put_meta(txn, "schema", schema)
+                if int(cat.get_meta(txn, "format_version")) < COLUMNS_FORMAT_VERSION:
+                    cat.put_meta(txn, "format_version", COLUMNS_FORMAT_VERSION)
             return replaced
 
         return self.commits.commit(changes, what="ingest", expect={"next_segment": seg}, model=model)

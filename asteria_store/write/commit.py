@@ -88,17 +88,19 @@ def record_segment(cat: Catalog, txn: lmdb.Transaction, seg: int, written: Writt
     bounds = np.flatnonzero(np.diff(written.keys)) + 1
     starts = np.concatenate([[0], bounds]).astype(np.int64)
     counts = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
-    cat.put_segment(txn, seg, _segment_record(n, written.chunk_rows, written.lrsq))
+    cat.put_segment(txn, seg, _segment_record(n, written.chunk_rows, written.lrsq, written.columns))
     cat.put_extents(txn, seg, written.keys[starts], starts, counts)
     cat.put_ids(txn, seg, written.ids, overwrite=overwrite_ids)
     cat.put_checksums(txn, seg, written.checksums)
     cat.put_meta(txn, "next_segment", seg + 1)
 
 
-def _segment_record(n: int, chunk_rows: int, lrsq: dict | None) -> dict:
+def _segment_record(n: int, chunk_rows: int, lrsq: dict | None, columns: list[str] | None) -> dict:
     record = {"rows": n, "chunk_rows": chunk_rows, "created": time.time()}
     if lrsq is not None:  # {"rank", "aux", "block", "model": digest of the encoding model}
         record["lrsq"] = lrsq
+    if columns:  # the metadata columns its files hold (storage/columns.py)
+        record["columns"] = columns
     return record
 
 

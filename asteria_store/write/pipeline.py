@@ -66,6 +66,7 @@ class Written(NamedTuple):
     chunk_rows: int
     lrsq: dict | None  # the segment record's LRSQ entry
     checksums: dict[str, np.ndarray]  # CRC-32C per chunk, per array
+    columns: list[str] | None = None  # the metadata columns its files hold
 
 
 class SegmentPipeline:
@@ -107,10 +108,12 @@ class SegmentPipeline:
         return {"dir": f"{MODEL_DIR}/{name}", "digest": digest}
 
     def write_bucketed(self, seg: int, rows, ids: np.ndarray, router: Router, codes: str,
-                       progress: ProgressLike, *, keys: np.ndarray | None = None) -> Written:
+                       progress: ProgressLike, *, keys: np.ndarray | None = None,
+                       columns: TableColumns | None = None) -> Written:
         """Hash ``rows`` with ``router`` (or take their ``keys``), sort them by bucket and
         write them as segment ``seg`` (not yet published), LRSQ codes labelled ``codes`` (a
-        router record's codes_digest): what publishing it needs."""
+        router record's codes_digest): what publishing it needs. ``columns``: the rows'
+        metadata; stored rows (:class:`StoredRows`) bring their own."""
         if keys is None:
             keys, prepared = self.hash_rows(rows, progress, router)
             rows = prepared or rows
@@ -120,8 +123,12 @@ class SegmentPipeline:
         seg_ids = ids[order]
         # Small segments get small chunks: Zarr pads the edge chunk to full size.
         chunk_rows = min(self.config.chunk_rows, max(256, 1 << (len(ids) - 1).bit_length()))
-        lrsq, sums = self.write_segment(seg, rows, order, sorted_keys, seg_ids, chunk_rows, progress, router, codes)
-        return Written(sorted_keys, seg_ids, chunk_rows, lrsq, sums)
+        if columns is None and isinstance(rows, StoredRows) and rows.schema:
+            columns = rows
+        lrsq, sums = self.write_segment(seg, rows, order, sorted_keys, seg_ids, chunk_rows, progress, router, codes,
+                                        columns=columns)
+        return Written(sorted_keys, seg_ids, chunk_rows, lrsq, sums,
+                       None if columns is None else [e["name"] for e in columns.schema])
 
     def hash_rows(self, source: VectorSource | StoredRows, progress: ProgressLike,
                   router: Router) -> tuple[np.ndarray, PreparedRows | None]:
@@ -171,9 +178,10 @@ class SegmentPipeline:
 
     def write_segment(self, seg: int, source: VectorSource | StoredRows | PreparedRows, order: np.ndarray,
                       sorted_keys: np.ndarray, seg_ids: np.ndarray, chunk_rows: int, progress: ProgressLike,
-                      router: Router, codes: str) -> tuple[dict | None, dict[str, np.ndarray]]:
+                      router: Router, codes: str, *, columns: TableColumns | StoredRows | None = None
+                      ) -> tuple[dict | None, dict[str, np.ndarray]]:
         """Pass 2: write rows in bucket order (``order``; their keys ``sorted_keys``),
-        chunk-aligned windows, then fsync.
+        chunk-aligned windows, then fsync; with ``columns``, their metadata too.
 
         With a learned router, every row's LRSQ codes (of its stored form) are written too:
         copied when the source rows already hold codes of this model (a merge), else
@@ -192,7 +200,8 @@ class SegmentPipeline:
         writer = seglib.SegmentWriter(self.segments_root, segment_name(seg), n=n, dim=dim,
                                       dtype=self.config.dtype, chunk_rows=chunk_rows,
                                       lrsq_widths=None if lrsq is None else (lrsq["rank"], lrsq["aux"],
-                                                                             lrsq.get("sketch", 0)))
+                                                                             lrsq.get("sketch", 0)),
+                                      columns=columns is not None)
         bar = make_progress(progress, total=n, desc="writing")
         try:
             for start in range(0, n, window):
@@ -214,7 +223,8 @@ class SegmentPipeline:
                     codes = quantizer.encode(y)
                     if sketch is not None:
                         codes += (sketch.encode(y, _rotated_centers(router, sorted_keys[start : start + len(rows)])),)
-                writer.write(start, block, seg_ids[start : start + len(rows)], codes)
+                meta = None if columns is None else columns.take_columns(ascending).take(np.argsort(inv))
+                writer.write(start, block, seg_ids[start : start + len(rows)], codes, meta)
                 bar.update(len(rows))
             sums = writer.finish()
         finally:
@@ -280,6 +290,18 @@ class Attempt:
         self.published = False
 
 
+class TableColumns:
+    """Metadata of an ingest's rows (a pyarrow Table in input order, cast to the store's
+    ``schema``): ``take_columns`` of row numbers, like :class:`StoredRows`."""
+
+    def __init__(self, table, schema: list[dict]):
+        self.table = table
+        self.schema = schema
+
+    def take_columns(self, rows: np.ndarray):
+        return self.table.take(rows)
+
+
 class PreparedRows:
     """Rows already in stored form (validated, normalised, rounded to the storage dtype),
     kept by pass 1 for pass 2: ``take`` of row numbers, like VectorSource."""
@@ -311,6 +333,8 @@ class StoredRows:
     def __init__(self, view: View, rows: dict[int, np.ndarray]):
         """``rows``: the rows (ascending) of each segment, in segment order."""
         self.parts = [(view.segments[seg], np.asarray(r, dtype=np.int64)) for seg, r in sorted(rows.items())]
+        #: The store's metadata columns (catalog schema entries), empty without.
+        self.schema = list(view.schema or [])
         self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
         self.n = int(self.offsets[-1])
         self.dim = self.parts[0][0].dim if self.parts else 0
@@ -329,6 +353,14 @@ class StoredRows:
         for sel, values in self._gather(rows, lambda r, idx: r.take_vectors(idx)):
             out[sel] = values
         return out
+
+    def take_columns(self, rows: np.ndarray):
+        """The metadata of ascending ``rows`` (a pyarrow Table of :attr:`schema`)."""
+        import pyarrow as pa
+
+        pieces = self._gather(rows, lambda r, idx: r.take_columns(idx, self.schema))
+        return pa.concat_tables([t for _, t in pieces]) if pieces else \
+            self.parts[0][0].take_columns(np.empty(0, dtype=np.int64), self.schema)
 
     def has_codes(self, codes: str) -> bool:
         """Whether every part holds LRSQ codes labelled ``codes`` (and so the sketch codes
@@ -360,4 +392,5 @@ class StoredRows:
             if self.parts else np.empty(0, dtype=np.uint64)
 
 
-__all__ = ["MODEL_DIR", "Attempt", "PreparedRows", "SegmentPipeline", "StoredRows", "Written", "live_rows"]
+__all__ = ["MODEL_DIR", "Attempt", "PreparedRows", "SegmentPipeline", "StoredRows", "TableColumns", "Written",
+           "live_rows"]
