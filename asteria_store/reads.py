@@ -224,6 +224,8 @@ class ReadSide:
             "metric": self.config.metric,
             "dtype": self.config.dtype,
             "count": meta["count"],
+            # Metadata columns: name -> kind (storage/columns.py).
+            "columns": {e["name"]: e["kind"] for e in meta.get("schema") or []},
             # Rows deleted but still stored (compact() drops them).
             "deleted": stored - meta["count"],
             "segments": len(segs),

@@ -208,6 +208,7 @@ def test_columns_appear_later_and_read_as_null_before(tmp_store, disk_snapshot) 
     tmp_store.ingest(rng.standard_normal((5, 32)), ids=np.arange(25, 30),
                      metadata={"n": pa.array([1, None, 3, 4, 5], type=pa.int16())})
     assert tmp_store.info()["format_version"] == 2
+    assert tmp_store.info()["columns"] == {"lang": "string", "n": "int64"}
     t = tmp_store.fetch([0, 21, 27])
     assert t.to_pydict() == {"id": [0, 21, 27], "lang": [None, "en", None], "n": [None, None, 3]}
     ids, _ = tmp_store.search(np.ones((2, 32)), 3, where="lang = 'en'")

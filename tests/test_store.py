@@ -33,6 +33,7 @@ from asteria_store import (
     StoreNotFoundError,
     UnsupportedFormatError,
 )
+from asteria_store.config import BASE_FORMAT_VERSION
 from asteria_store.model.router import bits_for_size
 from asteria_store.storage import catalog as catalog_mod
 from asteria_store.storage.catalog import Catalog
@@ -146,7 +147,7 @@ def test_info_keys_and_values(tmp_store) -> None:
     info = tmp_store.info()
     assert set(info) == {  # short: the rest is under "internals"
         "path", "format_version", "dim", "metric", "dtype", "count", "deleted", "segments", "buckets", "router",
-        "pending_training", "kernel", "generation", "disk_bytes", "internals",
+        "pending_training", "kernel", "generation", "disk_bytes", "internals", "columns",
     }
     assert set(info["internals"]) == {
         "chunk_rows", "rows_stored", "extents", "next_id", "router", "fitted_rows", "grows", "retired",
@@ -157,7 +158,8 @@ def test_info_keys_and_values(tmp_store) -> None:
     assert expected_bits == 2
     keys = tmp_store.router.keys(tmp_store.get(np.setdiff1d(np.arange(100), [0, 5, 70])))
     assert info["path"] == str(tmp_store.path)
-    assert info["format_version"] == FORMAT_VERSION
+    assert info["format_version"] == BASE_FORMAT_VERSION  # no metadata columns: any version reads it
+    assert info["columns"] == {}
     assert (info["dim"], info["metric"], info["dtype"]) == (32, "cosine", "float32")
     assert info["internals"]["chunk_rows"] == 131072  # largest power of two with <= 16 MiB of float32 rows
     assert (info["count"], info["segments"], info["internals"]["rows_stored"], info["deleted"]) == (97, 2, 100, 3)
