@@ -162,7 +162,9 @@ def perform(store: asteria_store.Store, intent: dict) -> dict:
     done = {"seq": intent["seq"], "event": "done", "op": intent["op"], "kind": intent["kind"]}
     if intent["op"] == "ingest":
         ids = None if intent["ids"] is None else np.asarray(intent["ids"], dtype=np.uint64)
-        result = store.ingest(op_vectors(intent["seed"], intent["n"]), ids=ids)
+        n = intent["n"]  # metadata columns travel with their rows through every rewrite
+        result = store.ingest(op_vectors(intent["seed"], n), ids=ids,
+                              metadata={"op_seed": np.full(n, intent["seed"]), "op_row": np.arange(n)})
         # trained: the first training, or a growth re-fit (refitted); either changes the
         # model, and so does a split
         done.update(ids=result.ids.tolist(), trained=result.trained, refitted=result.refitted,
@@ -234,9 +236,11 @@ class Expected:
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
     next_id: int = 0
     gone: dict[int, None] = field(default_factory=dict)
+    #: Each live id's metadata: the (seed, row) of the ingest op that wrote it.
+    meta: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def copy(self) -> Expected:
-        return Expected(dict(self.vectors), self.next_id, dict(self.gone))
+        return Expected(dict(self.vectors), self.next_id, dict(self.gone), dict(self.meta))
 
     def ids_of(self, intent: dict) -> list[int]:
         """The ids an ingest or delete touches; an auto-id ingest's follow the counter."""
@@ -247,13 +251,15 @@ class Expected:
     def apply(self, intent: dict, ids: list[int]) -> None:
         """The state after the op (a train changes no id and no vector)."""
         if intent["op"] == "ingest":
-            for i, v in zip(ids, stored_form(op_vectors(intent["seed"], intent["n"]))):
+            for row, (i, v) in enumerate(zip(ids, stored_form(op_vectors(intent["seed"], intent["n"])))):
                 self.vectors[i] = v.copy()
+                self.meta[i] = (intent["seed"], row)
                 self.gone.pop(i, None)
             self.next_id = max(self.next_id, max(ids) + 1)
         elif intent["op"] == "delete":
             for i in ids:
                 del self.vectors[i]
+                self.meta.pop(i, None)
                 self.gone[i] = None
 
 
@@ -379,6 +385,11 @@ def check_contents(store: asteria_store.Store, expected: Expected, queries: np.n
             bad = np.flatnonzero(error > VECTOR_ATOL)
             problems.append(f"{where}: get returns wrong vectors for {len(bad)} ids (first {ids[bad[0]]}, "
                             f"max error {error.max():.2e})")
+        meta = store.fetch(np.asarray(ids, dtype=np.uint64), columns=["op_seed", "op_row"])
+        got_meta = list(zip(meta.column("op_seed").to_pylist(), meta.column("op_row").to_pylist()))
+        wrong = [i for i, m in zip(ids, got_meta) if m != expected.meta[i]]
+        if wrong:
+            problems.append(f"{where}: fetch returns wrong metadata for {len(wrong)} ids (first {wrong[0]})")
     for i in list(expected.gone)[-16:]:  # the latest deletions
         try:
             store.get([i])
