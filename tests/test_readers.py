@@ -75,9 +75,9 @@ def test_a_retrain_inside_an_exact_search_changes_nothing_it_returns(two_segment
         seen = []
         original = reads_mod.search_exact
 
-        def commit_then_search(view, queries, k):
+        def commit_then_search(view, queries, k, **kwargs):
             seen.append(retrain_from_another_handle(two_segments))
-            return original(view, queries, k)
+            return original(view, queries, k, **kwargs)
 
         monkeypatch.setattr(reads_mod, "search_exact", commit_then_search)
         during = reader.search(QUERIES, ALL, probes="all")
@@ -153,11 +153,11 @@ def test_without_pins_the_same_injection_breaks_the_read(two_segments, monkeypat
     with asteria_store.open(two_segments, readonly=True) as reader:
         original = reads_mod.search_exact
 
-        def commit_then_search(view, queries, k):
+        def commit_then_search(view, queries, k, **kwargs):
             for r in view.segments.values():
                 r.close()  # drop any cached maps: the read has to open the files
             assert retrain_from_another_handle(two_segments) == ["seg-00000003"]
-            return original(view, queries, k)
+            return original(view, queries, k, **kwargs)
 
         monkeypatch.setattr(reads_mod, "search_exact", commit_then_search)
         with pytest.raises(CorruptStoreError, match="is missing or truncated"):
