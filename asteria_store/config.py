@@ -22,6 +22,8 @@ BASE_FORMAT_VERSION = 1
 #: A store rises to this version in the commit that first records metadata columns
 #: (storage/columns.py): an older asteria-store, which would drop them, refuses it.
 COLUMNS_FORMAT_VERSION = 2
+#: ... and in the commit that first records string ids (asteria_store/ids.py).
+STRING_IDS_FORMAT_VERSION = 2
 
 Metric = Literal["cosine", "ip"]
 StorageDtype = Literal["float32", "float16"]

@@ -22,7 +22,8 @@ import numpy as np
 
 from .config import StoreConfig
 from .errors import IdNotFoundError, InvalidArgumentError, InvalidInputError
-from .io import ArrayLike, VectorSource, normalise_rows, read_array
+from .ids import as_id_array, id_kind, to_external, to_internal
+from .io import ArrayLike, VectorSource, normalise_rows
 from .model.persist import load_router
 from .model.router import Router
 from .query import filter as qfilter
@@ -255,15 +256,18 @@ class ReadSide:
         }
 
     def ids(self) -> np.ndarray:
-        """Every live id, ascending (uint64), from one snapshot."""
+        """Every live id, from one snapshot: ascending uint64, or sorted str (an object
+        array) in a store of string ids."""
         with self.snapshot() as snap:
             n = int(self.catalog.get_meta(snap.txn, "count"))
-            return np.fromiter((i for i, _seg, _row in self.catalog.iter_ids(snap.txn)), dtype=np.uint64,
-                               count=n)
+            ids = np.fromiter((i for i, _seg, _row in self.catalog.iter_ids(snap.txn)), dtype=np.uint64, count=n)
+            if id_kind(self.catalog, snap.txn) != "string":
+                return ids
+            return np.array(sorted(self.catalog.names_of(snap.txn, ids.tolist())), dtype=object)
 
     def get(self, ids: ArrayLike) -> np.ndarray:
-        id_arr = as_id_array(ids)
         with self.snapshot() as snap:
+            id_arr = to_internal(self.catalog, snap.txn, ids)
             found, segs, rows = self.catalog.locate(snap.txn, id_arr)
             if not found.all():
                 raise IdNotFoundError(f"Id {int(id_arr[~found][0])} is not in the store.")
@@ -325,7 +329,7 @@ class ReadSide:
                 out[2].plan = plan.to_dict()
             if table_columns is not None:
                 return self._result_table(snap, out[0], out[1], table_columns)
-            return out
+            return (to_external(self.catalog, snap.txn, out[0]),) + tuple(out[1:])
 
     def _exact_stats(self, view: View, nq: int, filtered: bool) -> SearchStats:
         """What brute force read: every stored row, or with a filter its matching rows."""
@@ -349,6 +353,12 @@ class ReadSide:
 
     # -- metadata ------------------------------------------------------------------------
 
+    def id_kind(self) -> str:
+        """``"int"`` or ``"string"`` (asteria_store/ids.py); a store that holds nothing yet
+        reports ``"int"`` (string ids are still open to it)."""
+        with self.snapshot() as snap:
+            return id_kind(self.catalog, snap.txn) or "int"
+
     def schema_names(self) -> list[str]:
         """The store's metadata column names, as of now."""
         with self.snapshot() as snap:
@@ -357,13 +367,13 @@ class ReadSide:
     def fetch(self, ids: ArrayLike, columns: list[str] | None, vectors: bool):
         """The rows of ``ids`` as a pyarrow Table: id, the ``columns`` asked (None: all),
         and their vectors if asked."""
-        id_arr = as_id_array(ids)
         with self.snapshot() as snap:
             names = check_columns(columns, snap.view.schema)
+            id_arr = to_internal(self.catalog, snap.txn, ids)
             found, segs, rows = self.catalog.locate(snap.txn, id_arr)
             if not found.all():
                 raise IdNotFoundError(f"Id {int(id_arr[~found][0])} is not in the store.")
-            return self._rows_table(snap.view, id_arr.astype(np.int64), segs, rows, names, vectors)
+            return self._rows_table(snap, id_arr.astype(np.int64), segs, rows, names, vectors)
 
     def export(self, columns: list[str] | None, vectors: bool, batch_rows: int) -> Iterator:
         """Every live row as pyarrow RecordBatches of at most ``batch_rows`` rows (id, the
@@ -385,13 +395,16 @@ class ReadSide:
                 for s in range(0, len(rows), batch_rows):
                     block = rows[s : s + batch_rows]
                     ids = reader.take("ids", block).astype(np.int64)
-                    table = self._rows_table(view, ids, np.full(len(block), seg), block, names, vectors)
+                    table = self._rows_table(snap, ids, np.full(len(block), seg), block, names, vectors)
                     yield from table.combine_chunks().to_batches(max_chunksize=batch_rows)
 
-    def _rows_table(self, view: View, ids: np.ndarray, segs: np.ndarray, rows: np.ndarray, names: list[str],
+    def _rows_table(self, snap: Snapshot, ids: np.ndarray, segs: np.ndarray, rows: np.ndarray, names: list[str],
                     vectors: bool):
+        """Rows ``(segs, rows)`` of internal ``ids`` as a table: id (the store's kind), the
+        metadata ``names``, vectors if asked."""
         import pyarrow as pa
 
+        view = snap.view
         schema = [e for e in view.schema or [] if e["name"] in names]
         schema.sort(key=lambda e: names.index(e["name"]))
         pieces, order = [], []
@@ -407,7 +420,7 @@ class ReadSide:
         table = pa.concat_tables(pieces) if pieces else collib.null_table(0, schema)
         if pieces:
             table = table.take(np.argsort(np.concatenate(order), kind="stable"))
-        table = table.add_column(0, "id", pa.array(ids, type=pa.int64()))
+        table = table.add_column(0, "id", _id_column(to_external(self.catalog, snap.txn, ids)))
         if vecs is not None:
             flat = pa.array(vecs.reshape(-1), type=pa.float32())
             table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, self.config.dim))
@@ -422,9 +435,9 @@ class ReadSide:
         flat = ids[q, rank]
         if names:
             found, segs, rows = self.catalog.locate(snap.txn, flat.astype(np.uint64))
-            table = self._rows_table(snap.view, flat, segs, rows, names, False)
+            table = self._rows_table(snap, flat, segs, rows, names, False)
         else:
-            table = pa.table({"id": pa.array(flat, type=pa.int64())})
+            table = pa.table({"id": _id_column(to_external(self.catalog, snap.txn, flat))})
         table = table.add_column(0, "rank", pa.array(rank.astype(np.int32)))
         table = table.add_column(0, "query", pa.array(q.astype(np.int32)))
         return table.add_column(3, "score", pa.array(scores[q, rank].astype(np.float32)))
@@ -468,6 +481,13 @@ class ReadSide:
             short = short[(more[0] >= 0).sum(axis=1) < want]
 
 
+def _id_column(ids: np.ndarray):
+    """Ids of either kind as an Arrow column (int64, or string)."""
+    import pyarrow as pa
+
+    return pa.array(ids, type=pa.string() if ids.dtype == object else pa.int64())
+
+
 def check_columns(columns: Any, schema: list[dict] | None) -> list[str]:
     """The metadata column names asked for (None: all of ``schema``), each one known."""
     have = [e["name"] for e in schema or []]
@@ -480,17 +500,6 @@ def check_columns(columns: Any, schema: list[dict] | None) -> list[str]:
             raise InvalidArgumentError(f"Unknown column {c!r}; this store's columns are: "
                                        f"{', '.join(have) if have else 'none'}.")
     return list(dict.fromkeys(columns))
-
-
-def as_id_array(ids: ArrayLike) -> np.ndarray:
-    arr = np.atleast_1d(read_array(ids, "ids"))
-    if arr.ndim == 1 and arr.size == 0:  # ``[]`` reads as float64: no ids, whatever its dtype
-        return np.empty(0, dtype=np.uint64)
-    if arr.dtype.kind not in "iu" or arr.ndim != 1:
-        raise InvalidInputError(f"Expected a 1-D array of integer ids, got {arr.dtype} of shape {arr.shape}.")
-    if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
-        raise InvalidInputError(f"Expected non-negative ids, got {int(arr.min())}.")
-    return arr.astype(np.uint64)
 
 
 def check_k_fits(k: int, n_queries: int, count: int) -> None:

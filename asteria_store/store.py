@@ -370,6 +370,14 @@ class Store:
 
     @property
     @boundary
+    def id_kind(self) -> str:
+        """The kind of ids the store holds: ``"int"`` or ``"string"``, fixed by its first
+        ingest (an empty store says ``"int"`` and still takes either)."""
+        self._check_open()
+        return self._reads.id_kind()
+
+    @property
+    @boundary
     def router(self) -> Router:
         """The routing model now (follows retraining by this or another process)."""
         self._check_open()
@@ -497,7 +505,7 @@ class Store:
 
     @boundary
     def ids(self) -> np.ndarray:
-        """Every live id in the store, ascending (uint64)."""
+        """Every live id in the store: ascending uint64, or (string ids) sorted str."""
         self._check_open()
         return self._reads.ids()
 

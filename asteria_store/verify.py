@@ -81,6 +81,8 @@ def verify_snapshot(store, txn, report: VerifyReport, quick: bool, progress: Pro
         bar.close()
     if live_total != meta["count"]:
         report.problems.append(f"live count is {meta['count']} in meta but {live_total} by segments")
+    if meta.get("id_kind") == "string" and cat.count_names(txn) != meta["count"]:
+        report.problems.append(f"{cat.count_names(txn)} string ids are mapped but {meta['count']} rows are live")
     for seg in set(extents) - set(segs):
         report.problems.append(f"bucket extents point to unknown segment {seg}")
     live = {segment_name(s) for s in segs}

@@ -257,12 +257,12 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
         out = store.search(queries, k, probes=probes, candidates=candidates,
                            prune="auto" if prune is None else prune, explain=explain, rerank=rerank, where=where)
         ids, scores = out[0], out[1]
-        found_ids = ids[ids >= 0]
+        present = ids != None if ids.dtype == object else ids >= 0  # noqa: E711 (None or -1: no result)
+        found_ids = ids[present]
         meta = store.fetch(found_ids, columns=names).to_pylist() if names else None
     stats = out[2].rows() if explain else None
     at = 0
-    for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):
-        found = row_ids >= 0  # -1 (score -inf) marks "no result"
+    for row, (row_ids, row_scores, found) in enumerate(zip(ids, scores, present)):
         hit_ids, hit_scores = row_ids[found].tolist(), row_scores[found].tolist()
         rows = meta[at : at + len(hit_ids)] if meta is not None else None
         at += len(hit_ids)

@@ -234,6 +234,9 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
     k_search = k + 1 if exclude_self else k
     for shard in owner.shards if kind == "collection" else (owner,):
         shard.check_rerank(rerank, k_search)
+        if shard.id_kind == "string":
+            raise InvalidArgumentError(f"Batch jobs write integer ids, and {str(shard.path)!r} holds string ids; "
+                                       "search it with Store.search or search_table instead.")
     check_k_fits(k_search, min(block_rows, source.n), len(owner))
     if k_search > len(owner):
         raise InvalidArgumentError(f"k={k} is more than the {len(owner):,} vectors in {str(path)!r}"

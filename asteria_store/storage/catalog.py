@@ -12,8 +12,12 @@ One LMDB environment (``catalog.lmdb/``) with five named databases. Byte layout,
 * ``segments``    key = segment id (u32, big-endian); value = JSON {"rows", "created"}.
 * ``tombstones``  key = segment (u32 BE) + row (u64 BE); value = external id (u64 LE).
 * ``checksums``   key = segment (u32 BE) + array name (ascii: vectors, ids, lrsq, lrsq_aux,
-                  sketch);
+                  sketch, columns);
                   value = CRC-32C of each chunk file, in chunk order (u32 LE each).
+* ``names``       (stores with string ids) key = the string id (UTF-8);
+                  value = the internal id it maps to (u64 LE).
+* ``names_of``    (stores with string ids) key = internal id (u64 BE); value = its string
+                  id (UTF-8). Both maps change in the commit that adds or deletes the row.
 
 Keys are big-endian so that LMDB's byte order is numeric order (range scans by bucket,
 ordered iteration by id); values are little-endian like every other on-disk number.
@@ -42,7 +46,7 @@ T = TypeVar("T")
 DB_NAMES = ("meta", "buckets", "ids", "segments", "tombstones")
 #: Added after format 1 was frozen: created by the first writable open of an older store;
 #: a read-only open of such a store sees it as empty.
-OPTIONAL_DB_NAMES = ("checksums",)
+OPTIONAL_DB_NAMES = ("checksums", "names", "names_of")
 INITIAL_MAP_SIZE = 64 * 1024 * 1024
 
 _ID_KEY = struct.Struct(">Q")
@@ -159,7 +163,7 @@ def open_env(path: str | os.PathLike[str], *, create: bool = False, readonly: bo
 
 
 def _open_env(key: str, *, create: bool, readonly: bool, lock: bool) -> tuple[lmdb.Environment, bool]:
-    options = dict(map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, subdir=True,
+    options = dict(map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + len(OPTIONAL_DB_NAMES) + 2, subdir=True,
                    readahead=False, max_readers=1024)
     if lock:
         try:
@@ -472,6 +476,51 @@ class Catalog:
         for key, i, s, r in zip(pack_ids(ids), ids.tolist(), segs.tolist(), rows.tolist()):
             txn.delete(key, db=ids_db)
             txn.put(_TOMB_KEY.pack(s, r), _U64_LE.pack(i), db=tomb_db)
+
+    # -- string ids ----------------------------------------------------------------------
+
+    def put_names(self, txn: lmdb.Transaction, names: list[str], ids: np.ndarray) -> None:
+        """Map each string id of ``names`` to the internal id at the same place of ``ids``."""
+        fwd, rev = self.dbs["names"], self.dbs["names_of"]
+        for name, i in zip(names, ids.tolist()):
+            key = name.encode("utf-8")
+            txn.put(key, _U64_LE.pack(i), db=fwd)
+            txn.put(pack_id(i), key, db=rev)
+
+    def lookup_names(self, txn: lmdb.Transaction, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(found_mask, internal ids)`` of string ids (ids are 0 where missing)."""
+        found = np.zeros(len(names), dtype=bool)
+        ids = np.zeros(len(names), dtype=np.uint64)
+        db = self.dbs["names"]
+        if db is None:
+            return found, ids
+        for k, name in enumerate(names):
+            raw = txn.get(name.encode("utf-8"), db=db)
+            if raw is not None:
+                found[k] = True
+                ids[k] = _U64_LE.unpack(raw)[0]
+        return found, ids
+
+    def names_of(self, txn: lmdb.Transaction, ids: Iterable[int]) -> list[str]:
+        """The string ids of internal ``ids`` (each must be mapped)."""
+        db = self.dbs["names_of"]
+        return [bytes(txn.get(pack_id(i), db=db)).decode("utf-8") for i in ids]
+
+    def delete_names(self, txn: lmdb.Transaction, ids: np.ndarray) -> None:
+        """Drop the string ids of internal ``ids`` (those that have one)."""
+        fwd, rev = self.dbs["names"], self.dbs["names_of"]
+        if fwd is None:
+            return
+        for i in ids.tolist():
+            key = pack_id(i)
+            name = txn.get(key, db=rev)
+            if name is not None:
+                txn.delete(bytes(name), db=fwd)
+                txn.delete(key, db=rev)
+
+    def count_names(self, txn: lmdb.Transaction) -> int:
+        db = self.dbs["names"]
+        return 0 if db is None else txn.stat(db)["entries"]
 
     # -- tombstones ----------------------------------------------------------------------
 

@@ -20,12 +20,13 @@ from typing import Literal
 
 import numpy as np
 
-from ..config import COLUMNS_FORMAT_VERSION
+from ..config import COLUMNS_FORMAT_VERSION, STRING_IDS_FORMAT_VERSION
 from ..errors import DuplicateIdError, IdNotFoundError, InvalidArgumentError, InvalidInputError
 from ..io import ArrayLike, VectorSource, load_ids
 from ..model.fit import sample_rows_for, train_config
 from ..progress import ProgressLike
-from ..reads import ReadSide, as_id_array
+from ..ids import as_id_array, check_kind, given_ids, id_kind, is_string_ids, load_names, to_internal
+from ..reads import ReadSide
 from ..results import CompactResult, DeleteResult, IngestResult, TrainResult
 from ..storage.lock import WriterLock
 from .commit import Commits, record_segment
@@ -81,7 +82,26 @@ class WriteSide:
                 seg = int(cat.get_meta(txn, "next_segment"))
                 pending = cat.get_meta(txn, "pending_training")
                 empty = not cat.segments(txn)
-                if ids is None:
+                kind = id_kind(cat, txn)
+                ids = None if ids is None else given_ids(ids)
+                strings = ids is not None and is_string_ids(ids)
+                check_kind(kind, strings)
+                names = None
+                if strings:  # internal ids: a known string keeps its own, a new one gets a free one
+                    names = load_names(ids, n=n)
+                    found, id_arr = cat.lookup_names(txn, names)
+                    if on_conflict == "error" and found.any():
+                        raise DuplicateIdError(
+                            f"Expected new ids, got {int(found.sum())} already in the store (first: "
+                            f"{names[int(np.flatnonzero(found)[0])]!r}). Delete them first, choose other ids, or "
+                            "replace them (upsert, or ingest --on-conflict replace).")
+                    fresh = cat.free_ids(txn, next_id, int((~found).sum()), MAX_ID)
+                    if fresh is None:
+                        raise InvalidInputError(f"Cannot assign {n} internal ids: fewer are free below 2**63.")
+                    id_arr[~found] = fresh
+                    given = np.array(names, dtype=object)  # what the result reports
+                    names = ([names[i] for i in np.flatnonzero(~found).tolist()], fresh)
+                elif ids is None:
                     id_arr = cat.free_ids(txn, next_id, n, MAX_ID)
                     if id_arr is None:
                         raise InvalidInputError(f"Cannot assign {n} automatic ids: fewer are free below 2**63. "
@@ -115,12 +135,12 @@ class WriteSide:
                     seg, source, id_arr, router, model_rec["digest"] if model_rec else self.reads.codes_digest,
                     progress, columns=columns)
                 replaced = self._publish_segment(seg, written, next_id=next_id, model=model_rec,
-                                                 replace=on_conflict == "replace", schema=schema)
+                                                 replace=on_conflict == "replace", schema=schema, names=names)
                 attempt.published = True
             self.garbage.collect()
             upkeep = self.upkeep.run(progress)
         trained = model_rec is not None or upkeep.trained
-        return IngestResult(rows=n, segment=seg, ids=id_arr, seconds=time.perf_counter() - started,
+        return IngestResult(rows=n, segment=seg, ids=given if strings else id_arr, seconds=time.perf_counter() - started,
                             trained=trained, train_seconds=train_s + upkeep.train_seconds,
                             replaced=replaced, refitted=upkeep.refitted, merged_segments=upkeep.merged,
                             split_rows=upkeep.split_rows, upkeep_seconds=upkeep.seconds,
@@ -142,12 +162,13 @@ class WriteSide:
             )
 
     def _publish_segment(self, seg: int, written: Written, *, next_id: int, model: dict | None = None,
-                         replace: bool = False, schema: list[dict] | None = None) -> int:
+                         replace: bool = False, schema: list[dict] | None = None,
+                         names: tuple[list[str], np.ndarray] | None = None) -> int:
         """Make a written segment visible: extents, ids, checksums, counters in ONE commit
         (with ``model``, the model trained for it goes live too, retiring the old; with
         ``replace``, rows of ids already stored are deleted in the same commit; ``schema``:
-        the store's metadata columns, new ones included). Returns how many rows it
-        replaced."""
+        the store's metadata columns, new ones included; ``names``: string ids new to the
+        store and the internal ids they map to). Returns how many rows it replaced."""
         cat = self.catalog
 
         def changes(txn, generation: int) -> int:
@@ -164,8 +185,14 @@ class WriteSide:
                 set_growth(cat, txn, fitted_rows=len(written.ids))
             if schema and schema != cat.get_meta(txn, "schema"):
                 cat.put_meta(txn, "schema", schema)
-                if int(cat.get_meta(txn, "format_version")) < COLUMNS_FORMAT_VERSION:
-                    cat.put_meta(txn, "format_version", COLUMNS_FORMAT_VERSION)
+                _raise_format(cat, txn, COLUMNS_FORMAT_VERSION)
+            if names is not None:
+                cat.put_names(txn, *names)
+                if cat.get_meta(txn, "id_kind") != "string":
+                    cat.put_meta(txn, "id_kind", "string")
+                    _raise_format(cat, txn, STRING_IDS_FORMAT_VERSION)
+            elif cat.get_meta(txn, "id_kind") is None:
+                cat.put_meta(txn, "id_kind", "int")
             return replaced
 
         return self.commits.commit(changes, what="ingest", expect={"next_segment": seg}, model=model)
@@ -173,22 +200,31 @@ class WriteSide:
     # -- delete --------------------------------------------------------------------------
 
     def delete(self, ids: ArrayLike) -> DeleteResult:
-        id_arr = np.unique(as_id_array(ids))
-        if len(id_arr) == 0:  # nothing to delete: no commit
+        ids = given_ids(ids)
+        if isinstance(ids, (list, tuple, np.ndarray)) and len(ids) == 0:  # nothing to delete: no commit
+            return DeleteResult(rows=0)
+        strings = is_string_ids(ids)
+        given = list(dict.fromkeys(load_names(ids, unique=False))) if strings else np.unique(as_id_array(ids))
+        if len(given) == 0:
             return DeleteResult(rows=0)
         with self.lock():
             with self.catalog.read() as txn:
+                id_arr = to_internal(self.catalog, txn, given, missing="keep")
                 found, segs, rows = self.catalog.locate(txn, id_arr)
             if not found.all():
-                missing = id_arr[~found]
+                first = given[int(np.flatnonzero(~found)[0])]
                 raise IdNotFoundError(
-                    f"Cannot delete: {len(missing)} id(s) not in the store (first: {int(missing[0])}). "
+                    f"Cannot delete: {int((~found).sum())} id(s) not in the store (first: "
+                    f"{first!r}). Nothing was deleted." if strings else
+                    f"Cannot delete: {int((~found).sum())} id(s) not in the store (first: {int(first)}). "
                     "Nothing was deleted."
                 )
 
             def changes(txn, generation: int) -> None:
                 cat = self.catalog
                 cat.delete_ids(txn, id_arr, segs, rows)
+                if strings:
+                    cat.delete_names(txn, id_arr)
                 cat.put_meta(txn, "count", int(cat.get_meta(txn, "count")) - len(id_arr))
 
             self.commits.commit(changes, what="a delete")
@@ -232,6 +268,13 @@ class WriteSide:
         finally:
             if not lock_held:
                 lock.release()
+
+
+def _raise_format(cat, txn, version: int) -> None:
+    """Raise the store's format version to ``version`` (a feature that older readers must
+    refuse has just been recorded)."""
+    if int(cat.get_meta(txn, "format_version")) < version:
+        cat.put_meta(txn, "format_version", version)
 
 
 __all__ = ["MAX_ID", "OnConflict", "WriteSide"]
