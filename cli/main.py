@@ -199,7 +199,7 @@ def compact(path: Path, quiet: bool) -> None:
     Example:
         asteria-store compact mystore
     """
-    with asteria_store.open(path) as store:
+    with _open_any(path) as store:
         result = store.compact(progress=not quiet)
     click.echo(f"Compacted {result.segments_before} segment(s) into {result.segments_after}: {result.rows:,} "
                f"vectors kept, {result.dropped:,} deleted rows dropped, in {result.seconds:.1f} s.")
@@ -253,9 +253,16 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
         asteria-store query mystore queries.npy --where "lang = 'en'" --columns title,year
     """
     names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-    with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
-        out = store.search(queries, k, probes=probes, candidates=candidates,
-                           prune="auto" if prune is None else prune, explain=explain, rerank=rerank, where=where)
+    collection = batch.is_collection(path)
+    if collection and (where or names or explain or candidates is not None):
+        raise click.UsageError("--where, --columns, --explain and --candidates are for stores; a collection "
+                               "takes -k, --probes, --prune and --rerank.")
+    with _open_any(path, readonly=True, lock=not no_lock) as store:
+        if collection:
+            out = store.search(queries, k, probes=probes, prune="auto" if prune is None else prune, rerank=rerank)
+        else:
+            out = store.search(queries, k, probes=probes, candidates=candidates,
+                               prune="auto" if prune is None else prune, explain=explain, rerank=rerank, where=where)
         ids, scores = out[0], out[1]
         present = ids != None if ids.dtype == object else ids >= 0  # noqa: E711 (None or -1: no result)
         found_ids = ids[present]
@@ -305,8 +312,7 @@ def info(path: Path, as_json: bool, no_lock: bool) -> None:
         asteria-store info mystore
         asteria-store info mystore --json
     """
-    opener = asteria_store.open_collection if batch.is_collection(path) else asteria_store.open
-    with opener(path, readonly=True, lock=not no_lock) as store:
+    with _open_any(path, readonly=True, lock=not no_lock) as store:
         summary = store.info()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -340,7 +346,7 @@ def verify(path: Path, repair: bool, quick: bool, quiet: bool, no_lock: bool) ->
         asteria-store verify mystore --quick
         asteria-store verify mystore --repair
     """
-    with asteria_store.open(path, readonly=not repair, lock=not no_lock) as store:
+    with _open_any(path, readonly=not repair, lock=not no_lock) as store:
         report = store.verify(repair=repair, quick=quick, progress=not quiet)
     click.echo(f"Checked {report.checked_segments} segment(s), {report.checked_rows:,} row(s), "
                f"{report.checked_chunks:,} chunk checksum(s).")
@@ -421,7 +427,7 @@ def delete(path: Path, ids: Path) -> None:
     Example:
         asteria-store delete mystore --ids stale_ids.npy
     """
-    with asteria_store.open(path) as store:
+    with _open_any(path) as store:
         result = store.delete(ids)
     click.echo(f"Deleted {result.rows:,} vectors.")
 
@@ -504,6 +510,12 @@ def demo(n: int, dim: int, queries: int, k: int, keep: Path | None, quiet: bool)
         asteria-store demo --n 100000 --dim 128 --keep demostore
     """
     run_demo(n=n, dim=dim, queries=queries, k=k, keep=keep, progress=not quiet, print_fn=click.echo)
+
+
+def _open_any(path: Path, **options):
+    """A store, or a collection where ``path`` holds one (the verbs both take)."""
+    opener = asteria_store.open_collection if batch.is_collection(path) else asteria_store.open
+    return opener(path, **options)
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -28,6 +28,7 @@ from asteria_store import batch
 from asteria_store.batch import output, workers
 from asteria_store.errors import (
     DimensionMismatchError,
+    IdNotFoundError,
     InvalidArgumentError,
     InvalidInputError,
     StoreChangedError,
@@ -404,6 +405,38 @@ def test_collection_ingest_places_rows_by_id_and_upserts(built, tmp_path, wordne
     coll2 = pickle.loads(pickle.dumps(asteria_store.open_collection(tmp_path / "c", readonly=True)))
     assert len(coll2) == 610 and coll2.readonly
     coll2.close()
+
+
+def test_collection_query_delete_compact_and_verify_like_a_store(built, tmp_path, wordnet):
+    with asteria_store.create_collection(tmp_path / "c", shards=3, dim=384, model=built / "model.pt") as coll:
+        coll.ingest(wordnet.base[:600], ids=np.arange(600))
+        q = wordnet.queries[0]
+        ids, scores = coll.query(q, 5, probes="all")
+        want = coll.search(q[None, :], 5, probes="all")
+        assert ids.tolist() == want[0][0].tolist()
+        with pytest.raises(IdNotFoundError, match=r"1 id\(s\) not in the collection \(first: 9999\)"):
+            coll.delete([ids[0], 9999])
+        assert len(coll) == 600  # nothing deleted
+        assert coll.delete(ids[:2]).rows == 2
+        assert ids[0] not in coll.query(q, 5, probes="all")[0].tolist()
+        res = coll.compact()
+        assert res.dropped == 2 and res.rows == 598
+        report = coll.verify()
+        assert report.ok and report.checked_rows == 598
+    runner = CliRunner()
+    np.save(tmp_path / "gone.npy", np.array([10, 11]))
+    np.save(tmp_path / "q.npy", wordnet.queries[:2])
+    res = runner.invoke(cli, ["delete", str(tmp_path / "c"), "--ids", str(tmp_path / "gone.npy")])
+    assert res.exit_code == 0 and "Deleted 2 vectors." in res.output
+    res = runner.invoke(cli, ["query", str(tmp_path / "c"), str(tmp_path / "q.npy"), "-k", "3", "--json"])
+    assert res.exit_code == 0 and len(res.output.splitlines()) == 2
+    assert json.loads(res.output.splitlines()[0])["ids"] == \
+        asteria_store.open_collection(tmp_path / "c", readonly=True).search(wordnet.queries[:1], 3)[0][0].tolist()
+    for verb in (["verify"], ["compact", "--quiet"]):
+        res = runner.invoke(cli, [verb[0], str(tmp_path / "c"), *verb[1:]])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["query", str(tmp_path / "c"), str(tmp_path / "q.npy"), "--where", "a = 1"])
+    assert res.exit_code == 2 and "--where, --columns, --explain and --candidates are for stores" in res.output
 
 
 def asteria_store_normalised(x: np.ndarray) -> np.ndarray:

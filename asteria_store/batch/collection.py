@@ -36,7 +36,10 @@ import numpy as np
 
 from ..config import Metric, StorageDtype
 from ..errors import (
+    IdNotFoundError,
     InvalidArgumentError,
+    InvalidInputError,
+    ReadOnlyError,
     StoreExistsError,
     StoreNotFoundError,
     UnsupportedFormatError,
@@ -45,7 +48,7 @@ from ..io import ArrayLike, VectorSource, load_ids
 from ..progress import ProgressLike, make_progress
 from ..query.engine import DEFAULT_PROBES, Probes
 from ..reads import as_id_array, check_k
-from ..results import IngestResult
+from ..results import CompactResult, DeleteResult, IngestResult, VerifyReport
 from ..storage.lock import WriterLock
 from ..storage.segments import fsync_dir, write_atomic
 from ..store import Store, create
@@ -260,6 +263,60 @@ class Collection:
         q = VectorSource(queries, dim=self.dim, what="queries").read_all()
         return search_shards(self.shards, q, k, probes=probes, prune=prune, threads=threads, rerank=rerank)
 
+    def query(self, vector: ArrayLike, k: int = 10, *, probes: Probes = DEFAULT_PROBES,
+              prune: bool | Literal["auto"] = "auto", rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of one vector (shape (d,) or (1, d)): ``(ids, scores)`` of shape (k,)."""
+        arr = np.asarray(vector) if not isinstance(vector, (str, os.PathLike)) else vector
+        if isinstance(arr, np.ndarray) and arr.ndim == 1:
+            arr = arr[None, :]
+        ids, scores = self.search(arr, k, probes=probes, prune=prune, rerank=rerank)
+        if len(ids) != 1:
+            raise InvalidInputError(f"query takes one vector, got {len(ids)}; use search() for a batch.")
+        return ids[0], scores[0]
+
+    def verify(self, *, repair: bool = False, quick: bool = False, progress: ProgressLike = None) -> VerifyReport:
+        """:meth:`Store.verify` of every shard, in one report (each finding names its shard)."""
+        report = VerifyReport()
+        for path, shard in zip(self.shard_paths, self.shards):
+            part = shard.verify(repair=repair, quick=quick, progress=progress)
+            for name in ("problems", "orphans", "removed", "notes"):
+                getattr(report, name).extend(f"{path.name}: {x}" for x in getattr(part, name))
+            report.damaged.extend({**d, "shard": path.name} for d in part.damaged)
+            report.checked_segments += part.checked_segments
+            report.checked_rows += part.checked_rows
+            report.checked_chunks += part.checked_chunks
+        return report
+
+    def compact(self, *, progress: ProgressLike = None) -> CompactResult:
+        """:meth:`Store.compact` of every shard (each its own commit), summed."""
+        self._check_writable()
+        parts = [s.compact(progress=progress) for s in self.shards]
+        return CompactResult(segments_before=sum(p.segments_before for p in parts),
+                             segments_after=sum(p.segments_after for p in parts), rows=sum(p.rows for p in parts),
+                             dropped=sum(p.dropped for p in parts), seconds=sum(p.seconds for p in parts))
+
+    def delete(self, ids: ArrayLike) -> DeleteResult:
+        """Delete by id. Every id must be in the collection, or nothing is deleted; each
+        shard then deletes its own in one commit (a crash between two shards' commits
+        leaves the later shards' ids live: delete them again)."""
+        self._check_writable()
+        id_arr = np.unique(as_id_array(ids))
+        if len(id_arr) == 0:
+            return DeleteResult(rows=0)
+        where = self.shard_of(id_arr)
+        present = np.isin(id_arr, self.ids())
+        if not present.all():
+            raise IdNotFoundError(f"Cannot delete: {int((~present).sum())} id(s) not in the collection (first: "
+                                  f"{int(id_arr[~present][0])}). Nothing was deleted.")
+        rows = 0
+        for s in np.unique(where).tolist():
+            rows += self.shards[s].delete(id_arr[where == s]).rows
+        return DeleteResult(rows=rows)
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"The collection {str(self.path)!r} was opened read-only.")
+
     # -- writes --------------------------------------------------------------------------
 
     def ingest(self, vectors: ArrayLike, ids: ArrayLike | None = None, *,
@@ -271,10 +328,7 @@ class Collection:
         the shards ingest in parallel, one task per shard (the file must be visible to the
         workers; an in-memory array is sent in pieces); without, one after the other.
         """
-        if self.readonly:
-            from ..errors import ReadOnlyError
-
-            raise ReadOnlyError(f"The collection {str(self.path)!r} was opened read-only.")
+        self._check_writable()
         if on_conflict not in ("error", "replace"):
             raise InvalidArgumentError(f"on_conflict must be 'error' or 'replace', got {on_conflict!r}.")
         src = VectorSource(vectors, dim=self.dim, what="vectors")
