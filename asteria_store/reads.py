@@ -225,6 +225,8 @@ class ReadSide:
             "metric": self.config.metric,
             "dtype": self.config.dtype,
             "count": meta["count"],
+            # The kind of ids it holds: "int" or "string" (asteria_store/ids.py).
+            "ids": meta.get("id_kind") or "int",
             # Metadata columns: name -> kind (storage/columns.py).
             "columns": {e["name"]: e["kind"] for e in meta.get("schema") or []},
             # Rows deleted but still stored (compact() drops them).

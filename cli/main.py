@@ -299,17 +299,19 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
 
 @cli.command()
 @store_path
+@click.option("--verbose", "-v", is_flag=True, help="Every field, internals included, one per line.")
 @json_option
 @no_lock_option
-def info(path: Path, as_json: bool, no_lock: bool) -> None:
+def info(path: Path, verbose: bool, as_json: bool, no_lock: bool) -> None:
     """Show a store's configuration, counts and disk usage.
 
-    The text lists the summary; --json adds the internals (extents, the router's
-    configuration and digest, growth state, upkeep so far).
+    The text is a short summary; --verbose lists every field, and --json adds the internals
+    (extents, the router's configuration and digest, growth state, upkeep so far).
 
     \b
     Example:
         asteria-store info mystore
+        asteria-store info mystore --verbose
         asteria-store info mystore --json
     """
     with _open_any(path, readonly=True, lock=not no_lock) as store:
@@ -317,11 +319,23 @@ def info(path: Path, as_json: bool, no_lock: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    summary.pop("internals", None)
-    for key, value in _flatten(summary):
-        if key == "disk_bytes":
-            value = f"{value} ({_human_bytes(value)})"
-        click.echo(f"{key}: {value}")
+    if verbose or summary.get("kind") == "collection":
+        for key, value in _flatten(summary):
+            if key == "disk_bytes":
+                value = f"{value} ({_human_bytes(value)})"
+            click.echo(f"{key}: {value}")
+        return
+    s = summary
+    click.echo(f"store: {s['path']} (format {s['format_version']})")
+    click.echo(f"vectors: {s['count']:,}" + (f" (+{s['deleted']:,} deleted, dropped by compact)" if s["deleted"] else ""))
+    click.echo(f"dim: {s['dim']}, metric {s['metric']}, stored as {s['dtype']}")
+    click.echo(f"ids: {s['ids']}")
+    columns = ", ".join(f"{k} ({v})" for k, v in s["columns"].items())
+    click.echo(f"columns: {columns or 'none'}")
+    pending = ", trains at its first ingest of >= 1,000 vectors" if s["pending_training"] else ""
+    click.echo(f"index: {s['router']}, {s['buckets']:,} buckets{pending}")
+    click.echo(f"segments: {s['segments']} (generation {s['generation']})")
+    click.echo(f"disk: {_human_bytes(s['disk_bytes'])}")
 
 
 @cli.command()

@@ -204,12 +204,15 @@ def test_info(store: Path):
     result = run("info", store)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert f"count: {N}" in lines
-    assert f"dim: {DIM}" in lines
-    assert "metric: cosine" in lines
-    assert "router: sign" in lines
-    assert not any(line.startswith("internals") for line in lines)  # those are for --json
-    assert any(re.fullmatch(r"disk_bytes: \d+ \(\d+\.\d (B|KiB|MiB)\)", line) for line in lines)
+    assert len(lines) <= 10  # a summary: internals are for --verbose and --json
+    assert f"vectors: {N}" in lines
+    assert f"dim: {DIM}, metric cosine, stored as float32" in lines
+    assert "ids: int" in lines and "columns: none" in lines
+    assert any(re.fullmatch(r"index: sign, \d+ buckets", line) for line in lines)
+    assert any(re.fullmatch(r"disk: \d+\.\d (B|KiB|MiB)", line) for line in lines)
+    verbose = run("info", store, "--verbose").stdout.splitlines()
+    assert f"count: {N}" in verbose and "router: sign" in verbose
+    assert any(line.startswith("internals.chunk_rows: ") for line in verbose)
 
 
 def test_info_json(store: Path):

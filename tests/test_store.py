@@ -147,7 +147,7 @@ def test_info_keys_and_values(tmp_store) -> None:
     info = tmp_store.info()
     assert set(info) == {  # short: the rest is under "internals"
         "path", "format_version", "dim", "metric", "dtype", "count", "deleted", "segments", "buckets", "router",
-        "pending_training", "kernel", "generation", "disk_bytes", "internals", "columns",
+        "pending_training", "kernel", "generation", "disk_bytes", "internals", "columns", "ids",
     }
     assert set(info["internals"]) == {
         "chunk_rows", "rows_stored", "extents", "next_id", "router", "fitted_rows", "grows", "retired",
