@@ -31,6 +31,8 @@ from typing import Any, Literal
 import lmdb
 import numpy as np
 
+from .backup import BackupResult
+from .backup import backup as backup_store
 from .config import BASE_FORMAT_VERSION, FORMAT_VERSION, Metric, StorageDtype, StoreConfig
 from .errors import (
     AsteriaError,
@@ -155,7 +157,7 @@ def create(
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_creations(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.creating-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the store from other users
+    os.chmod(tmp, seglib.dir_mode())  # mkdtemp's 0700 would hide the store from other users
     creating = os.open(tmp / _CREATING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(creating, fcntl.LOCK_EX)  # held while this create runs (see _remove_stale_creations)
     try:
@@ -184,11 +186,7 @@ def create(
             catalog.close()
         (tmp / READERS_DIR).mkdir()
         (tmp / _CREATING_LOCK).unlink()
-        seglib.fsync_tree(tmp)
-        if target.exists():
-            target.rmdir()  # empty directory (checked above)
-        os.rename(tmp, target)
-        seglib.fsync_dir(target.parent)
+        seglib.publish_dir(tmp, target)  # onto nothing, or an empty directory (checked above)
     except (OSError, lmdb.Error) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise catalog_error(target, exc) from None
@@ -621,6 +619,14 @@ class Store:
         return self._reads.export(columns, bool(vectors), batch_rows)
 
     @boundary
+    def backup(self, dest: str | os.PathLike[str], *, progress: ProgressLike = None) -> BackupResult:
+        """Copy the store, as of one snapshot, to ``dest`` (a new path), while writers go
+        on: LMDB's copy of that snapshot plus its model and segments (backup.py). ``dest``
+        appears whole or not at all, and opens and verifies as a store of its own."""
+        self._check_open()
+        return backup_store(self._reads, dest, progress=progress)
+
+    @boundary
     def fetch(self, ids: ArrayLike, *, columns: list[str] | None = None, vectors: bool = False):
         """The rows of ``ids`` as a pyarrow Table, in the order given: ``id``, the metadata
         ``columns`` asked (None: all; a column a row never got is null) and, with
@@ -755,12 +761,6 @@ def _remove_stale_creations(path: Path) -> None:
             continue  # its create finished (renamed) or failed (removed) meanwhile
         if stale:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 

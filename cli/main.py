@@ -380,6 +380,27 @@ def verify(path: Path, repair: bool, quick: bool, quiet: bool, no_lock: bool) ->
 
 @cli.command()
 @store_path
+@click.argument("dest", type=path_type(), metavar="DEST")
+@quiet_option
+@no_lock_option
+def backup(path: Path, dest: Path, quiet: bool, no_lock: bool) -> None:
+    """Copy a store, as of one moment, to DEST (a new path) while writers go on.
+
+    The copy holds one snapshot: the catalog as of then, its model and its segments. DEST
+    appears whole or not at all; it opens and verifies as a store of its own.
+
+    \b
+    Example:
+        asteria-store backup mystore /backups/mystore-2026-12-04
+    """
+    with asteria_store.open(path, readonly=True, lock=not no_lock) as store:
+        result = store.backup(dest, progress=not quiet)
+    click.echo(f"Backed up {result.rows:,} vectors ({result.segments} segments, generation {result.generation}, "
+               f"{_human_bytes(result.bytes)}) to {result.path!r} in {result.seconds:.1f} s.")
+
+
+@cli.command()
+@store_path
 @click.argument("out", type=path_type(), metavar="OUT.parquet")
 @click.option("--columns", default=None, metavar="A,B", help="Metadata columns to write. [default: all]")
 @click.option("--vectors", is_flag=True, help="Also write each row's vector (a fixed-size list of float32).")

@@ -87,6 +87,25 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def publish_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Make the directory ``tmp`` durable (every file and directory fsynced) and rename it
+    to ``target`` (absent, or an empty directory), then fsync the parent: a crash leaves
+    ``target`` whole or not there at all."""
+    fsync_tree(tmp)
+    target = Path(target)
+    if target.exists():
+        target.rmdir()  # empty (an error otherwise: never replace data)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+
+
+def dir_mode() -> int:
+    """The mode a new directory gets under this process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 def create_root(path: str | os.PathLike[str]) -> None:
     """Create the empty ``segments.zarr`` group."""
     zarr.open_group(LocalStore(os.fspath(path)), mode="w", zarr_format=3)
