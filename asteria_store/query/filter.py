@@ -42,6 +42,7 @@ def _connection():
         import duckdb
 
         con = _local.con = duckdb.connect()
+        con.execute("SET preserve_insertion_order = true")  # a mask must line up with its rows
     return con
 
 
@@ -108,17 +109,18 @@ def matching_rows(view: View, where: str) -> dict[int, np.ndarray]:
     con = _connection()
     for seg, reader in sorted(view.segments.items()):
         live = view.live_mask(seg, 0, reader.n)
-        rows = np.arange(reader.n) if live is None else np.flatnonzero(live)
-        if len(rows) == 0:
+        if live is not None and not live.any():
             continue
-        table = reader.take_columns(rows, view.schema)
+        table = reader.columns_table(view.schema)  # every row, no copy: DuckDB reads what it needs
         try:
             result = con.from_arrow(table).project(f"coalesce(({where}), false) AS m").to_arrow_table()
         except duckdb.Error as exc:  # a value error (a cast) that an empty table did not show
             raise InvalidArgumentError(_duckdb_message(where, exc, view.schema)) from None
         mask = result.column(0).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        if live is not None:
+            mask &= live
         if mask.any():
-            out[seg] = rows[mask]
+            out[seg] = np.flatnonzero(mask)
     return out
 
 

@@ -361,6 +361,16 @@ class SegmentReader:
             self._column_chunks[index] = table
         return table
 
+    def columns_table(self, schema: list[dict]):
+        """Every row's metadata as one pyarrow Table of ``schema``'s columns, without copying
+        (its chunks' memory maps, concatenated)."""
+        import pyarrow as pa
+
+        if not self.column_names:
+            return collib.null_table(self.n, schema)
+        n_chunks = -(-self.n // self.chunk_rows)
+        return collib.conform_table(pa.concat_tables([self.column_chunk(i) for i in range(n_chunks)]), schema)
+
     def take_columns(self, rows: np.ndarray, schema: list[dict]):
         """Metadata of rows by index (ascending) as a pyarrow Table with exactly the columns
         of ``schema`` (the store's; a column this segment lacks is nulls)."""
