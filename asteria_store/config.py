@@ -25,7 +25,7 @@ COLUMNS_FORMAT_VERSION = 2
 #: ... and in the commit that first records string ids (asteria_store/ids.py).
 STRING_IDS_FORMAT_VERSION = 2
 
-Metric = Literal["cosine", "ip"]
+Metric = Literal["cosine", "ip", "l2"]
 StorageDtype = Literal["float32", "float16"]
 
 #: Target bytes of one vectors chunk file. Bigger chunks mean fewer files and mmaps,
@@ -47,7 +47,10 @@ class StoreConfig:
     Attributes:
         dim: vector dimension.
         metric: ``"cosine"`` normalises vectors on ingest and queries on search (scores are
-            cosine similarities); ``"ip"`` keeps vectors as given (scores are inner products).
+            cosine similarities); ``"ip"`` keeps vectors as given (scores are inner products);
+            ``"l2"``: scores are squared Euclidean distances, smallest first. An l2 store
+            keeps each row as ``[x, |x|^2 / 2]`` and scores ``[q, -1]`` against it (an inner
+            product that ranks rows as -|q - x|^2 does: see :attr:`stored_dim`).
         dtype: storage dtype of the full vectors. ``float16`` halves disk and bytes read per
             query at a small loss of score precision (relative error <= 2**-11 per coordinate).
         chunk_rows: rows per Zarr chunk of every segment array.
@@ -61,9 +64,9 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
             raise InvalidArgumentError(f"dim must be a positive integer, got {self.dim!r}.")
-        if self.metric not in ("cosine", "ip"):
+        if self.metric not in ("cosine", "ip", "l2"):
             raise InvalidArgumentError(
-                f"metric must be 'cosine' or 'ip', got {self.metric!r}."
+                f"metric must be 'cosine', 'ip' or 'l2', got {self.metric!r}."
             )
         if self.dtype not in ("float32", "float16"):
             raise InvalidArgumentError(
@@ -75,6 +78,11 @@ class StoreConfig:
             raise InvalidArgumentError(
                 f"chunk_rows must be a positive integer, got {self.chunk_rows!r}."
             )
+
+    @property
+    def stored_dim(self) -> int:
+        """Width of a stored row: ``dim``, plus one for ``"l2"`` (its half squared norm)."""
+        return self.dim + (1 if self.metric == "l2" else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -173,9 +173,13 @@ class VectorSource:
 
 def normalise_rows(x: np.ndarray, metric: str, *, what: str, offset: int = 0,
                    out: np.ndarray | None = None) -> np.ndarray:
-    """Rows L2-normalised for ``metric="cosine"`` (as given for ``"ip"``); an all-zero row
-    is refused, named by its row number (``offset`` + its index in ``x``). ``out``: where
-    to write them (float32, ``x`` itself for in place)."""
+    """Rows in the form a store keeps them: L2-normalised for ``metric="cosine"`` (an
+    all-zero row is refused, named by its row number: ``offset`` + its index in ``x``),
+    as given for ``"ip"``, ``[x, |x|^2 / 2]`` for ``"l2"`` (a new array). ``out``: where
+    to write normalised rows (float32, ``x`` itself for in place)."""
+    if metric == "l2":
+        half = 0.5 * np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))
+        return np.concatenate([x.astype(np.float32, copy=False), half.astype(np.float32)[:, None]], axis=1)
     if metric != "cosine":
         return x
     out = np.empty(x.shape, dtype=np.float32) if out is None else out
@@ -192,6 +196,24 @@ def normalise_rows(x: np.ndarray, metric: str, *, what: str, offset: int = 0,
             )
         out[start : start + len(x64)] = x64 / norms
     return out
+
+
+def query_form(q: np.ndarray, metric: str) -> np.ndarray:
+    """Queries in the form scored against stored rows: normalised for ``"cosine"``, as
+    given for ``"ip"``, ``[q, -1]`` for ``"l2"`` (so ``<[q, -1], [x, |x|^2/2]>`` ranks
+    rows as ``-|q - x|^2`` does)."""
+    if metric == "l2":
+        return np.concatenate([q.astype(np.float32, copy=False), np.full((len(q), 1), -1.0, np.float32)], axis=1)
+    return normalise_rows(q, metric, what="queries")
+
+
+def l2_distances(q: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Squared distances ``|q|^2 - 2 s`` of an l2 store's scores ``s`` (Q, k) for queries
+    ``q`` (Q, d); -inf (no result) becomes +inf. Smallest first where scores were best first."""
+    norms = np.einsum("ij,ij->i", q.astype(np.float64), q.astype(np.float64))[:, None]
+    out = (norms - 2.0 * scores.astype(np.float64)).astype(np.float32)
+    out[np.isneginf(scores)] = np.inf
+    return np.maximum(out, 0, out=out, where=np.isfinite(out))
 
 
 #: Rows normalised per float64 block by :func:`normalise_rows`.

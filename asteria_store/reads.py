@@ -23,7 +23,7 @@ import numpy as np
 from .config import StoreConfig
 from .errors import IdNotFoundError, InvalidArgumentError, InvalidInputError
 from .ids import as_id_array, id_kind, to_external, to_internal
-from .io import ArrayLike, VectorSource, normalise_rows
+from .io import ArrayLike, VectorSource, l2_distances, query_form
 from .model.persist import load_router
 from .model.router import Router
 from .query import filter as qfilter
@@ -168,7 +168,7 @@ class ReadSide:
             r = self.readers.get(seg)
             if r is None:
                 r = seglib.SegmentReader(
-                    self.segments_root, segment_name(seg), n=rec["rows"], dim=self.config.dim,
+                    self.segments_root, segment_name(seg), n=rec["rows"], dim=self.config.stored_dim,
                     dtype=self.config.dtype, chunk_rows=rec.get("chunk_rows", self.config.chunk_rows),
                     lrsq=rec.get("lrsq"), columns=rec.get("columns"),
                 )
@@ -276,7 +276,7 @@ class ReadSide:
             out = np.empty((len(id_arr), self.config.dim), dtype=np.float32)
             for seg in np.unique(segs).tolist():
                 sel = segs == seg
-                out[sel] = snap.view.segments[seg].take_vectors(rows[sel])
+                out[sel] = snap.view.segments[seg].take_vectors(rows[sel])[:, : self.config.dim]
         return out
 
     def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
@@ -294,8 +294,8 @@ class ReadSide:
 
             device = check_device(device)
         q = VectorSource(queries, dim=self.config.dim, what="queries")
-        qs = q.read_all(QUERY_BLOCK_ROWS)
-        qs = np.ascontiguousarray(normalise_rows(qs, self.config.metric, what="queries"))
+        given = q.read_all(QUERY_BLOCK_ROWS)
+        qs = np.ascontiguousarray(query_form(given, self.config.metric))
         if probes != "all":
             if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
                 raise InvalidArgumentError(f"probes must be a positive integer or 'all', got {probes!r}.")
@@ -314,10 +314,7 @@ class ReadSide:
                 where = qfilter.check_where(where, view.schema)
                 matches, view = self._filtered(snap.view, where)
                 plan = qfilter.plan(where, view.count, snap.view.count, probes, self.router.n_buckets)
-                if plan.plan == "exact":
-                    probes, rows = "all", matches
-                else:
-                    probes, rows = plan.probes, None
+                probes = "all" if plan.plan == "exact" else plan.probes
             if probes != "all":
                 opts = {"prune": prune, "threads": threads, "kernel": kernel, "device": device, "rerank": rerank}
                 out = search_batch(view, self.router, qs, k, int(probes), candidates, explain=bool(explain), **opts)
@@ -329,13 +326,15 @@ class ReadSide:
                     out += (self._exact_stats(view, len(qs), plan is not None),)
             if explain and plan is not None:
                 out[2].plan = plan.to_dict()
+            if self.config.metric == "l2":
+                out = (out[0], l2_distances(given, out[1])) + tuple(out[2:])
             if table_columns is not None:
                 return self._result_table(snap, out[0], out[1], table_columns)
             return (to_external(self.catalog, snap.txn, out[0]),) + tuple(out[1:])
 
     def _exact_stats(self, view: View, nq: int, filtered: bool) -> SearchStats:
         """What brute force read: every stored row, or with a filter its matching rows."""
-        row_bytes = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
+        row_bytes = self.config.stored_dim * np.dtype(self.config.dtype).itemsize + 8
         rows = view.count if filtered else sum(r.n for r in view.segments.values())
         return SearchStats(np.full(nq, -1), np.full(nq, view.count), np.full(nq, rows * row_bytes), rows * row_bytes)
 
@@ -415,14 +414,18 @@ class ReadSide:
             sel = np.flatnonzero(segs == seg)
             sel = sel[np.argsort(rows[sel], kind="stable")]
             reader = view.segments[seg]
-            pieces.append(reader.take_columns(rows[sel], schema))
+            if schema:
+                pieces.append(reader.take_columns(rows[sel], schema))
             order.append(sel)
             if vecs is not None:
-                vecs[sel] = reader.take_vectors(rows[sel])
-        table = pa.concat_tables(pieces) if pieces else collib.null_table(0, schema)
-        if pieces:
-            table = table.take(np.argsort(np.concatenate(order), kind="stable"))
-        table = table.add_column(0, "id", _id_column(to_external(self.catalog, snap.txn, ids)))
+                vecs[sel] = reader.take_vectors(rows[sel])[:, : self.config.dim]
+        id_column = _id_column(to_external(self.catalog, snap.txn, ids))
+        if pieces:  # (Arrow keeps no row count for a table without columns: id comes first)
+            table = pa.concat_tables(pieces).take(np.argsort(np.concatenate(order), kind="stable"))
+            table = table.add_column(0, "id", id_column)
+        else:
+            table = collib.null_table(len(ids), schema) if schema else pa.table({})
+            table = pa.table({"id": id_column, **{c: table.column(c) for c in table.column_names}})
         if vecs is not None:
             flat = pa.array(vecs.reshape(-1), type=pa.float32())
             table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, self.config.dim))

@@ -96,7 +96,8 @@ def create(
 
     Args:
         dim: vector dimension.
-        metric: ``"cosine"`` (vectors normalised) or ``"ip"`` (raw inner product).
+        metric: ``"cosine"`` (vectors normalised), ``"ip"`` (raw inner product) or
+            ``"l2"`` (squared Euclidean distance: scores are distances, smallest first).
         dtype: storage dtype of full vectors (``"float16"`` halves disk and bytes read).
         router: ``"learned"`` (default): the ECVH model (BOR + ECVH + LRSQ), trained on a
             sample of the first ingest of at least ``MIN_TRAIN_ROWS`` vectors (until then
@@ -142,6 +143,8 @@ def create(
     if router == "learned" and requested_bits is not None and requested_bits > 20:
         raise InvalidArgumentError(f"bits must be at most 20 for the learned router, got {bits}.")
     pending = None
+    if model is not None and metric == "l2":
+        raise InvalidArgumentError("An l2 store trains its own model; create it without --model.")
     if model is not None:
         routing = load_model_file(model)
         if routing.dim != dim:
@@ -150,7 +153,7 @@ def create(
                 f"from {os.fspath(model)!r}. Was it trained with --dim {routing.dim}?"
             )
     else:
-        routing = SignHasher.random(dim, bits, seed=seed)
+        routing = SignHasher.random(config.stored_dim, bits, seed=seed)
         if router == "learned":  # the baseline serves until the first big enough ingest
             pending = {"bits": requested_bits, "expected_size": expected_size, "seed": seed}
 

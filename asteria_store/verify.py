@@ -109,7 +109,7 @@ def _verify_segment(store, seg, rec, extents, id_locs, dead, sums: dict[str, np.
     cr = rec.get("chunk_rows", store.config.chunk_rows)
     item = np.dtype(store.config.dtype).itemsize
     seg_dir = store._segments_root / name
-    arrays = [("vectors", store.config.dim * item), ("ids", 8)]
+    arrays = [("vectors", store.config.stored_dim * item), ("ids", 8)]
     if rec.get("lrsq"):
         arrays += [("lrsq", rec["lrsq"]["rank"]), ("lrsq_aux", 2 * rec["lrsq"]["aux"])]
         if rec["lrsq"].get("sketch"):
@@ -131,7 +131,7 @@ def _verify_segment(store, seg, rec, extents, id_locs, dead, sums: dict[str, np.
         if not sums:
             report.notes.append(f"{name}: no checksums recorded (written by an older asteria-store)")
         problems += _verify_checksums(store, seg, n, cr, [a for a, _ in arrays], sums, id_locs, dead, report)
-    reader = seglib.SegmentReader(store._segments_root, name, n=n, dim=store.config.dim,
+    reader = seglib.SegmentReader(store._segments_root, name, n=n, dim=store.config.stored_dim,
                                   dtype=store.config.dtype, chunk_rows=cr)
     try:
         # Rows the extents cover are the segment's (live or deleted); rows a split moved

@@ -428,8 +428,8 @@ def test_demo_bad_argument():
 
 @pytest.mark.parametrize(("args", "line"), [
     (["create", "x"], "Error: Missing option '--dim'."),
-    (["create", "x", "--dim", 8, "--metric", "l2"],
-     "Error: Invalid value for '--metric': 'l2' is not one of 'cosine', 'ip'."),
+    (["create", "x", "--dim", 8, "--metric", "l1"],
+     "Error: Invalid value for '--metric': 'l1' is not one of 'cosine', 'ip', 'l2'."),
     (["query", "x", "q.npy", "--probes", "many"],
      "Error: Invalid value for '--probes': expected an integer or 'all', got 'many'."),
     (["delete", "x"], "Error: Missing option '--ids'."),

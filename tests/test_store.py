@@ -103,8 +103,8 @@ def test_create_into_an_existing_empty_directory(tmp_path: Path) -> None:
 def test_create_with_bad_config_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match=r"^dim must be a positive integer, got 0\.$"):
         asteria_store.create(tmp_path / "store", dim=0)
-    with pytest.raises(InvalidArgumentError, match=r"^metric must be 'cosine' or 'ip', got 'l2'\.$"):
-        asteria_store.create(tmp_path / "store", dim=4, metric="l2")
+    with pytest.raises(InvalidArgumentError, match=r"^metric must be 'cosine', 'ip' or 'l2', got 'l1'\.$"):
+        asteria_store.create(tmp_path / "store", dim=4, metric="l1")
     with pytest.raises(InvalidArgumentError, match=r"^bits must be an integer in \[1, 62\], got 0\.$"):
         asteria_store.create(tmp_path / "store", dim=4, bits=0)
     assert list(tmp_path.iterdir()) == []

@@ -141,7 +141,8 @@ def train_model(
     router and the per-epoch history.
     """
     if metric not in ("cosine", "ip"):
-        raise InvalidArgumentError(f"metric must be 'cosine' or 'ip', got {metric!r}.")
+        raise InvalidArgumentError(f"metric must be 'cosine' or 'ip' for a model file, got {metric!r} (an l2 store "
+                                   "trains its own model).")
     source = VectorSource(vectors, dim=dim, what="training vectors",
                           dim_hint="Pass vectors of dimension {dim}, or --dim {got} for these.")
     cfg = train_config(bits=bits, ecc=ecc, epochs=epochs, batch_size=batch_size, rank=rank, seed=seed,
@@ -157,7 +158,7 @@ def train_model(
     return router, history
 
 
-def train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_size):
+def train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_size, l2: bool = False):
     """A validated :class:`~asteria_store.model.train.TrainConfig` (one-line errors).
 
     ``epochs`` None means ``TrainConfig``'s default; 0 keeps the k-means start untrained.
@@ -181,7 +182,7 @@ def train_config(*, bits, ecc, epochs, batch_size, rank, seed, device, expected_
 
     optional = {} if epochs is None else {"epochs": epochs}
     return TrainConfig(bits=bits, ecc=bool(ecc), batch_size=batch_size, rank=rank, seed=seed, device=device,
-                       expected_size=expected_size, **optional)
+                       expected_size=expected_size, l2=l2, **optional)
 
 
 def sample_indices(n: int, size: int, seed: int) -> np.ndarray:

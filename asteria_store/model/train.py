@@ -157,6 +157,10 @@ class TrainConfig:
     threads: int | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: The rows are an l2 store's ``[x, |x|^2 / 2]``: rows used as queries (held-out rows,
+    #: anchors) are scored in the query form ``[x, -1]`` (io.query_form), so their exact
+    #: neighbours are the Euclidean ones.
+    l2: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,6 +209,13 @@ def training_threads(requested: int | None = None) -> int:
 
 
 # --- building blocks ---------------------------------------------------------------------
+
+
+def as_queries(rows):
+    """An l2 store's stored rows ``[x, |x|^2 / 2]`` (numpy or torch) in query form ``[x, -1]``."""
+    out = rows.copy() if isinstance(rows, np.ndarray) else rows.clone()
+    out[:, -1] = -1.0
+    return out
 
 
 def exact_neighbours(x: torch.Tensor, queries: torch.Tensor, k: int, *, exclude_self: bool,
@@ -605,6 +616,8 @@ def _train(vectors, config: TrainConfig, progress, log, init, threads: int) -> t
     size = next_pow2(d)
 
     x = torch.from_numpy(train_np).to(device)
+    if config.l2:
+        hold_np = as_queries(hold_np)
     hold = torch.from_numpy(hold_np).to(device)
     truth = exact_neighbours(x, hold, min(10, n), exclude_self=False).cpu().numpy()
 
@@ -687,7 +700,8 @@ def _epochs(model: ECVHModel, x, hold_np, truth, lrsq, info, history, config: Tr
     device, n = x.device, len(x)
     kk = min(config.neighbours, n - 1)
     anchors = torch.from_numpy(np.sort(rng.choice(n, min(n, config.anchors), replace=False))).to(device)
-    nbrs = exact_neighbours(x, x[anchors], kk + 1, exclude_self=False)[:, 1:]  # drop self
+    nbrs = exact_neighbours(x, as_queries(x[anchors]) if config.l2 else x[anchors], kk + 1,
+                            exclude_self=False)[:, 1:]  # drop self
     pair_a = anchors.repeat_interleave(kk)  # every (anchor, neighbour) pair, once per epoch
     pair_b = nbrs.reshape(-1)
     n_pairs = len(pair_a)

@@ -137,7 +137,7 @@ class SegmentPipeline:
         keys = np.empty(source.n, dtype=np.uint64)
         dtype = np.dtype(self.config.dtype)
         keep = not isinstance(source, StoredRows) and source.n * source.dim * dtype.itemsize <= _KEEP_STORED_BYTES
-        kept = np.empty((source.n, source.dim), dtype=dtype) if keep else None
+        kept = np.empty((source.n, self.config.stored_dim), dtype=dtype) if keep else None
         bar = make_progress(progress, total=source.n, desc="hashing")
         try:
             for start, block in source.blocks(_HASH_BLOCK_ROWS):
@@ -187,7 +187,7 @@ class SegmentPipeline:
         copied when the source rows already hold codes of this model (a merge), else
         encoded. Returns the segment record's ``lrsq`` entry (None without) and the chunk
         checksums."""
-        n, dim = source.n, self.config.dim
+        n, dim = source.n, self.config.stored_dim
         window = max(chunk_rows, (_WRITE_WINDOW_BYTES // (dim * 4)) // chunk_rows * chunk_rows)
         quantizer = router.lrsq
         sketch = None if quantizer is None else quantizer.sketch
@@ -208,10 +208,11 @@ class SegmentPipeline:
                 rows = order[start : start + window]
                 inv = np.argsort(rows, kind="stable")
                 ascending = rows[inv]  # ascending reads, then back to key order
-                block = np.empty((len(rows), dim), dtype=np.float32)
-                block[inv] = source.take(ascending)
+                taken = source.take(ascending)
                 if not stored_form:
-                    block = normalise_rows(block, self.config.metric, what="vectors")
+                    taken = normalise_rows(taken, self.config.metric, what="vectors")
+                block = np.empty((len(rows), dim), dtype=np.float32)
+                block[inv] = taken
                 codes = None
                 if copy_codes:
                     taken = source.take_codes(ascending)
@@ -242,7 +243,7 @@ class SegmentPipeline:
             )
 
     def segment_bytes(self, n: int) -> int:
-        row = self.config.dim * np.dtype(self.config.dtype).itemsize + 8
+        row = self.config.stored_dim * np.dtype(self.config.dtype).itemsize + 8
         quantizer = self.reads.router.lrsq
         if quantizer is not None:
             row += quantizer.rank + 2 * quantizer.aux_width + (quantizer.sketch.m if quantizer.sketch else 0)

@@ -72,8 +72,9 @@ class Rewrites:
         cfg = train_config(bits=settings.get("bits"), ecc=settings.get("ecc", True), epochs=settings.get("epochs"),
                            batch_size=settings.get("batch_size", 1024),
                            rank=settings.get("rank"), seed=settings.get("seed", 0),
-                           device=settings.get("device", "auto"), expected_size=expected)
-        warm = init is not None and init.kind in ("ecvh", "tree") and init.dim == self.config.dim
+                           device=settings.get("device", "auto"), expected_size=expected,
+                           l2=self.config.metric == "l2")
+        warm = init is not None and init.kind in ("ecvh", "tree") and init.dim == self.config.stored_dim
         return train(sample, cfg, progress=progress, init=init if warm else None)
 
     def rebucket(self, router: Router, view: View, stored: StoredRows, progress: ProgressLike, *,

@@ -159,7 +159,7 @@ class Upkeep:
         if target is not None:
             router = self.reads.router
             if router.kind == "sign":
-                fresh = SignHasher.random(self.reads.config.dim, target, seed=growth.get("seed", 0))
+                fresh = SignHasher.random(self.reads.config.stored_dim, target, seed=growth.get("seed", 0))
                 self.rewrites.rebucket(fresh, view, StoredRows(view, live_rows(view)), progress, started=started,
                                        pinned_bits=growth.get("bits"), upkeep=True)
                 self.garbage.collect()
