@@ -30,8 +30,6 @@ from pathlib import Path
 
 import google_crc32c
 import numpy as np
-import zarr
-from zarr.storage import LocalStore
 
 from ..errors import CorruptStoreError
 from . import columns as collib
@@ -108,6 +106,9 @@ def dir_mode() -> int:
 
 def create_root(path: str | os.PathLike[str]) -> None:
     """Create the empty ``segments.zarr`` group."""
+    import zarr  # only writers need zarr (readers map the chunk files): a fast start
+    from zarr.storage import LocalStore
+
     zarr.open_group(LocalStore(os.fspath(path)), mode="w", zarr_format=3)
 
 
@@ -147,6 +148,9 @@ class SegmentWriter:
         self.n = n
         self.chunk_rows = chunk_rows
         self.dtype = np.dtype(dtype).newbyteorder("<")
+        import zarr
+        from zarr.storage import LocalStore
+
         if (self.root / name).exists():  # a stale orphan of an interrupted ingest
             shutil.rmtree(self.root / name)
         store = LocalStore(os.fspath(self.root))
