@@ -431,6 +431,22 @@ class ReadSide:
             table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, self.config.dim))
         return table
 
+    def results_table(self, ids: np.ndarray, scores: np.ndarray, columns: list[str] | None, first_query: int):
+        """Results (Q, k) of an integer-id store found earlier (a batch job's) as a table,
+        their metadata read now; ``query`` counts from ``first_query``."""
+        import pyarrow as pa
+
+        with self.snapshot() as snap:
+            names = check_columns(columns, snap.view.schema)
+            table = self._result_table(snap, np.asarray(ids, dtype=np.int64), scores, names)
+        query = table.column("query").to_numpy() + np.int32(first_query)
+        return table.set_column(0, "query", pa.array(query.astype(np.int32)))
+
+    def check_columns(self, columns: Any) -> list[str]:
+        """:func:`check_columns` against the store's schema now."""
+        with self.snapshot() as snap:
+            return check_columns(columns, snap.view.schema)
+
     def _result_table(self, snap: Snapshot, ids: np.ndarray, scores: np.ndarray, names: list[str]):
         """Search results (Q, k) as a table of their real results: query, rank, id, score,
         and the metadata ``names`` of each row (read in the snapshot the search used)."""

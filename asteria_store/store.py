@@ -622,6 +622,22 @@ class Store:
         return self._reads.export(columns, bool(vectors), batch_rows)
 
     @boundary
+    def check_columns(self, columns: list[str] | None) -> list[str]:
+        """The metadata columns ``columns`` names (None: all), or the one-line error that
+        :meth:`fetch` gives for them (jobs check their options before any work)."""
+        self._check_open()
+        return self._reads.check_columns(columns)
+
+    @boundary
+    def results_table(self, ids: np.ndarray, scores: np.ndarray, *, columns: list[str] | None = None,
+                      first_query: int = 0):
+        """Results found earlier (``(ids, scores)`` of shape (Q, k), a batch job's) as
+        :meth:`search_table` gives them, with their metadata ``columns`` read now;
+        ``query`` counts from ``first_query``. For stores of integer ids."""
+        self._check_open()
+        return self._reads.results_table(ids, scores, columns, first_query)
+
+    @boundary
     def backup(self, dest: str | os.PathLike[str], *, progress: ProgressLike = None) -> BackupResult:
         """Copy the store, as of one snapshot, to ``dest`` (a new path), while writers go
         on: LMDB's copy of that snapshot plus its model and segments (backup.py). ``dest``

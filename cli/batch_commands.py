@@ -39,6 +39,9 @@ from .options import (
 @click.option("--rerank", type=int, default=None, metavar="R",
               help="Approximate search for a store larger than RAM, as `query --rerank`: score probed "
                    "rows from their sketches and rescore the R best exactly. [default: certified search]")
+@click.option("--columns", default=None, metavar="A,B",
+              help="A store's metadata columns to write beside the results, in OUT/columns.parquet "
+                   "(query, rank, id, then these).")
 @click.option("--block-rows", type=int, metavar="N", default=library_default(batch.search, "block_rows"),
               show_default=True, help="Queries per task and per output chunk.")
 @click.option("--workers", type=int, metavar="N", default=None,
@@ -59,7 +62,7 @@ from .options import (
 @quiet_option
 @json_option
 def search_batch(target: Path, queries: Path, out: Path, k: int, probes: Probes, prune: bool | None,
-                 rerank: int | None, block_rows: int, workers: int | None, threads_per_worker: int, scheduler: str | None,
+                 rerank: int | None, columns: str | None, block_rows: int, workers: int | None, threads_per_worker: int, scheduler: str | None,
                  resume: bool, exclude_self: bool, allow_writer: bool, no_lock: bool, quiet: bool,
                  as_json: bool) -> None:
     """Search every query in QUERIES against STORE on Dask; write the results to --out.
@@ -75,13 +78,15 @@ def search_batch(target: Path, queries: Path, out: Path, k: int, probes: Probes,
     Example:
         asteria-store search-batch mystore queries.npy --out results.zarr -k 10 --workers 2
         asteria-store search-batch mystore queries.npy --out results.zarr --resume
+        asteria-store search-batch mystore queries.npy --out results.zarr --columns title,year
         asteria-store search-batch mystore mystore --out knn.zarr -k 15 --exclude-self
         asteria-store search-batch coll q.npy --out r.zarr --scheduler tcp://10.0.0.5:8786
     """
     if scheduler is not None and workers is not None:
         raise click.UsageError("--workers and --scheduler exclude each other: the scheduler's cluster has its workers.")
     result = batch.search(target, queries, out, k=k, probes=probes, prune="auto" if prune is None else prune,
-                          rerank=rerank, block_rows=block_rows, workers=workers, threads_per_worker=threads_per_worker,
+                          rerank=rerank, block_rows=block_rows,
+                          columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None, workers=workers, threads_per_worker=threads_per_worker,
                           scheduler=scheduler, resume=resume, exclude_self=exclude_self,
                           allow_writer=allow_writer, lock=not no_lock, progress=not quiet)
     if as_json:

@@ -334,3 +334,21 @@ def test_cli_ingests_metadata_filters_prints_columns_and_exports(tmp_path: Path)
     out = pq.read_table(tmp_path / "out.parquet")
     assert out.column_names == ["id", "year"]
     assert sorted(out.column("year").to_pylist()) == list(range(200))
+
+
+def test_a_batch_job_writes_the_asked_columns_beside_its_results(store, wordnet, tmp_path: Path) -> None:
+    from asteria_store import batch
+
+    q = wordnet.queries[:30]
+    res = batch.search(store.path, q, tmp_path / "r.zarr", k=5, probes=8, columns=["half", "year"],
+                       block_rows=8, workers=0)
+    assert res.blocks_run == 4
+    table = pq.read_table(tmp_path / "r.zarr" / "columns.parquet")
+    assert table.column_names == ["query", "rank", "id", "score", "half", "year"]
+    ids, scores = store.search(q, 5, probes=8)
+    assert table.column("id").to_pylist() == ids.reshape(-1).tolist()
+    assert table.column("query").to_pylist() == np.repeat(np.arange(30), 5).tolist()
+    assert table.column("year").to_pylist() == store.fetch(ids.reshape(-1), columns=["year"]).column("year").to_pylist()
+    with pytest.raises(InvalidArgumentError, match="Unknown column 'nope'"):
+        batch.search(store.path, q, tmp_path / "x.zarr", k=5, columns=["nope"], workers=0)
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()

@@ -42,7 +42,7 @@ from ..progress import ProgressLike, make_progress
 from ..query.engine import DEFAULT_PROBES, Probes
 from ..reads import check_k, check_k_fits
 from ..storage.lock import lock_is_free
-from ..storage.segments import write_atomic
+from ..storage.segments import fsync_dir, write_atomic
 from ..store import Store
 from . import output
 from .cluster import local_client
@@ -94,6 +94,8 @@ class _Job:
     exclude_self: bool
     block_rows: int
     n_queries: int
+    #: Metadata columns to write beside the results (output.COLUMNS_FILE), None: none.
+    columns: tuple[str, ...] | None = None
 
     def bounds(self, block: int) -> tuple[int, int]:
         start = block * self.block_rows
@@ -114,6 +116,7 @@ def search(
     prune: bool | Literal["auto"] = "auto",
     rerank: int | None = None,
     exclude_self: bool = False,
+    columns: list[str] | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     workers: int | None = None,
     threads_per_worker: int = 1,
@@ -134,6 +137,9 @@ def search(
             vectors: the kNN graph; ``exclude_self`` drops each vector's own id), or an array.
         k, probes, prune, rerank: as for :meth:`Store.search`; results equal
             ``Store.search`` of each block.
+        columns: metadata columns of a store to write beside the results, in
+            ``<out>/columns.parquet``: one row per result (query, rank, id, then these
+            columns), read from the generation the job searched once every block is done.
         block_rows: queries per task (and per output chunk).
         workers: local worker processes (default: one per core); ``0``: no Dask, this
             process only. Ignored with ``scheduler`` or ``client``.
@@ -149,7 +155,7 @@ def search(
     t0 = time.perf_counter()
     plan = _plan(target, queries, Path(out), k=k, probes=probes, prune=prune, rerank=rerank,
                  exclude_self=exclude_self, block_rows=block_rows, resume=resume, allow_writer=allow_writer,
-                 lock=lock)
+                 lock=lock, columns=columns)
     job, todo, n_blocks, array, _ = plan
     out_path = Path(out)
     if job is None:  # resume of a finished job
@@ -193,7 +199,8 @@ def _rows(job: _Job, block: int) -> int:
 
 
 def _plan(target: Any, queries: Any, out: Path, *, k: int, probes: Any, prune: Any, rerank: Any,
-          exclude_self: bool, block_rows: int, resume: bool, allow_writer: bool, lock: bool):
+          exclude_self: bool, block_rows: int, resume: bool, allow_writer: bool, lock: bool,
+          columns: list[str] | None = None):
     """Check everything that can be checked before any work, and set up the output."""
     k = check_k(k)
     if probes != "all" and (isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1):
@@ -208,14 +215,14 @@ def _plan(target: Any, queries: Any, out: Path, *, k: int, probes: Any, prune: A
     try:
         return _plan_with(owner, path, kind, queries, out, k=k, probes=probes, prune=prune, rerank=rerank,
                           exclude_self=exclude_self, block_rows=block_rows, resume=resume,
-                          allow_writer=allow_writer, lock=lock)
+                          allow_writer=allow_writer, lock=lock, columns=columns)
     finally:
         owner.close()
 
 
 def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "collection"], queries: Any, out: Path,
                *, k: int, probes: Any, prune: Any, rerank: Any, exclude_self: bool, block_rows: int,
-               resume: bool, allow_writer: bool, lock: bool):
+               resume: bool, allow_writer: bool, lock: bool, columns: list[str] | None):
     shards = tuple(str(p) for p in owner.shard_paths) if kind == "collection" else (str(path),)
     if not allow_writer:
         for shard in shards:
@@ -232,6 +239,10 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
         raise InvalidArgumentError("exclude_self needs queries that are a store's own vectors (a store or "
                                    "collection path as QUERIES).")
     k_search = k + 1 if exclude_self else k
+    if columns is not None:
+        if kind == "collection":
+            raise InvalidArgumentError("columns are for stores: collections hold no metadata columns.")
+        columns = owner.check_columns(columns)
     for shard in owner.shards if kind == "collection" else (owner,):
         shard.check_rerank(rerank, k_search)
         if shard.id_kind == "string":
@@ -248,6 +259,7 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
         "queries": source.fingerprint, "n_queries": source.n, "k": k,
         "probes": probes if probes == "all" else int(probes), "prune": prune,
         "rerank": None if rerank is None else int(rerank), "exclude_self": bool(exclude_self),
+        "columns": columns,
         "block_rows": int(block_rows), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if allow_writer:  # the store may change between runs: resume only checks the rest
@@ -263,7 +275,8 @@ def _plan_with(owner: Store | Collection, path: Path, kind: Literal["store", "co
         output.write_query_ids(stage, given)
         write_atomic(stage / output.MARKERS / "ids", b"")
     job = _Job(kind, shards, generation, lock, allow_writer, str(stage), source, k, probes, prune,
-               manifest["rerank"], bool(exclude_self), int(block_rows), source.n)
+               manifest["rerank"], bool(exclude_self), int(block_rows), source.n,
+               None if columns is None else tuple(columns))
     todo = [b for b in range(n_blocks) if b not in done]
     return _Plan(job, todo, n_blocks, array, source.n)
 
@@ -278,7 +291,7 @@ def _finished(out: Path, manifest: dict) -> bool:
     if not isinstance(attrs, dict) or not attrs.get("complete"):
         return False
     return all(attrs.get(key) == manifest.get(key) for key in ("target", "queries", "k", "probes", "rerank",
-                                                                "exclude_self", "block_rows"))
+                                                                "exclude_self", "block_rows", "columns"))
 
 
 def _array_block(array: np.ndarray | None, job: _Job, block: int) -> np.ndarray | None:
@@ -433,8 +446,36 @@ def _finish(job: _Job, out: Path, stage: Path, n_blocks: int, seconds: float) ->
     missing = sorted(set(range(n_blocks)) - {r["block"] for r in records})
     if missing:  # cannot happen unless a marker was removed by hand meanwhile
         raise StoreChangedError(f"Blocks {missing[:5]} of {str(stage)!r} are not done; rerun with --resume.")
+    if job.columns is not None:
+        _write_columns(job, stage, n_blocks)
     output.publish(out, stage, {"seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                           time.gmtime())})
+
+
+def _write_columns(job: _Job, stage: Path, n_blocks: int) -> None:
+    """Write the asked metadata of every result beside the results, block by block, from
+    the generation the job searched (a commit since fails the job unless allow_writer)."""
+    import pyarrow.parquet as pq
+    import zarr
+
+    group = zarr.open_group(str(stage / output.GROUP), mode="r")
+    store = cached_store(job.shards[0], job.lock)
+    _check_generation(job, 0, store)
+    path = stage / output.GROUP / output.COLUMNS_FILE
+    writer = None
+    try:
+        for block in range(n_blocks):
+            start, stop = job.bounds(block)
+            table = store.results_table(np.asarray(group["ids"][start:stop]), np.asarray(group["scores"][start:stop]),
+                                        columns=list(job.columns), first_query=start)
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    fsync_dir(path)  # a file: fsynced alone (publish fsyncs the group's directory)
+    _check_generation(job, 0, store)
 
 
 __all__ = ["DEFAULT_BLOCK_ROWS", "BatchResult", "search"]

@@ -30,6 +30,9 @@ from ..errors import InvalidArgumentError, StoreExistsError
 from ..storage.segments import fsync_dir, fsync_tree, write_atomic
 
 GROUP = "results.zarr"
+#: With a job's ``columns``: the results' metadata (query, rank, id, columns), Parquet,
+#: inside the group (Zarr readers ignore it).
+COLUMNS_FILE = "columns.parquet"
 MARKERS = "done"
 JOB_FILE = "job.json"
 
@@ -152,4 +155,4 @@ def publish(out: Path, stage: Path, summary: dict[str, Any]) -> None:
     shutil.rmtree(stage, ignore_errors=True)
 
 
-__all__ = ["begin", "markers", "publish", "read_query_ids", "staging_path", "write_block", "write_query_ids"]
+__all__ = ["COLUMNS_FILE", "begin", "markers", "publish", "read_query_ids", "staging_path", "write_block", "write_query_ids"]
