@@ -27,7 +27,7 @@ from .io import ArrayLike, VectorSource, l2_distances, query_form
 from .model.persist import load_router
 from .model.router import Router
 from .query import filter as qfilter
-from .query.engine import Probes, SearchStats, View, search_batch, search_exact
+from .query.engine import Probes, SearchStats, View, search_batch, search_exact, search_gathered
 from .query.kernels import check_kernel, check_threads, default_kernel
 from .storage import columns as collib
 from .storage import segments as seglib
@@ -43,7 +43,7 @@ QUERY_BLOCK_ROWS = 16384
 #: ``k`` may exceed the live count (results are padded with -1) up to this many.
 _K_PAD_MAX = 65536
 #: Filters (per generation and predicate) whose matching rows a handle keeps.
-_FILTERS_KEPT = 8
+_FILTERS_KEPT = 4
 #: Largest result arrays one search may allocate (ids and scores, 12 bytes per cell).
 _RESULT_BYTES_MAX = 8 << 30
 
@@ -109,7 +109,7 @@ class ReadSide:
         #: at a time; reads of a built view need no lock.
         self._view_lock = threading.Lock()
         #: Matching rows and filtered views of recent filters (:meth:`_filtered`).
-        self._filters: dict[tuple[int, str], tuple[dict[int, np.ndarray], View]] = {}
+        self._filters: dict[tuple[int, str], qfilter.Filtered] = {}
 
     def close(self) -> None:
         for r in self.readers.values():
@@ -309,11 +309,12 @@ class ReadSide:
             check_k_fits(k, len(qs), view.count)
             if table_columns is not None:
                 table_columns = check_columns(table_columns, view.schema)
-            plan = None
+            plan = filtered = None
             if where is not None:
-                where = qfilter.check_where(where, view.schema)
-                matches, view = self._filtered(snap.view, where)
-                plan = qfilter.plan(where, view.count, snap.view.count, probes, self.router.n_buckets)
+                filtered = self._filtered(snap.view, where)
+                view = filtered.view.bound(snap.view.lookup_extents)
+                plan = qfilter.plan(where, view.count, snap.view.count, probes, self.router.n_buckets,
+                                    4 * self.config.stored_dim)
                 probes = "all" if plan.plan == "exact" else plan.probes
             if probes != "all":
                 opts = {"prune": prune, "threads": threads, "kernel": kernel, "device": device, "rerank": rerank}
@@ -321,7 +322,7 @@ class ReadSide:
                 if candidates is None and fill:
                     self._probe_on(view, qs, k, int(probes), out, opts)
             else:
-                out = search_exact(view, qs, k, rows=matches if plan is not None else None)
+                out = search_exact(view, qs, k) if filtered is None else search_gathered(*filtered.gathered(), qs, k)
                 if explain:
                     out += (self._exact_stats(view, len(qs), plan is not None),)
             if explain and plan is not None:
@@ -338,19 +339,20 @@ class ReadSide:
         rows = view.count if filtered else sum(r.n for r in view.segments.values())
         return SearchStats(np.full(nq, -1), np.full(nq, view.count), np.full(nq, rows * row_bytes), rows * row_bytes)
 
-    def _filtered(self, view: View, where: str) -> tuple[dict[int, np.ndarray], View]:
-        """The rows of ``view`` that match ``where``, and ``view`` with the others dead;
-        kept for the last few predicates of this generation (a filter costs a pass over
-        its columns)."""
+    def _filtered(self, view: View, where: str) -> qfilter.Filtered:
+        """``where`` over ``view`` (checked first: a one-line error for a bad predicate),
+        kept for the last few predicates of this generation: a filter costs a pass over
+        its columns, and its exact plan a gather of its rows."""
+        if not isinstance(where, str):
+            qfilter.check_where(where, view.schema)  # raises
         key = (view.generation, where)
         hit = self._filters.get(key)
         if hit is None:
-            matches = qfilter.matching_rows(view, where)
-            hit = (matches, qfilter.filtered_view(view, matches))
+            hit = qfilter.Filtered(view, qfilter.check_where(where, view.schema))
             if len(self._filters) >= _FILTERS_KEPT:
                 self._filters.pop(next(iter(self._filters)))
             self._filters[key] = hit
-        return hit[0], hit[1].bound(view.lookup_extents)
+        return hit
 
     # -- metadata ------------------------------------------------------------------------
 

@@ -115,8 +115,16 @@ FILTERS = [  # (SQL, the same predicate in numpy)
 ]
 
 
+@pytest.fixture
+def probe_plans(monkeypatch):
+    """Filters plan as on a big store: matching rows are never few enough to gather."""
+    from asteria_store.query import filter as qfilter
+
+    monkeypatch.setattr(qfilter, "EXACT_BYTES", 0)
+
+
 @pytest.mark.parametrize("sql,truth", FILTERS, ids=[f[0] for f in FILTERS])
-def test_filtered_search_returns_only_matching_rows_and_k_of_them(store, wordnet, sql, truth) -> None:
+def test_filtered_search_returns_only_matching_rows_and_k_of_them(store, wordnet, sql, truth, probe_plans) -> None:
     k = 10
     mask = matches(attributes(N), truth)
     ids, scores, stats = store.search(wordnet.queries[:50], k, where=sql, probes=4, explain=True)
@@ -139,7 +147,14 @@ def test_exhaustive_filtered_search_is_brute_force_over_the_matching_rows(store,
     np.testing.assert_array_equal(ids, brute_force(wordnet.base, wordnet.queries[:40], matches(attributes(N), truth), 10))
 
 
-def test_the_plan_follows_selectivity(store, wordnet) -> None:
+def test_rows_that_fit_in_memory_are_gathered_and_searched_exactly(store, wordnet) -> None:
+    sql, truth = FILTERS[0]  # half the rows, 3 MB of vectors
+    ids, _, stats = store.search(wordnet.queries[:40], 10, where=sql, probes=4, explain=True)
+    assert stats.plan["plan"] == "exact"
+    np.testing.assert_array_equal(ids, brute_force(wordnet.base, wordnet.queries[:40], matches(attributes(N), truth), 10))
+
+
+def test_the_plan_follows_selectivity(store, wordnet, probe_plans) -> None:
     plans = {}
     for sql, _ in FILTERS[:2]:
         plans[sql] = store.query(wordnet.queries[0], 10, where=sql, probes=4, explain=True)[2]["filter"]
@@ -149,7 +164,7 @@ def test_the_plan_follows_selectivity(store, wordnet) -> None:
     assert 0.05 < plans["year >= 1990"]["selectivity"] < 0.15
 
 
-def test_a_probed_filtered_search_equals_the_same_probes_over_the_matching_rows(store, wordnet) -> None:
+def test_a_probed_filtered_search_equals_the_same_probes_over_the_matching_rows(store, wordnet, probe_plans) -> None:
     """Non-matching rows are treated as deleted: a probed plan scores what an unfiltered
     search of the same probes scores, less them."""
     sql, truth = FILTERS[0]

@@ -176,16 +176,30 @@ def search_exact(view: View, queries: np.ndarray, k: int,
                 mask = view.live_mask(seg, start, stop - start)
                 if mask is not None:
                     vecs, ids = vecs[mask], ids[mask]
-            if len(ids) == 0:
-                continue
-            for q0 in range(0, nq, _QUERY_BLOCK):
-                q = queries[q0 : q0 + _QUERY_BLOCK]
-                s = q @ vecs.T
-                tile_i = np.broadcast_to(ids, s.shape)
-                best_s[q0 : q0 + len(q)], best_i[q0 : q0 + len(q)] = _merge(
-                    best_s[q0 : q0 + len(q)], best_i[q0 : q0 + len(q)], s, tile_i, k
-                )
+            if len(ids):
+                _score_into(best_s, best_i, queries, vecs, ids, k)
     return best_i, best_s
+
+
+def search_gathered(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int):
+    """Brute force over rows gathered in memory (float32 ``vectors`` (m, D), int64
+    ``ids``): a filter's few matching rows. Same results as :func:`search_exact` over them."""
+    best_s, best_i = _empty(len(queries), k)
+    if len(ids):
+        _score_into(best_s, best_i, queries, vectors, ids, k)
+    return best_i, best_s
+
+
+def _score_into(best_s: np.ndarray, best_i: np.ndarray, queries: np.ndarray, vecs: np.ndarray, ids: np.ndarray,
+                k: int) -> None:
+    """Merge the exact scores of rows ``vecs`` (ids ``ids``) into each query's top k."""
+    for q0 in range(0, len(queries), _QUERY_BLOCK):
+        q = queries[q0 : q0 + _QUERY_BLOCK]
+        s = q @ vecs.T
+        tile_i = np.broadcast_to(ids, s.shape)
+        best_s[q0 : q0 + len(q)], best_i[q0 : q0 + len(q)] = _merge(
+            best_s[q0 : q0 + len(q)], best_i[q0 : q0 + len(q)], s, tile_i, k
+        )
 
 
 @dataclass

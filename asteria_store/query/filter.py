@@ -11,7 +11,9 @@ live rows over live rows):
 
 * ``"exact"``: when few rows match, every matching row is scored exactly (brute force
   over them only). Chosen when the matching rows are no more than the rows a probed
-  search would scan, which happens below ``s ~= sqrt(probes / buckets)``;
+  search would scan (below ``s ~= sqrt(probes / buckets)``), or when their vectors fit
+  :data:`EXACT_BYTES`: those are gathered into memory once per filter and generation,
+  so each query is one matrix product over them;
 * ``"probed"``: otherwise probes rise to ``probes / s`` (so about as many matching rows
   are met as an unfiltered search meets rows), and a query that still has fewer than k
   results probes on (doubling) until it has them.
@@ -33,6 +35,10 @@ from ..storage import columns as collib
 from .engine import View
 
 _local = threading.local()
+
+#: Matching rows whose vectors fit this many bytes are searched exactly, from one copy
+#: gathered per filter (kept with the filter's matching rows: reads.py keeps a few).
+EXACT_BYTES = 32 << 20
 
 
 def _connection():
@@ -124,6 +130,37 @@ def matching_rows(view: View, where: str) -> dict[int, np.ndarray]:
     return out
 
 
+class Filtered:
+    """One predicate over one generation: its matching rows, the view in which the others
+    are dead, and (once asked for) the matching rows' vectors gathered into memory."""
+
+    def __init__(self, view: View, where: str):
+        self.where = where
+        self.matches = matching_rows(view, where)
+        self.view = filtered_view(view, self.matches)
+        self._gathered: tuple[np.ndarray, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self.view.count
+
+    def gathered(self) -> tuple[np.ndarray, np.ndarray]:
+        """The matching rows' float32 vectors (m, D) and int64 ids, gathered once."""
+        with self._lock:
+            if self._gathered is None:
+                vecs, ids = [], []
+                for seg, rows in sorted(self.matches.items()):
+                    reader = self.view.segments[seg]
+                    vecs.append(reader.take_vectors(rows))
+                    ids.append(reader.take("ids", rows).astype(np.int64))
+                some = next(iter(self.view.segments.values()), None)
+                width = some.dim if some is not None else 0
+                self._gathered = (np.concatenate(vecs) if vecs else np.empty((0, width), np.float32),
+                                  np.concatenate(ids) if ids else np.empty(0, np.int64))
+            return self._gathered
+
+
 def filtered_view(view: View, matches: dict[int, np.ndarray]) -> View:
     """``view`` with every row outside ``matches`` dead (as if deleted): searches of it
     return matching rows only. Its bucket tables are its own."""
@@ -137,9 +174,10 @@ def filtered_view(view: View, matches: dict[int, np.ndarray]) -> View:
     return view.with_dead(deleted, int(sum(len(r) for r in matches.values())))
 
 
-def plan(where: str, matching: int, live: int, probes: int | str, n_buckets: int) -> Plan:
-    """The plan for a filtered search (see the module's docstring)."""
-    if probes == "all" or matching == 0:
+def plan(where: str, matching: int, live: int, probes: int | str, n_buckets: int, row_bytes: int) -> Plan:
+    """The plan for a filtered search (see the module's docstring); ``row_bytes``: bytes
+    of one gathered (float32) vector."""
+    if probes == "all" or matching == 0 or matching * row_bytes <= EXACT_BYTES:
         return Plan(where, matching, live, "exact", None)
     scanned = min(1.0, probes / max(1, n_buckets)) * live  # rows a probed search scans
     raised = min(n_buckets, math.ceil(probes * live / matching))
@@ -148,4 +186,4 @@ def plan(where: str, matching: int, live: int, probes: int | str, n_buckets: int
     return Plan(where, matching, live, "probed", int(raised))
 
 
-__all__ = ["Plan", "check_where", "filtered_view", "matching_rows", "plan"]
+__all__ = ["EXACT_BYTES", "Filtered", "Plan", "check_where", "filtered_view", "matching_rows", "plan"]
