@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import click
+import numpy as np
 
 import asteria_store
 from asteria_store import AsteriaError, Store, batch
@@ -261,8 +262,10 @@ def query(path: Path, queries: Path, k: int, probes: Probes, candidates: int | N
         if collection:
             out = store.search(queries, k, probes=probes, prune="auto" if prune is None else prune, rerank=rerank)
         else:
-            out = store.search(queries, k, probes=probes, candidates=candidates,
-                               prune="auto" if prune is None else prune, explain=explain, rerank=rerank, where=where)
+            if prune is None:
+                prune = _one_shot_prune(store, queries, probes, rerank)
+            out = store.search(queries, k, probes=probes, candidates=candidates, prune=prune, explain=explain,
+                               rerank=rerank, where=where)
         ids, scores = out[0], out[1]
         present = ids != None if ids.dtype == object else ids >= 0  # noqa: E711 (None or -1: no result)
         found_ids = ids[present]
@@ -545,6 +548,25 @@ def demo(n: int, dim: int, queries: int, k: int, keep: Path | None, quiet: bool)
         asteria-store demo --n 100000 --dim 128 --keep demostore
     """
     run_demo(n=n, dim=dim, queries=queries, k=k, keep=keep, progress=not quiet, print_fn=click.echo)
+
+
+#: Vectors a one-shot ``query`` may read whole rather than load the compiled path (~1 s).
+_ONE_SHOT_BYTES = 16 << 20
+
+
+def _one_shot_prune(store, queries: Path, probes: Probes, rerank: int | None) -> bool | str:
+    """``prune`` for one CLI process: where the queries' probed rows hold few bytes, score
+    them whole in numpy (``False``) instead of loading the compiled pruning path, which
+    costs more than such a search. Pruning is lossless: the results are the same."""
+    if rerank is not None or probes == "all":
+        return "auto"
+    try:
+        n = np.load(queries, mmap_mode="r").shape[0]
+    except (OSError, ValueError, IndexError):
+        return "auto"  # the search says what is wrong with the file
+    buckets = store.router.n_buckets
+    rows = n * min(int(probes), buckets) * len(store) / max(1, buckets)
+    return False if rows * 4 * store.dim <= _ONE_SHOT_BYTES else "auto"
 
 
 def _open_any(path: Path, **options):

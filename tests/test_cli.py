@@ -490,3 +490,30 @@ def test_the_cli_info_and_a_query_do_not_import_torch(small_learned: Path, tmp_p
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_one_shot_query_of_a_small_store_skips_the_compiled_path(small_learned: Path, tmp_path: Path):
+    """Loading numba's kernels costs ~1 s, more than searching a few MiB of rows whole: the
+    CLI's query of a small store does not load them, and its results are the library's
+    (pruned) ones. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    q = clustered_vectors(3, 16, clusters=12, seed=6)
+    qfile = save(tmp_path, "q.npy", q)
+    code = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from asteria_store_cli.main import cli\n"
+        f"result = CliRunner().invoke(cli, ['query', {str(small_learned)!r}, {str(qfile)!r}, '--probes', '3', '--json'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(json.dumps([json.loads(line)['ids'] for line in result.output.splitlines()]))\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ids_line, numba_loaded = out.stdout.strip().splitlines()
+    assert numba_loaded == "False"
+    with asteria_store.open(small_learned, readonly=True) as store:
+        want = store.search(q, 10, probes=3, prune=True)[0]
+    assert json.loads(ids_line) == [row[row >= 0].tolist() for row in want]
