@@ -558,7 +558,7 @@ def _one_shot_prune(store, queries: Path, probes: Probes, rerank: int | None) ->
     """``prune`` for one CLI process: where the queries' probed rows hold few bytes, score
     them whole in numpy (``False``) instead of loading the compiled pruning path, which
     costs more than such a search. Pruning is lossless: the results are the same."""
-    if rerank is not None or probes == "all":
+    if rerank is not None or probes == "all" or not Path(queries).is_file():  # a FIFO is refused by the search
         return "auto"
     try:
         n = np.load(queries, mmap_mode="r").shape[0]
