@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,35 +205,49 @@ def test_writable_open_removes_orphan_of_killed_ingest(tmp_path, python_child):
         assert_holds_exactly_a(store, data, arrays)
 
 
-# Kill times (seconds after the child starts B's ingest): one seeded draw per stratum. B's
-# ingest (100k rows in 1024-row chunks) takes ~1.5 s here: ~0.1 s hashing, then writing and
-# fsyncing ~200 chunk files, then the commit. The strata aim at hashing, early writing, late
-# writing, around the commit, and after it; wherever a kill lands on a given machine, the
-# store must hold the old state or the new one.
-_STRATA = [(0.02, 0.1), (0.1, 0.6), (0.6, 1.2), (1.2, 1.8), (2.2, 3.0)]
-KILL_TIMES = [round(float(np.random.default_rng(0).uniform(lo, hi)), 3) for lo, hi in _STRATA]
+# Kill points of a long ingest (B: 100k rows, 98 chunks of 1024 rows), chosen by what the
+# parent observes rather than by seconds: the number of B's vector chunk files that exist
+# (its writing pass), or B's "done" line. Until every chunk is written B cannot be
+# committed, so the store must hold exactly A; from the last chunk on, A or A and B.
+KILL_STAGES = {"hashing": 0, "early writing": 3, "mid writing": 49, "every chunk written": 98, "after B": None}
+_B_CHUNKS = 98
 
 
-@pytest.mark.parametrize("delay", KILL_TIMES)
-def test_kill_at_random_time_leaves_old_or_new_state(tmp_path, python_child, delay):
+def _wait_for(proc, predicate, what: str, timeout: float = 120.0) -> None:
+    """Poll ``predicate`` until it holds; fail if the child exits first or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the child exited before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("stage", list(KILL_STAGES))
+def test_kill_at_a_stage_of_a_long_ingest_leaves_old_or_new_state(tmp_path, python_child, stage):
     path, data, arrays = make_data(tmp_path, n_b=100_000, chunk_rows=1024)
     k = N_A + 10  # the whole of A; of A and B, a top-k
     proc = python_child(CHILD, path, data, "ready", k)
     lines = [proc.stdout.readline() for _ in range(2)]
     assert lines == ["A committed\n", "ready\n"], proc.communicate()
-    try:  # kill it `delay` seconds in, unless it has exited by then
-        proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        pass
+    chunks = path / "segments.zarr" / B_SEGMENT / "vectors" / "c"
+    need = KILL_STAGES[stage]
+    if need is None:
+        _wait_for(proc, lambda: proc.poll() is not None, "the end of B's ingest")
+    elif need:
+        _wait_for(proc, lambda: chunks.is_dir() and sum(1 for _ in chunks.iterdir()) >= need,
+                  f"{need} chunk files of B")
     proc.kill()
     out, err = proc.communicate(timeout=60)
     finished = "B done" in out
-    # Killed before finishing, or finished and then exited or was killed on its way out.
     assert proc.returncode in ((0, -signal.SIGKILL) if finished else (-signal.SIGKILL,)), err
 
     with asteria_store.open(path, readonly=True) as store:
         report = store.verify()
         assert report.ok, report.problems
+        if need is not None and need < _B_CHUNKS:
+            assert len(store) == N_A  # killed while writing B: it cannot have been committed
+        if need is None:
+            assert finished and len(store) == N_A + len(arrays["b"])
         if len(store) == N_A:
             assert not finished
             assert report.orphans in ([], [B_SEGMENT])

@@ -252,17 +252,14 @@ def test_prune_must_be_a_known_mode(store, wordnet) -> None:
 def test_auto_batch_prunes_only_small_bucket_groups(store, wordnet) -> None:
     """In a big batch most buckets are shared by many queries and read whole; alone, a
     query prunes (learned router)."""
-    from asteria_store.query.engine import PRUNE_GROUP_MAX
-
     _, queries = wordnet
     _, _, forced = store.search(queries, K, probes=8, prune=True, explain=True)
     _, _, auto = store.search(queries, K, probes=8, explain=True)
     assert auto.pruned.sum() <= forced.pruned.sum()
     if store.router.kind == "ecvh":
-        assert forced.pruned.sum() > 0
+        assert auto.pruned.sum() < forced.pruned.sum()  # buckets many queries share are read whole
         one = store.query(queries[0], K, probes=8, explain=True)[2]
         assert one["pruned"] > 0
-    assert PRUNE_GROUP_MAX >= 1
 
 
 def test_a_small_store_returns_k_results_for_every_query(wordnet, tmp_path) -> None:

@@ -155,13 +155,23 @@ def test_finish_returns_the_crc32c_of_every_chunk(tmp_path: Path) -> None:
     assert (int(sums["vectors"][0]), int(sums["ids"][2])) == (first, last_ids)
 
 
-def test_fsync_tree_runs_on_a_tree(tmp_path: Path) -> None:
+def test_fsync_tree_syncs_every_file_and_directory_children_first(tmp_path: Path, monkeypatch) -> None:
+    """A directory's entries are durable only once it is fsynced, after what it holds."""
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "f").write_bytes(b"data")
     (tmp_path / "a" / "g").write_bytes(b"more")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), tmp_path))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
     seglib.fsync_tree(tmp_path / "a")
-    seglib.fsync_dir(tmp_path)
-    assert (tmp_path / "a" / "b" / "f").read_bytes() == b"data"
+    assert sorted(synced) == sorted(["a", "a/b", "a/b/f", "a/g"])
+    assert synced.index("a/b/f") < synced.index("a/b") < synced.index("a")
+    assert synced.index("a/g") < synced.index("a")
     with pytest.raises(FileNotFoundError):
         seglib.fsync_dir(tmp_path / "missing")
 
