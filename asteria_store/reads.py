@@ -21,7 +21,7 @@ import lmdb
 import numpy as np
 
 from .config import StoreConfig
-from .errors import IdNotFoundError, InvalidArgumentError, InvalidInputError
+from .errors import IdNotFoundError, InvalidArgumentError
 from .ids import as_id_array, id_kind, to_external, to_internal
 from .io import ArrayLike, VectorSource, l2_distances, query_form
 from .model.persist import load_router

@@ -148,6 +148,21 @@ def routed_store(request, wordnet: Dataset, tmp_path_factory: pytest.TempPathFac
     s.close()
 
 
+def normalise(x: np.ndarray) -> np.ndarray:
+    """What a store does to vectors and queries under metric "cosine" (float32 rows of
+    unit length)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def run(*args: object):
+    """The CLI run in-process (click's CliRunner) with ``args`` as strings: its Result."""
+    from asteria_store_cli.main import cli
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
 def assert_same_up_to_rounding(ids, scores, ref_i, ref_s, atol=1e-6) -> None:
     """Equal results, except that rows whose exact scores differ by float32 rounding only
     (a product of another shape sums in another order) may trade places."""

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 import asteria_store
+from conftest import run
 from asteria_store import FORMAT_VERSION
 from asteria_store.demo import run_demo
 from asteria_store.storage.catalog import Catalog
 from asteria_store.testing import clustered_vectors
-from asteria_store_cli.main import cli
 
 DIM = 16
 N = 500
@@ -31,8 +31,6 @@ COMMANDS = ["create", "ingest", "query", "info", "verify", "delete", "demo"]
 # --- helpers and fixtures -----------------------------------------------------------------
 
 
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def error_line(result: Result, *, exit_code: int = 1) -> str:

@@ -11,7 +11,6 @@ that ``verify(repair=True)`` or a writable open removes.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 import asteria_store
+from conftest import normalise, run
 from asteria_store import (
     DimensionMismatchError,
     IdNotFoundError,
@@ -37,7 +38,6 @@ from asteria_store.testing import brute_force_topk, clustered_vectors, recall_at
 from asteria_store.testing.faults import fail_on_call
 from asteria_store.write import MIN_TRAIN_ROWS, learned_plan
 from asteria_store.write.pipeline import SegmentPipeline
-from asteria_store_cli.main import cli
 
 DIM = 16
 K = 10
@@ -60,10 +60,6 @@ def one_torch_thread():
 # --- helpers --------------------------------------------------------------------------------
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    """What the store does to vectors and queries under metric "cosine"."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def brute_force(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int):
@@ -687,8 +683,6 @@ def test_train_model_checks_dimension_and_sample_size(tmp_path) -> None:
 # --- 7. the CLI ------------------------------------------------------------------------------
 
 
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def assert_error(result: Result, line: str) -> None:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import asteria_store
+from conftest import run
 from asteria_store import InvalidArgumentError, InvalidInputError
 from asteria_store.errors import IdNotFoundError
 from asteria_store.storage import segments as seglib
@@ -320,13 +321,6 @@ def test_export_streams_every_live_row_from_one_snapshot(tmp_store) -> None:
 
 
 def test_cli_ingests_metadata_filters_prints_columns_and_exports(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from asteria_store_cli.main import cli
-
-    def run(*args):
-        return CliRunner().invoke(cli, [str(a) for a in args])
-
     rng = np.random.default_rng(6)
     np.save(tmp_path / "v.npy", rng.standard_normal((200, 16)).astype(np.float32))
     np.save(tmp_path / "q.npy", rng.standard_normal((2, 16)).astype(np.float32))

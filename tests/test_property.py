@@ -21,15 +21,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import asteria_store
+from conftest import normalise
 from asteria_store import DuplicateIdError, IdNotFoundError
 from asteria_store.testing import brute_force_topk
 
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def distinct_directions(x: np.ndarray) -> np.ndarray:

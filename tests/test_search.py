@@ -9,14 +9,11 @@ import pytest
 import asteria_store
 from asteria_store.query.engine import search_batch
 from asteria_store.testing import brute_force_topk
-from conftest import assert_same_up_to_rounding
+from conftest import assert_same_up_to_rounding, normalise
 
 K = 10
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import asteria_store
+from conftest import normalise
 import asteria_store.io as io_mod
 import asteria_store.write.pipeline as pipeline_mod
 from asteria_store import (
@@ -45,10 +46,6 @@ DIM = 32
 # --- references -----------------------------------------------------------------------------
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    """What the store does to vectors and queries under metric "cosine"."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def brute_force(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int):

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import asteria_store
+from conftest import run
 from asteria_store import InvalidArgumentError, InvalidInputError
 from asteria_store.errors import DuplicateIdError, IdNotFoundError
-from asteria_store_cli.main import cli
 
 N = 1500
 
@@ -125,9 +124,6 @@ def test_batch_jobs_refuse_a_store_of_string_ids(pair, wordnet, tmp_path) -> Non
 
 
 def test_cli_takes_string_ids_from_npy(tmp_path: Path) -> None:
-    def run(*args):
-        return CliRunner().invoke(cli, [str(a) for a in args])
-
     rng = np.random.default_rng(0)
     np.save(tmp_path / "v.npy", rng.standard_normal((50, 8)).astype(np.float32))
     np.save(tmp_path / "ids.npy", np.array(names(50)))

@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 
 import asteria_store
+from conftest import normalise
 from asteria_store.testing import brute_force_topk, recall_at_k
 
 K = 10
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
