@@ -370,6 +370,49 @@ def _image(d: Dir, dest: Path, rng: random.Random, keep: dict[int, bool], moved:
             counts["files"] += 1
 
 
+def check_image(path: str | os.PathLike[str], allowed: list[dict[int, tuple]], *, atol: float = 1e-6) -> list[str]:
+    """What is wrong with the store at ``path`` (a crash image), given the states it may
+    hold: each ``{id: (normalised vector, metadata value of column "n")}``. It must open,
+    verify, hold exactly one allowed state's ids, their vectors and metadata, and an exact
+    search must return exactly those ids. Empty: nothing wrong."""
+    import numpy as np
+
+    import asteria_store
+
+    try:
+        with asteria_store.open(path) as store:
+            report = store.verify()
+            if not report.ok:
+                return [f"verify: {p}" for p in report.problems[:3]]
+            live = set(store.ids().tolist())
+            states = [a for a in allowed if set(a) == live]
+            if not states:
+                sizes = [len(a) for a in allowed]
+                return [f"{len(live)} live ids match no allowed state (sizes {sizes})"]
+            if not live:
+                return []
+            ids = np.array(sorted(live))
+            got = store.get(ids)
+            n = store.fetch(ids, columns=["n"]).column("n").to_pylist() if store.info()["columns"] else None
+            found, _ = store.search(got[:3], len(live) + 5, probes="all")
+            if any(set(row[row >= 0].tolist()) != live for row in found):
+                return ["an exact search does not return exactly the live ids"]
+            problems = []
+            for state in states:  # an upsert leaves the ids as they were: compare contents
+                want = np.stack([state[i][0] for i in ids.tolist()])
+                mine = []
+                if np.abs(got - want).max() > atol:
+                    mine.append("vectors differ from every allowed state's")
+                if n is not None and n != [state[i][1] for i in ids.tolist()]:
+                    mine.append("metadata differs from every allowed state's")
+                if not mine:
+                    return []
+                problems = problems or mine
+            return problems
+    except Exception as exc:  # an image that cannot be opened or read is a violation too
+        return [f"{type(exc).__name__}: {str(exc)[:200]}"]
+
+
 class Mounted:
     """A :class:`PowerCutFS` served by another process (see :func:`mount`): cuts go to it."""
 
@@ -478,4 +521,4 @@ if __name__ == "__main__":
     _serve(sys.argv[1], sys.argv[2])
 
 
-__all__ = ["Mounted", "PowerCutFS", "mount"]
+__all__ = ["Mounted", "PowerCutFS", "check_image", "mount"]
