@@ -84,25 +84,33 @@ def main() -> None:
             else:
                 store.train(epochs=1, seed=i)
             during = fs.cut_before_syncs(None)
-            images += [(line.split()[0], op, "before a sync of " + line.split()[1], [before, dict(state)])
-                       for line in during]
+            for line in during:
+                image, synced, counts = line.split(" ", 2)
+                images.append((image, op, "before a sync of " + synced, [before, dict(state)], json.loads(counts)))
             after = work / f"after-{i:03d}"
-            fs.cut(after, a.seed * 1000 + i)
-            images.append((str(after), op, "after it returned", [dict(state)]))
+            counts = fs.cut(after, a.seed * 1000 + i)
+            images.append((str(after), op, "after it returned", [dict(state)], counts))
             kinds[op] += 1
             print(f"op {i} {op}: {len(state)} live, {len(during)} cuts before its syncs", flush=True)
         store.close()
-    violations = 0
+    violations, lost = 0, Counter()
     with open(a.out, "w") as out:
-        for path, op, when, allowed in images:
+        for path, op, when, allowed, counts in images:
             problems = check_image(Path(path) / "store", allowed)
             violations += bool(problems)
-            out.write(json.dumps({"image": Path(path).name, "op": op, "when": when, "problems": problems}) + "\n")
+            lost["cuts that dropped file writes"] += counts["writes_dropped"] > 0
+            lost["cuts that tore a write"] += counts["writes_torn"] > 0
+            lost["cuts that undid directory entries"] += counts["entries_undone"] > 0
+            lost["cuts that lost nothing"] += not (counts["writes_dropped"] or counts["entries_undone"])
+            where = when.split(" of ")[-1].split("/")[2] if " of " in when else "after"
+            lost[f"cut at: {where}"] += 1
+            out.write(json.dumps({"image": Path(path).name, "op": op, "when": when, "lost": counts,
+                                  "problems": problems}) + "\n")
             if problems:
                 print("VIOLATION", path, op, when, problems, flush=True)
     print(json.dumps({"ops": dict(kinds), "cuts": len(images), "before_syncs": sum(1 for i in images if "sync" in i[2]),
                       "after_ops": sum(1 for i in images if "after" in i[2]), "violations": violations,
-                      "seconds": round(time.perf_counter() - started, 1)}))
+                      "losses": dict(lost), "seconds": round(time.perf_counter() - started, 1)}))
     shutil.rmtree(work, ignore_errors=True)
 
 

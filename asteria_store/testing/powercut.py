@@ -22,6 +22,7 @@ test then opens as a store. Needs ``mfusepy`` and the ``fuse3`` package (``fuser
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import stat
@@ -431,7 +432,8 @@ class Mounted:
     def cut_before_syncs(self, dest: str | os.PathLike[str] | None, *, every: int = 1, seed: int = 0) -> list[str]:
         """From now on, write a crash image into ``dest/cut-<n>`` just before every
         ``every``-th sync (the power failing as the sync begins); ``None`` stops it.
-        Returns the images written since the last call, with the path each sync was for."""
+        Returns the images written since the last call, each a line: the image, the path
+        the sync was for, and what the cut lost (JSON, as :meth:`PowerCutFS.cut` counts)."""
         self._conn.send(("before_syncs", None if dest is None else os.fspath(dest), every, seed))
         return self._conn.recv()
 
@@ -488,8 +490,8 @@ def _serve(mountpoint: str, sock: str) -> None:
             seen[0] += 1
             if seen[0] % every == 0:
                 image = os.path.join(dest, f"cut-{len(written):04d}")
-                fs.cut(image, seed + seen[0])
-                written.append(f"{image} {path}")
+                counts = fs.cut(image, seed + seen[0])
+                written.append(f"{image} {path} {json.dumps(counts, separators=(',', ':'))}")
 
         return before_sync
 
