@@ -246,28 +246,31 @@ class PowerCutFS(mfusepy.Operations):
     # -- durability ----------------------------------------------------------------------
 
     def fsync(self, path: str, datasync: int, fh: Any) -> int:
+        return self._sync(path, self._sync_file)
+
+    def fsyncdir(self, path: str, datasync: int, fh: Any) -> int:
+        return self._sync(path, self._sync_dir)
+
+    def _sync(self, path: str, commit) -> int:
+        """One fsync: ``on_sync`` first (a cut as the sync begins), then ``commit``."""
         if self.on_sync is not None:
             self.on_sync(path)
         with self._mutex:
-            node = self._walk(path)
-            if isinstance(node, File):
-                node.synced = bytes(node.data)
-                node.pending.clear()
+            commit(self._walk(path))
             self.syncs += 1
         return 0
 
-    def fsyncdir(self, path: str, datasync: int, fh: Any) -> int:
-        if self.on_sync is not None:
-            self.on_sync(path)
-        with self._mutex:
-            node = self._walk(path)
-            # A rename is one journal entry: syncing either of its directories commits it.
-            for op in [op for op in self.renames if op.old_dir is node or op in node.pending]:
-                self._commit_rename(op)
-            node.durable = dict(node.entries)
+    def _sync_file(self, node: Node) -> None:
+        if isinstance(node, File):
+            node.synced = bytes(node.data)
             node.pending.clear()
-            self.syncs += 1
-        return 0
+
+    def _sync_dir(self, node: Dir) -> None:
+        # A rename is one journal entry: syncing either of its directories commits it.
+        for op in [op for op in self.renames if op.old_dir is node or op in node.pending]:
+            self._commit_rename(op)
+        node.durable = dict(node.entries)
+        node.pending.clear()
 
     def _commit_rename(self, op: EntryOp) -> None:
         dest = op.dest
