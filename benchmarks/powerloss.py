@@ -3,10 +3,12 @@
 operations; every crash image is opened and checked.
 
     python benchmarks/powerloss.py --ops 60 --every 2 --seed 0 --out docs/results/powerloss.jsonl
+    python benchmarks/powerloss.py --ops 30 --router tree --out docs/results/powerloss_tree.jsonl
 
 Workload (public API, seeded): ingests (explicit ids, metadata column "n"), upserts,
 deletes, compactions, retrains, on a learned store that trains, re-fits and merges as it
-grows. Before each operation the filesystem is told to write a crash image before every
+grows; ``--router tree`` sizes it as the crasher's tree store (~32-row buckets), so ingests
+split buckets. Before each operation the filesystem is told to write a crash image before every
 ``--every``-th sync: such an image may hold the state before the operation or after it,
 nothing else. After each operation one more image is cut: it must hold the operation.
 Each image must open, verify, hold exactly an allowed state's ids, vectors and
@@ -44,14 +46,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default="docs/results/powerloss.jsonl")
+    ap.add_argument("--router", choices=["learned", "tree"], default="learned")
     a = ap.parse_args()
+    if a.router == "tree":
+        from crasher import small_tree_sizing  # benchmarks/crasher.py: this script's folder
+
+        small_tree_sizing()
     rng = np.random.default_rng(a.seed)
     work = Path(a.work or tempfile.mkdtemp(prefix="powerloss-"))
     shutil.rmtree(work, ignore_errors=True)
     (work / "mnt").mkdir(parents=True)
     pool = clustered_vectors(20000, DIM, clusters=40, seed=a.seed)
     state: dict[int, tuple] = {}
-    next_id, images, kinds = 0, [], Counter()
+    next_id, images, kinds, splits = 0, [], Counter(), 0
     started = time.perf_counter()
     with mount(work / "mnt") as fs:
         store = asteria_store.create(work / "mnt" / "store", dim=DIM, chunk_rows=256)
@@ -66,7 +73,7 @@ def main() -> None:
                 n = int(rng.integers(50, 600))
                 ids = np.arange(next_id, next_id + n)
                 x = pool[rng.integers(0, len(pool), n)] * rng.uniform(0.9, 1.1)
-                store.ingest(x, ids=ids, metadata={"n": ids * 7})
+                splits += bool(store.ingest(x, ids=ids, metadata={"n": ids * 7}).split_rows)
                 next_id += n
                 state.update({int(k): (v, int(k) * 7) for k, v in zip(ids, normalised(x))})
             elif op == "upsert":
@@ -108,7 +115,7 @@ def main() -> None:
                                   "problems": problems}) + "\n")
             if problems:
                 print("VIOLATION", path, op, when, problems, flush=True)
-    print(json.dumps({"ops": dict(kinds), "cuts": len(images), "before_syncs": sum(1 for i in images if "sync" in i[2]),
+    print(json.dumps({"router": a.router, "splits": splits, "ops": dict(kinds), "cuts": len(images), "before_syncs": sum(1 for i in images if "sync" in i[2]),
                       "after_ops": sum(1 for i in images if "after" in i[2]), "violations": violations,
                       "losses": dict(lost), "seconds": round(time.perf_counter() - started, 1)}))
     shutil.rmtree(work, ignore_errors=True)
