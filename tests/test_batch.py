@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import select
 import shutil
 import signal
 import subprocess
@@ -498,24 +499,30 @@ def test_cli_killed_mid_job_then_resumed(built, tmp_path):
     finishes it with the same results as an undisturbed run."""
     out = tmp_path / "r.zarr"
     stage = output.staging_path(out)
-    cmd = [sys.executable, "-c", "from asteria_store_cli.main import cli; cli()", "search-batch", str(built / "store"), str(built / "q.npy"),
-           "--out", str(out), "-k", str(K), "--probes", str(PROBES), "--block-rows", "1", "--workers", "0", "-q"]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    args = ["search-batch", str(built / "store"), str(built / "q.npy"), "--out", str(out), "-k", str(K),
+            "--probes", str(PROBES), "--block-rows", "1", "--workers", "0", "-q"]
+    # The job says "block done" once each block's marker is written: the parent's cue.
+    announce = ("import sys\nfrom asteria_store.batch import output\nwrite = output.write_block\n"
+                "def say(*a, **kw):\n    write(*a, **kw)\n    print('block done', flush=True)\n"
+                "output.write_block = say\nfrom asteria_store_cli.main import cli\ncli()")
+    proc = subprocess.Popen([sys.executable, "-c", announce, *args], start_new_session=True,
+                            stdout=subprocess.PIPE, text=True)
     deadline_blocks = 5  # of 300: killed with most of the job left
-    try:  # poll the job's observable progress (its block markers), with a deadline
+    try:
         deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            done = stage / "done"
-            if done.is_dir() and sum(p.name.isdigit() for p in done.iterdir()) >= deadline_blocks:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.001)
+        for _ in range(deadline_blocks):  # each read waits for the job's next line
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "no block done within 300 s"
+            assert proc.stdout.readline() == "block done\n", "the job ended before 5 blocks"
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
     assert stage.is_dir() and not out.exists()
+    cmd = [sys.executable, "-c", "from asteria_store_cli.main import cli; cli()", *args]
     res = subprocess.run([*cmd, "--resume", "--json"], capture_output=True, text=True, check=True)
     record = json.loads(res.stdout)
     assert record["blocks_skipped"] >= deadline_blocks and record["blocks_run"] + record["blocks_skipped"] == 300

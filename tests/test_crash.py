@@ -10,6 +10,7 @@ that ``verify(repair=True)`` or a writable open removes.
 
 from __future__ import annotations
 
+import select
 import signal
 import time
 from pathlib import Path
@@ -67,6 +68,15 @@ elif point == "deleting":  # inside the LMDB write transaction of a delete
     kill_on_call(catalog.Catalog, "delete_ids", 1)
     store.delete(a_ids[:10])
 elif point == "ready":  # the parent kills at a time of its choosing
+    written = [0]
+    write = segments.SegmentWriter.write
+
+    def write_and_say(self, *args, **kwargs):  # one line per chunk written: the parent's cue
+        write(self, *args, **kwargs)
+        written[0] += 1
+        print(f"wrote {written[0]}", flush=True)
+
+    segments.SegmentWriter.write = write_and_say
     print("ready", flush=True)
 else:
     raise SystemExit(f"unknown point {point}")
@@ -205,20 +215,24 @@ def test_writable_open_removes_orphan_of_killed_ingest(tmp_path, python_child):
 
 
 # Kill points of a long ingest (B: 100k rows, 98 chunks of 1024 rows), chosen by what the
-# parent observes rather than by seconds: the number of B's vector chunk files that exist
-# (its writing pass), or B's "done" line. Until every chunk is written B cannot be
-# committed, so the store must hold exactly A; from the last chunk on, A or A and B.
+# child reports rather than by seconds: its "wrote <n>" line after each chunk of B it
+# writes, or its exit. Until every chunk is written B cannot be committed, so the store
+# must hold exactly A; from the last chunk on, A or A and B.
 KILL_STAGES = {"hashing": 0, "early writing": 3, "mid writing": 49, "every chunk written": 98, "after B": None}
 _B_CHUNKS = 98
 
 
-def _wait_for(proc, predicate, what: str, timeout: float = 120.0) -> None:
-    """Poll ``predicate`` until it holds; fail if the child exits first or after ``timeout``."""
+def _read_until(proc, line: str, timeout: float = 120.0) -> None:
+    """Read the child's lines until ``line`` (each read waits for the child to print);
+    fail if it exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the child exited before {what}: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.001)
+    while True:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no {line!r} from the child within {timeout} s"
+        got = proc.stdout.readline()
+        assert got, f"the child exited before {line!r}: {proc.communicate()}"
+        if got == line + "\n":
+            return
 
 
 @pytest.mark.parametrize("stage", list(KILL_STAGES))
@@ -228,13 +242,11 @@ def test_kill_at_a_stage_of_a_long_ingest_leaves_old_or_new_state(tmp_path, pyth
     proc = python_child(CHILD, path, data, "ready", k)
     lines = [proc.stdout.readline() for _ in range(2)]
     assert lines == ["A committed\n", "ready\n"], proc.communicate()
-    chunks = path / "segments.zarr" / B_SEGMENT / "vectors" / "c"
     need = KILL_STAGES[stage]
     if need is None:
-        _wait_for(proc, lambda: proc.poll() is not None, "the end of B's ingest")
+        proc.wait(timeout=120)  # B's ingest and what follows it, to the end
     elif need:
-        _wait_for(proc, lambda: chunks.is_dir() and sum(1 for _ in chunks.iterdir()) >= need,
-                  f"{need} chunk files of B")
+        _read_until(proc, f"wrote {need}")
     proc.kill()
     out, err = proc.communicate(timeout=60)
     finished = "B done" in out
