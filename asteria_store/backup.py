@@ -22,10 +22,8 @@ from .errors import InvalidArgumentError, StoreExistsError
 from .progress import ProgressLike, make_progress
 from .reads import SEGMENTS_DIR, ReadSide
 from .storage import segments as seglib
-from .storage.catalog import Catalog, segment_name
+from .storage.catalog import CATALOG_DIR, Catalog, segment_name
 from .storage.pins import READERS_DIR
-
-CATALOG_DIR = "catalog.lmdb"
 
 
 @dataclass(frozen=True)

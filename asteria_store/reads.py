@@ -282,10 +282,10 @@ class ReadSide:
     def search(self, queries: ArrayLike, k: int, *, probes: Probes, candidates: int | None,
                prune: bool | Literal["auto"], explain: bool, fill: bool = True, threads: int | None = None,
                kernel: str | None = None, device=None, rerank: int | None = None, where: str | None = None,
-               table_columns: list[str] | None = None):
-        """Search (engine.py; with ``where``, filter.py). ``table_columns``: return the
-        results as one pyarrow Table (query, rank, id, score and these metadata columns),
-        read in the same snapshot as the search."""
+               table: bool = False, table_columns: list[str] | None = None):
+        """Search (engine.py; with ``where``, filter.py). ``table``: return the results as
+        one pyarrow Table (query, rank, id, score and the metadata ``table_columns``, None:
+        all), read in the same snapshot as the search."""
         k = check_k(k)
         threads = check_threads(threads)
         kernel = default_kernel() if kernel is None else check_kernel(kernel)
@@ -307,7 +307,7 @@ class ReadSide:
         with self.snapshot() as snap:
             view = snap.view
             check_k_fits(k, len(qs), view.count)
-            if table_columns is not None:
+            if table:
                 table_columns = check_columns(table_columns, view.schema)
             plan = filtered = None
             if where is not None:
@@ -329,7 +329,7 @@ class ReadSide:
                 out[2].plan = plan.to_dict()
             if self.config.metric == "l2":
                 out = (out[0], l2_distances(given, out[1])) + tuple(out[2:])
-            if table_columns is not None:
+            if table:
                 return self._result_table(snap, out[0], out[1], table_columns)
             return (to_external(self.catalog, snap.txn, out[0]),) + tuple(out[1:])
 
@@ -361,11 +361,6 @@ class ReadSide:
         reports ``"int"`` (string ids are still open to it)."""
         with self.snapshot() as snap:
             return id_kind(self.catalog, snap.txn) or "int"
-
-    def schema_names(self) -> list[str]:
-        """The store's metadata column names, as of now."""
-        with self.snapshot() as snap:
-            return [e["name"] for e in snap.view.schema or []]
 
     def fetch(self, ids: ArrayLike, columns: list[str] | None, vectors: bool):
         """The rows of ``ids`` as a pyarrow Table: id, the ``columns`` asked (None: all),
@@ -443,6 +438,11 @@ class ReadSide:
             table = self._result_table(snap, np.asarray(ids, dtype=np.int64), scores, names)
         query = table.column("query").to_numpy() + np.int32(first_query)
         return table.set_column(0, "query", pa.array(query.astype(np.int32)))
+
+    def contains(self, ids: ArrayLike) -> np.ndarray:
+        """Which of the integer ``ids`` are live (a bool mask), from one snapshot."""
+        with self.snapshot() as snap:
+            return self.catalog.locate(snap.txn, as_id_array(ids))[0]
 
     def check_columns(self, columns: Any) -> list[str]:
         """:func:`check_columns` against the store's schema now."""

@@ -61,14 +61,13 @@ from .results import (
     VerifyReport,
 )
 from .storage import segments as seglib
-from .storage.catalog import Catalog
+from .storage.catalog import CATALOG_DIR, Catalog
 from .storage.lock import WriterLock, lock_is_free
 from .storage.pins import READERS_DIR, ReaderPin
 from .translate import CATALOG_ERRORS, boundary, catalog_error
 from .verify import damage_message, verify_snapshot
 from .write import MIN_TRAIN_ROWS, MODEL_DIR, OnConflict, WriteSide
 
-CATALOG_DIR = "catalog.lmdb"
 
 #: Held (flock) inside a ``.NAME.creating-*`` directory while ``create`` builds it.
 _CREATING_LOCK = ".creating.lock"
@@ -609,8 +608,8 @@ class Store:
         search. ``.to_pandas()`` or ``polars.from_arrow`` convert it."""
         self._check_open()
         return self._reads.search(queries, k, probes=probes, candidates=None, prune="auto", explain=False,
-                                  threads=threads, rerank=rerank, where=where, table_columns=columns
-                                  if columns is not None else self._reads.schema_names())
+                                  threads=threads, rerank=rerank, where=where, table=True,
+                                  table_columns=columns)
 
     def export(self, *, columns: list[str] | None = None, vectors: bool = False, batch_rows: int = 65536):
         """Every live row as a stream of pyarrow RecordBatches (``id``, the metadata
@@ -620,6 +619,12 @@ class Store:
         ``pyarrow.parquet.ParquetWriter`` take them (the CLI's ``export``)."""
         self._check_open()
         return self._reads.export(columns, bool(vectors), batch_rows)
+
+    @boundary
+    def contains(self, ids: ArrayLike) -> np.ndarray:
+        """Which of the (integer) ``ids`` are in the store: a bool mask, one snapshot."""
+        self._check_open()
+        return self._reads.contains(ids)
 
     @boundary
     def check_columns(self, columns: list[str] | None) -> list[str]:

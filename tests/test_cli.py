@@ -466,52 +466,48 @@ def test_query_rerank_without_a_sketch_is_one_line(store: Path, query_file: Path
     assert result.output.count("\n") == 1 and "rerank needs a model with a sketch" in result.output
 
 
-def test_the_cli_info_and_a_query_do_not_import_torch(small_learned: Path, tmp_path: Path):
-    """torch takes ~1.5 s to import: the CLI, opening a learned store, info and one query
-    (certified and by sketch) run without it. Checked in a fresh interpreter."""
+def cli_in_a_fresh_interpreter(*commands: list[object]) -> tuple[list[str], set[str]]:
+    """Run CLI ``commands`` (each must succeed) in a new Python process: their outputs,
+    and the modules that process had loaded by the end."""
     import subprocess
     import sys
 
-    qfile = save(tmp_path, "q.npy", clustered_vectors(1, 16, clusters=12, seed=5))
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from click.testing import CliRunner\n"
         "from asteria_store_cli.main import cli\n"
-        "runner = CliRunner()\n"
-        f"for args in (['--version'], ['info', {str(small_learned)!r}],\n"
-        f"             ['query', {str(small_learned)!r}, {str(qfile)!r}, '--probes', '3'],\n"
-        f"             ['query', {str(small_learned)!r}, {str(qfile)!r}, '--probes', '3', '--rerank', '20']):\n"
-        "    result = runner.invoke(cli, args)\n"
+        "outputs = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    result = CliRunner().invoke(cli, args)\n"
         "    assert result.exit_code == 0, result.output\n"
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+        "    outputs.append(result.output)\n"
+        "print(json.dumps({'outputs': outputs, 'modules': sorted(sys.modules)}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    args = json.dumps([[str(a) for a in c] for c in commands])
+    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    record = json.loads(out.stdout)
+    return record["outputs"], set(record["modules"])
+
+
+def test_the_cli_info_and_a_query_do_not_import_torch(small_learned: Path, tmp_path: Path):
+    """torch takes ~1.5 s to import: the CLI, opening a learned store, info and one query
+    (certified and by sketch) run without it. Checked in a fresh interpreter."""
+    qfile = save(tmp_path, "q.npy", clustered_vectors(1, 16, clusters=12, seed=5))
+    _, modules = cli_in_a_fresh_interpreter(["--version"], ["info", small_learned],
+                                            ["query", small_learned, qfile, "--probes", 3],
+                                            ["query", small_learned, qfile, "--probes", 3, "--rerank", 20])
+    assert sorted(m for m in modules if m == "torch" or m.startswith("torch.")) == []
 
 
 def test_a_one_shot_query_of_a_small_store_skips_the_compiled_path(small_learned: Path, tmp_path: Path):
     """Loading numba's kernels costs ~1 s, more than searching a few MiB of rows whole: the
     CLI's query of a small store does not load them, and its results are the library's
     (pruned) ones. Checked in a fresh interpreter."""
-    import subprocess
-    import sys
-
     q = clustered_vectors(3, 16, clusters=12, seed=6)
     qfile = save(tmp_path, "q.npy", q)
-    code = (
-        "import json, sys\n"
-        "from click.testing import CliRunner\n"
-        "from asteria_store_cli.main import cli\n"
-        f"result = CliRunner().invoke(cli, ['query', {str(small_learned)!r}, {str(qfile)!r}, '--probes', '3', '--json'])\n"
-        "assert result.exit_code == 0, result.output\n"
-        "print(json.dumps([json.loads(line)['ids'] for line in result.output.splitlines()]))\n"
-        "print('numba' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    ids_line, numba_loaded = out.stdout.strip().splitlines()
-    assert numba_loaded == "False"
+    (output,), modules = cli_in_a_fresh_interpreter(["query", small_learned, qfile, "--probes", 3, "--json"])
+    assert "numba" not in modules
     with asteria_store.open(small_learned, readonly=True) as store:
         want = store.search(q, 10, probes=3, prune=True)[0]
-    assert json.loads(ids_line) == [row[row >= 0].tolist() for row in want]
+    assert [json.loads(line)["ids"] for line in output.splitlines()] == [row[row >= 0].tolist() for row in want]

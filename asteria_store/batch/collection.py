@@ -304,7 +304,9 @@ class Collection:
         if len(id_arr) == 0:
             return DeleteResult(rows=0)
         where = self.shard_of(id_arr)
-        present = np.isin(id_arr, self.ids())
+        present = np.zeros(len(id_arr), dtype=bool)
+        for s in np.unique(where).tolist():
+            present[where == s] = self.shards[s].contains(id_arr[where == s])
         if not present.all():
             raise IdNotFoundError(f"Cannot delete: {int((~present).sum())} id(s) not in the collection (first: "
                                   f"{int(id_arr[~present][0])}). Nothing was deleted.")

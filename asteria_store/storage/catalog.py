@@ -43,6 +43,9 @@ from ..errors import ReadOnlyError
 
 T = TypeVar("T")
 
+#: The catalog's directory inside a store.
+CATALOG_DIR = "catalog.lmdb"
+
 DB_NAMES = ("meta", "buckets", "ids", "segments", "tombstones")
 #: Added after format 1 was frozen: created by the first writable open of an older store;
 #: a read-only open of such a store sees it as empty.
